@@ -1,0 +1,64 @@
+"""ATP-gated VLM backends on HF transformers (no ROS imports here).
+
+``load_backend`` reads the checkpoint's ``config.json`` (local directory or hub id,
+offline when the files are local) and picks the backend for its ``model_type``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+from pathlib import Path
+
+from atp_ros.backends.base import AtpConfig, StageTimings, VlmBackend, VlmResult
+
+# model_type in config.json -> (module, class)
+FAMILIES: dict[str, tuple[str, str]] = {
+    "llava": ("atp_ros.backends.llava", "LlavaBackend"),
+    "blip-2": ("atp_ros.backends.blip2", "Blip2Backend"),
+    "idefics": ("atp_ros.backends.idefics", "IdeficsBackend"),
+}
+
+
+class ModelLoadError(RuntimeError):
+    """A model could not be loaded; the message names the model and the reason."""
+
+
+def _model_type(model_id: str) -> str:
+    path = Path(model_id)
+    if path.is_dir():
+        cfg_file = path / "config.json"
+        if not cfg_file.is_file():
+            raise ModelLoadError(f"{model_id}: no config.json in that directory")
+        return json.loads(cfg_file.read_text()).get("model_type", "")
+    try:
+        from transformers import AutoConfig
+
+        return AutoConfig.from_pretrained(model_id, trust_remote_code=False).model_type
+    except Exception as err:  # hub id not cached and no network, typo, ...
+        raise ModelLoadError(f"{model_id}: cannot read its config ({type(err).__name__}: {err})") from err
+
+
+def load_backend(
+    model_id: str, text_encoder_id: str = "", device: str = "auto", dtype: str = "auto"
+) -> VlmBackend:
+    """Load the ATP-gated backend for ``model_id`` (hub id or local directory).
+
+    Raises :class:`ModelLoadError` with one readable line on any failure.
+    """
+    model_type = _model_type(model_id)
+    if model_type not in FAMILIES:
+        raise ModelLoadError(
+            f"{model_id}: model_type {model_type!r} is not supported (supported: {', '.join(sorted(FAMILIES))})"
+        )
+    module_name, class_name = FAMILIES[model_type]
+    backend_cls = getattr(importlib.import_module(module_name), class_name)
+    try:
+        return backend_cls.from_pretrained(model_id, text_encoder_id=text_encoder_id, device=device, dtype=dtype)
+    except ModelLoadError:
+        raise
+    except Exception as err:
+        raise ModelLoadError(f"{model_id}: {type(err).__name__}: {err}") from err
+
+
+__all__ = ["AtpConfig", "ModelLoadError", "StageTimings", "VlmBackend", "VlmResult", "load_backend"]

@@ -1,0 +1,207 @@
+"""What every ATP-gated VLM backend shares: config, result, timing, device choice.
+
+Backends import no ROS. A backend takes RGB frames (``HxWx3`` uint8 numpy arrays)
+and questions, runs the frozen vision tower once, lets an ATP selector pick the
+patch tokens, feeds only those to the rest of the VLM and returns a
+:class:`VlmResult`.
+"""
+
+from __future__ import annotations
+
+import abc
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from atp_ros.atp import Budget, Selection, TokenSelector, make_selector
+
+INTRA_SIGNALS = ("cls", "received")
+STAGES = ("preprocess", "vision", "scoring", "projector", "prefill", "decode")
+
+
+@dataclass(frozen=True)
+class AtpConfig:
+    """Pruning settings of one call. ``keep_tokens`` > 0 wins over ``keep_ratio``;
+    ``mass`` > 0 (tau) selects the adaptive budget and wins over both."""
+
+    enabled: bool = True
+    alpha: float = 0.5
+    keep_ratio: float = 0.25
+    keep_tokens: int = 0
+    mass: float = 0.0
+    k_min: int = 1
+    k_max: int = 0
+    normalization: str = "minmax"
+    intra_signal: str = "cls"  # "cls" | "received"
+    selector: str = "atp"  # any name of atp.make_selector
+    seed: int = 0  # for the random baseline
+
+    def budget(self, num_tokens: int) -> Budget:
+        """The token budget for ``num_tokens`` patches (all of them when disabled)."""
+        if not self.enabled:
+            return Budget.all()
+        if self.mass > 0:
+            return Budget(mass=self.mass, k_min=self.k_min, k_max=self.k_max)
+        if self.keep_tokens > 0:
+            return Budget(keep_tokens=min(self.keep_tokens, num_tokens))
+        return Budget(keep_ratio=self.keep_ratio)
+
+    def make_selector(self) -> TokenSelector:
+        """The selector these settings name (``keep_all`` when disabled)."""
+        if not self.enabled:
+            return make_selector("keep_all")
+        if self.selector == "atp":
+            return make_selector("atp", alpha=self.alpha, normalization=self.normalization)
+        if self.selector in ("cls_only", "text_only"):
+            return make_selector(self.selector, normalization=self.normalization)
+        if self.selector == "random":
+            return make_selector("random", seed=self.seed)
+        return make_selector(self.selector)
+
+
+@dataclass
+class StageTimings:
+    """Wall time per stage in milliseconds (CUDA-synchronized on GPU)."""
+
+    preprocess: float = 0.0
+    vision: float = 0.0
+    scoring: float = 0.0
+    projector: float = 0.0
+    prefill: float = 0.0
+    decode: float = 0.0
+
+    @property
+    def total(self) -> float:
+        return sum(getattr(self, s) for s in STAGES)
+
+    def as_dict(self) -> dict[str, float]:
+        return {s: getattr(self, s) for s in STAGES} | {"total": self.total}
+
+
+@dataclass
+class VlmResult:
+    """Everything one batched call produced.
+
+    ``selection`` covers the batch; for keep-all it keeps every token. Token counts are
+    per image. ``flops`` holds ``llm_prefill`` and ``pipeline`` (vision + scoring +
+    projector/resampler + LLM prefill) per image, in FLOPs (multiply-add = 2).
+    """
+
+    answers: list[str]
+    selection: Selection
+    visual_tokens_total: int
+    visual_tokens_kept: list[int]
+    text_tokens: list[int]
+    timings: StageTimings
+    flops: dict[str, float] = field(default_factory=dict)
+    generated_ids: list[list[int]] = field(default_factory=list)
+    alpha_used: float = 0.0
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        return self.selection.grid
+
+    def keep_mask(self, b: int = 0) -> np.ndarray:
+        """``(h, w)`` uint8 keep mask of image ``b`` (1 kept, 0 pruned)."""
+        return self.selection.mask[b].to(torch.uint8).cpu().numpy()
+
+
+class Stopwatch:
+    """Accumulates stage times; synchronizes CUDA so GPU time is real, not launch time."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.timings = StageTimings()
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    @contextmanager
+    def stage(self, name: str) -> Iterator[None]:
+        if name not in STAGES:
+            raise ValueError(f"unknown stage {name!r}")
+        self._sync()
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self._sync()
+            setattr(self.timings, name, getattr(self.timings, name) + (time.perf_counter() - start) * 1e3)
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    """``auto`` -> CUDA when present, else CPU; anything else is passed to torch."""
+    if device in ("", "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} requested but CUDA is not available")
+    return dev
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    """``auto`` -> bfloat16 on CUDA with bf16 support, float16 on other CUDA, float32 on CPU."""
+    if dtype in ("", "auto"):
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.float32
+    table = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
+             "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+    if dtype not in table:
+        raise ValueError(f"dtype must be one of auto, {', '.join(table)}; got {dtype!r}")
+    return table[dtype]
+
+
+def decoder_prefill_flops(
+    seq_len: int, num_layers: int, hidden: int, intermediate: int, num_heads: int, num_kv_heads: int | None = None,
+    gated_mlp: bool = True,
+) -> float:
+    """Forward FLOPs of a decoder-only transformer over ``seq_len`` tokens (no LM head).
+
+    Per layer: Q,O projections ``2*2*L*d^2``, K,V ``2*2*L*d*d_kv``, attention scores and
+    weighted sum ``2*2*L^2*d``, MLP ``2*(3 if gated else 2)*L*d*d_ff``.
+    """
+    kv = num_kv_heads or num_heads
+    d_kv = hidden * kv // num_heads
+    attn_proj = 4 * seq_len * hidden * hidden + 4 * seq_len * hidden * d_kv
+    attn_mix = 4 * seq_len * seq_len * hidden
+    mlp = 2 * (3 if gated_mlp else 2) * seq_len * hidden * intermediate
+    return float(num_layers * (attn_proj + attn_mix + mlp))
+
+
+class VlmBackend(abc.ABC):
+    """One VLM family behind ATP. Subclasses implement loading and :meth:`answer`."""
+
+    family: str = ""
+
+    model_id: str
+    device: torch.device
+    dtype: torch.dtype
+    num_visual_tokens: int  # N patch tokens per image seen by the selector
+    grid: tuple[int, int]  # (h, w) patch grid
+    has_text_tower: bool
+
+    @abc.abstractmethod
+    def answer(
+        self,
+        images: Sequence[np.ndarray],
+        questions: Sequence[str] | str,
+        atp: AtpConfig = AtpConfig(),
+        max_new_tokens: int = 32,
+    ) -> VlmResult:
+        """Answer one question per image (a single string is asked of every image)."""
+
+    @abc.abstractmethod
+    def reference_generate(
+        self, images: Sequence[np.ndarray], questions: Sequence[str] | str, max_new_tokens: int = 32
+    ) -> list[list[int]]:
+        """Stock ``model.generate`` (greedy, no ATP) on the same inputs: new token ids per image.
+
+        The exactness tests compare :meth:`answer` with ATP disabled against this.
+        """
