@@ -20,7 +20,6 @@ setup(
     maintainer_email="atp_ros@example.com",
     description="ROS 2 node answering questions about a camera stream with an ATP-pruned VLM.",
     license="Apache-2.0",
-    tests_require=["pytest"],
     entry_points={
         "console_scripts": [
             "vlm_node = atp_ros.vlm_node:main",

@@ -58,7 +58,12 @@ def cls_attention(cls_query: Tensor, keys: Tensor, scale: float | None = None) -
     Cost is one query row per head (``O(H L D)``), so the ViT itself keeps its fused
     SDPA/Flash attention; nothing materializes an ``L x L`` map.
     """
-    if cls_query.dim() != 3 or keys.dim() != 4 or cls_query.shape[:2] != keys.shape[:2]:
+    if (
+        cls_query.dim() != 3
+        or keys.dim() != 4
+        or cls_query.shape[:2] != keys.shape[:2]
+        or cls_query.shape[-1] != keys.shape[-1]
+    ):
         raise ValueError(f"cls_query (B,H,D) and keys (B,H,L,D) mismatch: {tuple(cls_query.shape)} vs {tuple(keys.shape)}")
     q = cls_query.float()
     k = keys.float()
@@ -126,10 +131,13 @@ def normalize(scores: Tensor, method: str = "minmax") -> Tensor:
         std = s.std(dim=1, keepdim=True, unbiased=False)
         return (s - mean) / std.clamp_min(_EPS)
     if method == "rank":
-        order = torch.sort(s, dim=1, stable=True).indices  # ascending
+        # Stable descending sort so that, among equal scores, the lower index gets the
+        # higher rank: the same tie-break as select_top_k.
+        n = s.shape[1]
+        order = torch.sort(s, dim=1, descending=True, stable=True).indices
         ranks = torch.empty_like(order)
-        ranks.scatter_(1, order, torch.arange(s.shape[1], device=s.device).expand_as(order))
-        return ranks.float() / max(s.shape[1] - 1, 1)
+        ranks.scatter_(1, order, torch.arange(n - 1, -1, -1, device=s.device).expand_as(order))
+        return ranks.float() / max(n - 1, 1)
     raise ValueError(f"normalization must be one of {NORMALIZATIONS}, got {method!r}")
 
 
@@ -210,10 +218,13 @@ class Budget:
             return torch.full((b,), k, dtype=torch.long, device=scores.device)
         w = scores.float() - scores.float().amin(dim=1, keepdim=True)  # non-negative mass
         w = torch.sort(w, dim=1, descending=True).values
-        total = w.sum(dim=1, keepdim=True)
-        share = w.cumsum(dim=1) / total.clamp_min(_EPS)
+        cum = w.cumsum(dim=1)
+        # The total is the last cumsum entry (not w.sum()): the two round differently in
+        # float32, and then tau=1 would never be reached and all N tokens kept.
+        total = cum[:, -1:]
+        share = cum / total.clamp_min(_EPS)
         # Constant rows have no mass to share: keep everything, clamped below.
-        share = torch.where(total > _EPS, share, torch.ones_like(share))
+        share = torch.where(total > _EPS, share, torch.zeros_like(share))
         k = (share < self.mass - 1e-7).sum(dim=1) + 1
         k_max = self.k_max or n
         return k.clamp(min=min(self.k_min, n), max=min(k_max, n))
@@ -264,7 +275,7 @@ class Selection:
         idx = self.indices.clamp_min(0).to(tokens.device)
         out = torch.gather(tokens, 1, idx.unsqueeze(-1).expand(-1, -1, tokens.shape[-1]))
         valid = (self.indices >= 0).to(tokens.device).unsqueeze(-1)
-        return out * valid.to(out.dtype)
+        return out.masked_fill(~valid, 0)  # not a multiply: inf * 0 would be NaN
 
 
 def grid_shape(num_tokens: int, grid: tuple[int, int] | None = None) -> tuple[int, int]:
@@ -291,6 +302,8 @@ def select_top_k(
     h, w = grid_shape(n, grid)
     k = torch.as_tensor(k, dtype=torch.long, device=s.device)
     k = k.expand(b).clone() if k.dim() == 0 else k
+    if k.shape != (b,):
+        raise ValueError(f"k must be an int or a ({b},) tensor, got shape {tuple(k.shape)}")
     if (k < 1).any() or (k > n).any():
         raise ValueError(f"K must be in [1, N={n}], got {k.tolist()}")
     # Stable descending sort: equal scores keep index order, so the lower index wins.
@@ -342,10 +355,13 @@ class ScoreInputs:
 
     @property
     def shape(self) -> tuple[int, int]:
-        for t in (self.s_intra, self.s_inter, self.tokens):
-            if t is not None:
-                return int(t.shape[0]), int(t.shape[1])
-        raise ValueError("ScoreInputs holds no signal")
+        """``(B, N)`` shared by every signal given; ValueError if they disagree."""
+        shapes = {(int(t.shape[0]), int(t.shape[1])) for t in (self.s_intra, self.s_inter, self.tokens) if t is not None}
+        if not shapes:
+            raise ValueError("ScoreInputs holds no signal")
+        if len(shapes) > 1:
+            raise ValueError(f"ScoreInputs signals disagree on (B, N): {sorted(shapes)}")
+        return shapes.pop()
 
 
 class TokenSelector(Protocol):
@@ -418,7 +434,8 @@ class UniformSelector:
     def select(self, inputs: ScoreInputs, budget: Budget) -> Selection:
         b, n = inputs.shape
         ks = budget.resolve(torch.zeros(b, n)).tolist()
-        picks = [torch.floor(torch.arange(k) * (n / k)).long() for k in ks]
+        # Integer floor(i * N / K): float32 i * (N / K) rounds below integers (N=26, K=22).
+        picks = [torch.arange(k) * n // k for k in ks]
         return select_indices(picks, torch.zeros(b, n), inputs.grid, method=self.name)
 
 
@@ -442,7 +459,7 @@ class DivPruneSelector:
         for row, k in enumerate(ks):
             x = torch.nn.functional.normalize(inputs.tokens[row].float(), dim=-1)
             dist = 1.0 - x @ x.T  # (N, N) cosine distance
-            off_diag = dist + torch.eye(n) * 4.0  # ignore self-distance (max distance is 2)
+            off_diag = dist + torch.eye(n, device=dist.device) * 4.0  # ignore self-distance (max distance is 2)
             first = int(off_diag.min(dim=1).values.argmax())
             chosen = [first]
             nearest = dist[first].clone()  # distance of every token to the kept set

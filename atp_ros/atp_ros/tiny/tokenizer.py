@@ -19,7 +19,9 @@ PUNCT = list(".,?!:;'\"-()/")
 SPECIAL = ["<pad>", "<unk>", "<s>", "</s>"]
 
 
-def make_tiny_tokenizer(extra_special_tokens: list[str] | None = None, vocab_size: int = 256) -> PreTrainedTokenizerFast:
+def make_tiny_tokenizer(
+    extra_special_tokens: list[str] | None = None, vocab_size: int = 256
+) -> PreTrainedTokenizerFast:
     """Word-level tokenizer: specials, ``extra_special_tokens`` (e.g. ``<image>``), words, filler.
 
     The vocabulary is padded with ``<w{i}>`` tokens to ``vocab_size`` so the LM head of a

@@ -1,0 +1,39 @@
+# atp_ros workspace. Fresh machine: `make demo` (the main job) and `make test` (everything).
+# Every target that needs the environment runs setup first if needed.
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+VENV := .venv
+# Sourced before every command that runs project code: the venv, then the colcon install space.
+ENV := . $(VENV)/bin/activate && source install/setup.bash &&
+PYTEST_ARGS ?=
+
+.PHONY: help setup demo test bench lint format clean
+
+help:
+	@echo "make demo   - set up if needed, then run the node on a camera stream over DDS and print its answers"
+	@echo "make test   - set up if needed, then run every test against the colcon install space"
+	@echo "make bench  - micro- and end-to-end benchmarks (tables + PNG plots in out/bench/)"
+	@echo "make lint   - ruff check + format check"
+	@echo "make setup  - .venv with pinned deps (+ ROS 2 wheels when no ROS is sourced), colcon build"
+
+# Idempotent: skips pip when requirements are unchanged; colcon build is incremental.
+setup:
+	@bash tools/setup.sh
+
+demo: setup
+	@$(ENV) python -m atp_ros.demo $(DEMO_ARGS)
+
+test: setup
+	@$(ENV) python -m pytest atp_ros/test $(PYTEST_ARGS)
+
+bench: setup
+	@$(ENV) python bench/run_all.py $(BENCH_ARGS)
+
+lint: setup
+	@. $(VENV)/bin/activate && ruff check . && ruff format --check .
+
+format: setup
+	@. $(VENV)/bin/activate && ruff format . && ruff check --fix .
+
+clean:
+	rm -rf build install log out .pytest_cache .ruff_cache

@@ -1,0 +1,40 @@
+"""Shared fixtures: an isolated DDS domain per test session, rclpy contexts, tiny checkpoints."""
+
+from __future__ import annotations
+
+import os
+import random
+import sys
+
+import pytest
+
+# One DDS domain per pytest session, so parallel runs on one machine never hear each other.
+# Valid domain ids for Fast DDS default ports: 0..101 (avoid 0, the default everyone uses).
+os.environ.setdefault("ROS_DOMAIN_ID", str(random.Random(os.getpid()).randint(1, 101)))
+# Discovery and traffic stay on this machine.
+os.environ.setdefault("ROS_AUTOMATIC_DISCOVERY_RANGE", "LOCALHOST")
+
+
+def pytest_report_header(config: pytest.Config) -> list[str]:
+    try:
+        import atp_ros
+
+        where = atp_ros.__file__
+    except ImportError as err:
+        where = f"not importable ({err})"
+    return [
+        f"atp_ros imported from: {where}",
+        f"ROS_DOMAIN_ID={os.environ['ROS_DOMAIN_ID']} python={sys.executable}",
+    ]
+
+
+@pytest.fixture
+def rclpy_context():
+    """A fresh rclpy context for one test, shut down afterwards."""
+    rclpy = pytest.importorskip("rclpy")
+    context = rclpy.context.Context()
+    rclpy.init(context=context)
+    try:
+        yield context
+    finally:
+        rclpy.try_shutdown(context=context)
