@@ -64,7 +64,9 @@ def cls_attention(cls_query: Tensor, keys: Tensor, scale: float | None = None) -
         or cls_query.shape[:2] != keys.shape[:2]
         or cls_query.shape[-1] != keys.shape[-1]
     ):
-        raise ValueError(f"cls_query (B,H,D) and keys (B,H,L,D) mismatch: {tuple(cls_query.shape)} vs {tuple(keys.shape)}")
+        raise ValueError(
+            f"cls_query (B,H,D) and keys (B,H,L,D) mismatch: {tuple(cls_query.shape)} vs {tuple(keys.shape)}"
+        )
     q = cls_query.float()
     k = keys.float()
     scale = q.shape[-1] ** -0.5 if scale is None else scale
@@ -149,9 +151,7 @@ def check_alpha(alpha: float) -> float:
     return alpha
 
 
-def fuse_scores(
-    s_inter: Tensor | None, s_intra: Tensor | None, alpha: float, normalization: str = "minmax"
-) -> Tensor:
+def fuse_scores(s_inter: Tensor | None, s_intra: Tensor | None, alpha: float, normalization: str = "minmax") -> Tensor:
     """``S = alpha * N(S_inter) + (1 - alpha) * N(S_intra)``, ``(B, N)`` float32.
 
     A component whose weight is zero may be None (CLS-only or text-only scoring).
@@ -356,7 +356,8 @@ class ScoreInputs:
     @property
     def shape(self) -> tuple[int, int]:
         """``(B, N)`` shared by every signal given; ValueError if they disagree."""
-        shapes = {(int(t.shape[0]), int(t.shape[1])) for t in (self.s_intra, self.s_inter, self.tokens) if t is not None}
+        given = [t for t in (self.s_intra, self.s_inter, self.tokens) if t is not None]
+        shapes = {(int(t.shape[0]), int(t.shape[1])) for t in given}
         if not shapes:
             raise ValueError("ScoreInputs holds no signal")
         if len(shapes) > 1:

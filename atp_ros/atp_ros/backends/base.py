@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import abc
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -205,3 +206,158 @@ class VlmBackend(abc.ABC):
 
         The exactness tests compare :meth:`answer` with ATP disabled against this.
         """
+
+
+# --------------------------------------------------------------------------- shared helpers
+# Used by the BLIP-2 and IDEFICS backends (and free for any other): reading one ViT layer's
+# q/k without touching its fused attention, running the selector with honest fallbacks, and
+# splitting an HF ``generate`` into prefill and decode time.
+
+TEXT_TOWER_SUBDIR = "atp_text_tower"  # <model_dir>/atp_text_tower: the matching joint-space text tower
+
+
+def find_text_tower(model_id: str, text_encoder_id: str = "", derived: str = "") -> tuple[str, str]:
+    """Where the text tower comes from: ``(source, how)``; ``("", "none")`` when there is none.
+
+    Order: the explicit ``text_encoder_id`` (``how="explicit"``), the ``atp_text_tower``
+    subfolder of a local checkpoint (``"subfolder"``), the tower ``derived`` from the VLM
+    (``"derived"``).
+    """
+    if text_encoder_id:
+        return text_encoder_id, "explicit"
+    sub = Path(model_id) / TEXT_TOWER_SUBDIR
+    if Path(model_id).is_dir() and sub.is_dir():
+        return str(sub), "subfolder"
+    if derived:
+        return derived, "derived"
+    return "", "none"
+
+
+@contextmanager
+def record_outputs(modules: dict[str, torch.nn.Module]) -> Iterator[dict[str, torch.Tensor]]:
+    """Forward hooks keeping the output of each named module during the ``with`` block.
+
+    The hooked modules run unchanged (fused SDPA stays on); the hooks only keep references.
+    """
+    store: dict[str, torch.Tensor] = {}
+
+    def keep(name: str):
+        def hook(_module, _args, output):
+            store[name] = output[0] if isinstance(output, tuple) else output
+
+        return hook
+
+    handles = [module.register_forward_hook(keep(name)) for name, module in modules.items()]
+    try:
+        yield store
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def intra_scores(
+    queries: torch.Tensor, keys: torch.Tensor, num_heads: int, signal: str = "cls", scale: float | None = None
+) -> torch.Tensor:
+    """S_intra over all L tokens of one ViT layer from its own projections.
+
+    ``queries``/``keys``: ``(B, L, H*D)`` outputs of that layer's q/k projections on its
+    layer-normed input. ``signal="cls"``: attention of token 0 (CLS) to every token, one
+    query row per head (:func:`atp.cls_attention`); ``"received"``: mean attention each
+    token receives (:func:`atp.received_attention`, one ``L x L`` map). Returns ``(B, L)``.
+    """
+    from atp_ros.atp import cls_attention, received_attention
+
+    b, length, _ = keys.shape
+    k = keys.reshape(b, length, num_heads, -1).transpose(1, 2)  # (B, H, L, D)
+    if signal == "cls":
+        return cls_attention(queries[:, 0].reshape(b, num_heads, -1), k, scale)  # (B, L)
+    if signal == "received":
+        q = queries.reshape(b, length, num_heads, -1).transpose(1, 2)  # (B, H, L, D)
+        return received_attention(q, k, scale)
+    raise ValueError(f"intra_signal must be one of {INTRA_SIGNALS}, got {signal!r}")
+
+
+def select_patches(
+    atp: AtpConfig,
+    s_intra: torch.Tensor,
+    s_inter: Callable[[], torch.Tensor] | None,
+    grid: tuple[int, int],
+    tokens: torch.Tensor | None = None,
+    no_text_reason: str = "",
+) -> tuple[Selection, float, list[str]]:
+    """Run the selector ``atp`` names on ``(B, N)`` patch signals: ``(selection, alpha_used, notes)``.
+
+    ``s_inter`` is called only when the selector needs text; ``None`` means the backend has
+    no text tower, and then a text-needing selector falls back to CLS-only scoring
+    (alpha 0) with one note saying so (``no_text_reason`` is appended to it).
+    """
+    from atp_ros.atp import ScoreInputs, make_selector
+
+    notes: list[str] = []
+    selector = atp.make_selector()
+    if getattr(selector, "needs_text", False) and s_inter is None:
+        notes.append(
+            f"no joint-space text tower: selector {atp.selector!r} (alpha={atp.alpha}) fell back to CLS-only "
+            "scoring (alpha_used=0)" + (f": {no_text_reason}" if no_text_reason else "")
+        )
+        selector = make_selector("cls_only", normalization=atp.normalization)
+    inter = s_inter() if getattr(selector, "needs_text", False) and s_inter is not None else None
+    inputs = ScoreInputs(s_intra=s_intra, s_inter=inter, tokens=tokens, grid=grid)
+    selection = selector.select(inputs, atp.budget(s_intra.shape[1]))
+    alpha_used = float(getattr(selector, "alpha", 0.0)) if atp.enabled else 0.0
+    return selection, alpha_used, notes
+
+
+def generate_timed(generate: Callable[..., torch.Tensor], watch: Stopwatch, **kwargs) -> torch.Tensor:
+    """Call an HF ``generate`` and book its time as ``prefill`` (up to the first logits) and ``decode``.
+
+    A pass-through logits processor marks the first step, so the tokens are exactly those
+    of the same ``generate`` call without it.
+    """
+    from transformers import LogitsProcessor, LogitsProcessorList
+
+    first: list[float] = []
+
+    class _FirstLogits(LogitsProcessor):
+        def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+            if not first:
+                watch._sync()
+                first.append(time.perf_counter())
+            return scores
+
+    processors = LogitsProcessorList(kwargs.pop("logits_processor", None) or [])
+    processors.append(_FirstLogits())
+    watch._sync()
+    start = time.perf_counter()
+    out = generate(logits_processor=processors, **kwargs)
+    watch._sync()
+    end = time.perf_counter()
+    split = first[0] if first else end
+    watch.timings.prefill += (split - start) * 1e3
+    watch.timings.decode += (end - split) * 1e3
+    return out
+
+
+def gather_with_prefix(
+    tokens: torch.Tensor, selection: Selection, prefix: int = 1
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keep the first ``prefix`` tokens (CLS) of ``(B, prefix+N, D)`` plus the selected patches.
+
+    Returns ``(B, prefix+K_max, D)`` tokens and their ``(B, prefix+K_max)`` long key mask
+    (0 on the padding of per-sample budgets). Kept patches stay in ascending order, so
+    keeping every patch reproduces ``tokens`` exactly.
+    """
+    patches = selection.gather(tokens[:, prefix:])  # (B, K_max, D), padded rows zero
+    valid = (selection.indices >= 0).to(device=tokens.device, dtype=torch.long)  # (B, K_max)
+    head = torch.ones(tokens.shape[0], prefix, dtype=torch.long, device=tokens.device)
+    return torch.cat([tokens[:, :prefix], patches], dim=1), torch.cat([head, valid], dim=1)
+
+
+def attention_flops(num_queries: int, num_keys: int, q_in: int, kv_in: int, inner: int, out: int) -> float:
+    """Forward FLOPs of one (cross-)attention block: q/k/v/o projections, scores and weighted sum.
+
+    ``q_in``/``kv_in``: widths the queries/keys are projected from; ``inner``: heads x head dim;
+    ``out``: output projection width.
+    """
+    proj = 2 * num_queries * q_in * inner + 2 * 2 * num_keys * kv_in * inner + 2 * num_queries * inner * out
+    return float(proj + 4 * num_queries * num_keys * inner)

@@ -1,0 +1,115 @@
+"""ROS image messages <-> RGB numpy arrays, with the checks a camera topic needs.
+
+Conversion goes through ``rosbags-image`` (``message_to_cvimage``): it works on
+rclpy messages and on rosbags' own messages alike (so live topics and bag replay
+share one path), and it is NumPy 2-safe. cv_bridge is not used: it is not
+installable on our CI machines and Humble's cv_bridge breaks under NumPy 2.
+
+No rclpy import here: messages are duck-typed (``encoding``, ``height``, ``width``,
+``step``, ``is_bigendian``, ``data``; or ``format``, ``data`` when compressed).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from types import SimpleNamespace
+from typing import Any
+
+import numpy as np
+from rosbags.image import ImageError, message_to_cvimage
+from rosbags.image.image import ENCODINGMAP
+
+# Encodings we accept on the raw topic: everything rosbags-image converts to rgb8.
+SUPPORTED_ENCODINGS: frozenset[str] = frozenset(ENCODINGMAP)
+
+
+class BadImage(ValueError):
+    """A frame that cannot be used; ``cause`` is a short key for counting and throttling."""
+
+    def __init__(self, cause: str, message: str) -> None:
+        super().__init__(message)
+        self.cause = cause
+
+
+@dataclass(frozen=True)
+class ImageLimits:
+    """Accepted frame sizes: ``max_pixels`` = width*height, ``max_bytes`` of compressed data."""
+
+    max_pixels: int = 4096 * 4096
+    max_bytes: int = 64 * 1024 * 1024
+
+
+def _bytes_per_pixel(encoding: str) -> int:
+    depth, _, _, channels = ENCODINGMAP[encoding]
+    return depth // 8 * channels
+
+
+def raw_to_rgb(msg: Any, limits: ImageLimits = ImageLimits()) -> np.ndarray:
+    """``sensor_msgs/Image`` -> ``(H, W, 3)`` uint8 RGB. Raises :class:`BadImage`."""
+    if msg.encoding not in SUPPORTED_ENCODINGS:
+        raise BadImage("encoding", f"unsupported encoding {msg.encoding!r} (supported: rgb8, bgr8, mono8, ...)")
+    if msg.height == 0 or msg.width == 0:
+        raise BadImage("size", f"zero-size image {msg.width}x{msg.height}")
+    if msg.height * msg.width > limits.max_pixels:
+        raise BadImage(
+            "size", f"image {msg.width}x{msg.height} exceeds limits.max_image_pixels={limits.max_pixels}"
+        )
+    row = msg.width * _bytes_per_pixel(msg.encoding)
+    if msg.encoding in ("nv12", "nv21"):  # planar YUV 4:2:0: 1.5 rows of luma bytes per pixel row
+        row, rows = msg.width, msg.height * 3 // 2
+    else:
+        rows = msg.height
+    if msg.step < row:
+        raise BadImage("layout", f"step {msg.step} is smaller than one row of {msg.encoding} ({row} bytes)")
+    if len(msg.data) != msg.step * rows:
+        raise BadImage("layout", f"data length {len(msg.data)} != step*height = {msg.step}*{rows}")
+    data = np.frombuffer(msg.data, dtype=np.uint8)
+    if msg.step != row:  # padded rows: rosbags-image assumes packed rows, so strip the padding
+        data = data.reshape(rows, msg.step)[:, :row].tobytes()
+    packed = SimpleNamespace(
+        encoding=msg.encoding, height=msg.height, width=msg.width, is_bigendian=msg.is_bigendian, data=data
+    )
+    try:
+        rgb = message_to_cvimage(packed, "rgb8")
+    except (ImageError, ValueError, TypeError) as err:
+        raise BadImage("encoding", f"cannot convert {msg.encoding} to rgb8: {err}") from err
+    return _as_rgb_u8(rgb)
+
+
+def compressed_to_rgb(msg: Any, limits: ImageLimits = ImageLimits()) -> np.ndarray:
+    """``sensor_msgs/CompressedImage`` (jpeg/png) -> ``(H, W, 3)`` uint8 RGB. Raises :class:`BadImage`."""
+    if len(msg.data) == 0:
+        raise BadImage("corrupt", "empty compressed image")
+    if len(msg.data) > limits.max_bytes:
+        raise BadImage("size", f"compressed image of {len(msg.data)} bytes exceeds the limit {limits.max_bytes}")
+    try:
+        rgb = message_to_cvimage(msg, "rgb8")
+    except (AssertionError, ImageError, ValueError) as err:  # rosbags asserts on undecodable data
+        raise BadImage("corrupt", f"cannot decode compressed image (format {msg.format!r})") from err
+    if rgb.shape[0] * rgb.shape[1] > limits.max_pixels:
+        raise BadImage("size", f"decoded image {rgb.shape[1]}x{rgb.shape[0]} exceeds max_image_pixels")
+    return _as_rgb_u8(rgb)
+
+
+def _as_rgb_u8(img: np.ndarray) -> np.ndarray:
+    if img.dtype == np.uint16:  # 16-bit sources: keep the top byte
+        img = (img >> 8).astype(np.uint8)
+    if img.ndim == 2:
+        img = np.repeat(img[:, :, None], 3, axis=2)
+    return np.ascontiguousarray(img[:, :, :3])
+
+
+def rgb_fields(rgb: np.ndarray) -> dict[str, Any]:
+    """Fields of a ``sensor_msgs/Image`` (rgb8 or mono8) holding ``rgb`` ``(H, W[, 3])`` uint8."""
+    if rgb.dtype != np.uint8 or rgb.ndim not in (2, 3):
+        raise ValueError(f"expected (H, W) or (H, W, 3) uint8, got {rgb.shape} {rgb.dtype}")
+    h, w = rgb.shape[:2]
+    channels = 1 if rgb.ndim == 2 else rgb.shape[2]
+    return {
+        "height": h,
+        "width": w,
+        "encoding": "mono8" if channels == 1 else "rgb8",
+        "is_bigendian": 0,
+        "step": w * channels,
+        "data": np.ascontiguousarray(rgb).tobytes(),
+    }

@@ -1,0 +1,91 @@
+"""The node's parameters: one table with defaults, ranges, descriptions and checks.
+
+No ROS imports: the node turns each :class:`Param` into a ``ParameterDescriptor``;
+tests and the launch file read the same table. ``RUNTIME`` parameters (``atp.*``,
+``processing.*``) may change while the node runs; the others are read-only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from atp_ros.atp import NORMALIZATIONS
+from atp_ros.backends.base import INTRA_SIGNALS, AtpConfig
+
+
+@dataclass(frozen=True)
+class Param:
+    name: str
+    default: Any
+    description: str
+    low: float | None = None  # inclusive range for numbers (descriptor range)
+    high: float | None = None
+    choices: tuple[str, ...] = ()
+    runtime: bool = False  # may change while the node runs
+    exclusive_low: bool = False  # the low end itself is invalid (keep_ratio 0)
+
+
+PARAMS: tuple[Param, ...] = (
+    Param("model_id", "", "VLM checkpoint: hub id or local directory (LLaVA, BLIP-2, IDEFICS)"),
+    Param("text_encoder_id", "", "CLIP/SigLIP text tower for S_inter; empty = derived from the model"),
+    Param("device", "auto", "auto (CUDA if present, else CPU), cpu, cuda, cuda:N"),
+    Param("dtype", "auto", "auto (fp16/bf16 on CUDA, fp32 on CPU), float32, float16, bfloat16"),
+    Param("max_new_tokens", 32, "answer length limit in tokens", 1, 1024),
+    Param("image_transport", "raw", "raw: subscribe to 'image'; compressed: to 'image/compressed'",
+          choices=("raw", "compressed")),
+    Param("atp.enabled", True, "prune visual tokens with ATP (false = feed all tokens)", runtime=True),
+    Param("atp.alpha", 0.5, "weight of text relevance vs CLS saliency: S = a*N(S_inter) + (1-a)*N(S_intra)",
+          0.0, 1.0, runtime=True),
+    Param("atp.keep_ratio", 0.25, "fraction of visual tokens kept, K = ceil(r*N); used when keep_tokens is 0",
+          0.0, 1.0, runtime=True, exclusive_low=True),
+    Param("atp.keep_tokens", 0, "number of visual tokens kept (0 = use keep_ratio)", 0, 100000, runtime=True),
+    Param("atp.mass", 0.0, "adaptive budget: keep the fewest tokens holding this share of score mass (0 = off)",
+          0.0, 1.0, runtime=True),
+    Param("atp.intra_signal", "cls", "S_intra: cls (CLS attention) or received (mean attention received)",
+          choices=INTRA_SIGNALS, runtime=True),
+    Param("atp.normalization", "minmax", "per-image score normalization before fusion",
+          choices=NORMALIZATIONS, runtime=True),
+    Param("processing.max_rate_hz", 0.0, "upper bound on inferences per second (0 = as fast as frames allow)",
+          0.0, 1000.0, runtime=True),
+    Param("limits.max_image_pixels", 4096 * 4096, "frames with more pixels are rejected", 1, 1 << 30),
+    Param("limits.max_query_chars", 512, "longer questions are rejected", 1, 100000),
+    Param("diagnostics.window", 100, "frames in the p50/p95 latency window", 1, 100000),
+)
+BY_NAME: dict[str, Param] = {p.name: p for p in PARAMS}
+
+
+def check(name: str, value: Any) -> str | None:
+    """Reason ``value`` is invalid for parameter ``name``, or None when it is fine."""
+    spec = BY_NAME.get(name)
+    if spec is None:
+        return None  # not ours (use_sim_time, qos overrides, ...)
+    if isinstance(spec.default, bool):
+        return None if isinstance(value, bool) else f"{name} must be a bool"
+    if isinstance(spec.default, (int, float)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return f"{name} must be a number"
+        if isinstance(spec.default, int) and not isinstance(value, int):
+            return f"{name} must be an integer"
+        if spec.low is not None and (value < spec.low or (spec.exclusive_low and value == spec.low)):
+            bracket = "(" if spec.exclusive_low else "["
+            return f"{name}={value} is outside {bracket}{spec.low}, {spec.high}]"
+        if spec.high is not None and value > spec.high:
+            return f"{name}={value} is outside [{spec.low}, {spec.high}]"
+        return None
+    if spec.choices and value not in spec.choices:
+        return f"{name}={value!r} must be one of {', '.join(spec.choices)}"
+    return None
+
+
+def atp_config(values: dict[str, Any]) -> AtpConfig:
+    """The :class:`AtpConfig` of a parameter snapshot ``{name: value}``."""
+    return AtpConfig(
+        enabled=bool(values["atp.enabled"]),
+        alpha=float(values["atp.alpha"]),
+        keep_ratio=float(values["atp.keep_ratio"]),
+        keep_tokens=int(values["atp.keep_tokens"]),
+        mass=float(values["atp.mass"]),
+        intra_signal=str(values["atp.intra_signal"]),
+        normalization=str(values["atp.normalization"]),
+    )

@@ -1,0 +1,54 @@
+"""`ros2 launch atp_ros vlm.launch.py` starts the node (launch_pytest; runs under `colcon test` on a ROS
+machine). Skipped where launch/launch_ros/launch_pytest are not installed, as on our pip-only CI machines."""
+
+from __future__ import annotations
+
+import pytest
+
+launch_pytest = pytest.importorskip(
+    "launch_pytest", reason="launch_pytest is not installed (pip-only ROS 2 wheels); runs under colcon test on ROS"
+)
+pytest.importorskip("launch_ros", reason="launch_ros is not installed")
+
+import os  # noqa: E402
+
+from ament_index_python.packages import get_package_share_directory  # noqa: E402
+from atp_ros.tiny.llava import save_tiny_llava  # noqa: E402
+from launch import LaunchDescription  # noqa: E402
+from launch.actions import IncludeLaunchDescription  # noqa: E402
+from launch.launch_description_sources import PythonLaunchDescriptionSource  # noqa: E402
+
+MODEL_DIR = os.path.join(os.environ.get("TMPDIR", "/tmp"), f"atp_launch_test_{os.getpid()}")
+
+
+@launch_pytest.fixture
+def launch_description():
+    save_tiny_llava(MODEL_DIR)
+    launch_file = os.path.join(get_package_share_directory("atp_ros"), "launch", "vlm.launch.py")
+    include = IncludeLaunchDescription(
+        PythonLaunchDescriptionSource(launch_file),
+        launch_arguments={"model_id": MODEL_DIR, "device": "cpu", "image_topic": "/launch_test/image"}.items(),
+    )
+    return LaunchDescription([include, launch_pytest.actions.ReadyToTest()])
+
+
+@pytest.mark.launch(fixture=launch_description)
+def test_node_starts_and_subscribes_to_the_remapped_camera():
+    import time
+
+    import rclpy
+
+    rclpy.init()
+    probe = rclpy.create_node("atp_launch_probe")
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            rclpy.spin_once(probe, timeout_sec=0.2)
+            if "atp_vlm" in probe.get_node_names() and probe.count_subscribers("/launch_test/image") > 0:
+                break
+        assert "atp_vlm" in probe.get_node_names()
+        assert probe.count_subscribers("/launch_test/image") > 0
+        assert probe.count_publishers("/atp_vlm/answer") > 0
+    finally:
+        probe.destroy_node()
+        rclpy.shutdown()

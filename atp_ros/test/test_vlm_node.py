@@ -1,0 +1,303 @@
+"""The atp_vlm node end to end over real Fast DDS: the installed executable in its own process,
+a tiny random LLaVA checkpoint loaded from disk, and a test node publishing frames and questions."""
+
+from __future__ import annotations
+
+import math
+import time
+
+import numpy as np
+import pytest
+
+rclpy = pytest.importorskip("rclpy")
+pytest.importorskip("atp_ros_msgs.msg")
+
+from atp_ros.scenes import render_scene  # noqa: E402
+from atp_ros.tiny.llava import save_tiny_llava  # noqa: E402
+from node_harness import Probe, image_msg, new_namespace, stamp_ns, start_node, stop_node  # noqa: E402
+from sensor_msgs.msg import CompressedImage, Image  # noqa: E402
+from std_msgs.msg import String  # noqa: E402
+
+pytestmark = pytest.mark.ros
+N_TOKENS = 64  # tiny LLaVA: 64 px / patch 8 -> 8x8 grid
+
+
+@pytest.fixture(scope="module")
+def tiny_llava(tmp_path_factory):
+    return save_tiny_llava(tmp_path_factory.mktemp("tiny_llava") / "ckpt")
+
+
+@pytest.fixture(scope="module")
+def ros_ctx():
+    context = rclpy.context.Context()
+    rclpy.init(context=context)
+    yield context
+    rclpy.try_shutdown(context=context)
+
+
+@pytest.fixture(scope="module")
+def running(tiny_llava, ros_ctx, tmp_path_factory):
+    """One node process shared by the tests of this module (startup imports torch: seconds)."""
+    ns = new_namespace()
+    log = tmp_path_factory.mktemp("node") / "node.log"
+    proc = start_node(tiny_llava, ns, log, max_new_tokens=4, atp__keep_ratio=0.25,
+                      limits__max_image_pixels=400 * 400)
+    probe = Probe(ros_ctx, ns)
+    try:
+        probe.wait_ready(proc, log)
+        yield probe, proc, log
+    finally:
+        stop_node(proc)
+        probe.close()
+
+
+def frame(seed: int, stamp: int, h: int = 120, w: int = 160) -> Image:
+    return image_msg(render_scene(seed, h, w).rgb, stamp)
+
+
+def ask_and_wait(probe: Probe, question: str) -> None:
+    probe.pub_query.publish(String(data=question))
+
+
+def publish_until_answer(probe: Probe, msg, timeout: float = 30.0):
+    """Publish ``msg`` (best effort) until an answer with its stamp arrives; returns that answer."""
+    want = stamp_ns(msg.header)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        probe.pub_image.publish(msg)
+        for _ in range(10):
+            for answer in probe.snapshot(probe.answers):
+                if stamp_ns(answer.header) == want:
+                    return answer
+            time.sleep(0.05)
+    raise AssertionError(f"no answer for frame stamped {want} within {timeout} s")
+
+
+def test_end_to_end_answers_masks_overlays_diagnostics(running) -> None:
+    probe, proc, log = running
+    probe.clear()
+    probe.pub_query.publish(String(data="how many boxes are on the floor?"))
+    stamps = [1_000_000_000 + i * 33_000_000 for i in range(3)]
+    answers = [publish_until_answer(probe, frame(i, s)) for i, s in enumerate(stamps)]
+    for answer, stamp in zip(answers, stamps, strict=True):
+        assert stamp_ns(answer.header) == stamp and answer.header.frame_id == "camera"
+        assert answer.query == "how many boxes are on the floor?"
+        assert answer.model_id.endswith("ckpt")
+        assert answer.visual_tokens_total == N_TOKENS
+        assert len(answer.keep_mask) == answer.grid_height * answer.grid_width == N_TOKENS
+        assert sum(answer.keep_mask) == answer.visual_tokens_kept == math.ceil(0.25 * N_TOKENS)
+        assert answer.inference_ms > 0 and answer.latency_ms >= answer.inference_ms
+        assert abs(answer.alpha - 0.5) < 1e-6
+    probe.wait_for(lambda: len(probe.snapshot(probe.masks)) >= 3 and len(probe.snapshot(probe.overlays)) >= 3,
+                   15, "keep_mask and overlay images")
+    by_stamp = {stamp_ns(a.header): a for a in answers}
+    for mask in probe.snapshot(probe.masks):
+        answer = by_stamp.get(stamp_ns(mask.header))
+        if answer is None:
+            continue
+        assert (mask.encoding, mask.height, mask.width) == ("mono8", answer.grid_height, answer.grid_width)
+        assert list(np.frombuffer(bytes(mask.data), np.uint8) // 255) == list(answer.keep_mask)
+    for ov in probe.snapshot(probe.overlays):
+        if stamp_ns(ov.header) in by_stamp:
+            assert (ov.encoding, ov.height, ov.width, ov.header.frame_id) == ("rgb8", 120, 160, "camera")
+    assert probe.snapshot(probe.texts), "answer_text carries the answers"
+    probe.wait_for(lambda: probe.status_values().get("frames_processed", "0") != "0", 5, "diagnostics")
+    values = probe.status_values()
+    assert values["device"] == "cpu" and values["visual_tokens_total"] == str(N_TOKENS)
+    assert float(values["latency_ms_p95"]) >= float(values["latency_ms_p50"]) > 0
+    for stage in ("preprocess", "vision", "scoring", "projector", "prefill", "decode"):
+        assert f"{stage}_ms_p50" in values
+
+
+def test_parameters_change_at_run_time_and_bad_values_are_rejected(running) -> None:
+    probe, proc, log = running
+    probe.pub_query.publish(String(data="what color is the box?"))
+    ok, reason = probe.set_parameter("atp.keep_ratio", 0.5)
+    assert ok, reason
+    answer = publish_until_answer(probe, frame(7, 2_000_000_000))
+    assert answer.visual_tokens_kept == math.ceil(0.5 * N_TOKENS)
+    ok, reason = probe.set_parameter("atp.alpha", 2.0)
+    assert not ok and "alpha" in reason
+    ok, reason = probe.set_parameter("atp.intra_signal", "bogus")
+    assert not ok and "intra_signal" in reason
+    ok, reason = probe.set_parameter("atp.keep_ratio", 0.0)
+    assert not ok and "keep_ratio" in reason
+    ok, reason = probe.set_parameter("model_id", "other")
+    assert not ok  # read-only while running
+    answer = publish_until_answer(probe, frame(8, 2_100_000_000))
+    assert answer.visual_tokens_kept == math.ceil(0.5 * N_TOKENS)  # rejected changes left nothing behind
+    assert abs(answer.alpha - 0.5) < 1e-6
+    ok, reason = probe.set_parameter("atp.enabled", False)
+    assert ok, reason
+    answer = publish_until_answer(probe, frame(9, 2_200_000_000))
+    assert answer.visual_tokens_kept == N_TOKENS and sum(answer.keep_mask) == N_TOKENS
+    for name, value in (("atp.enabled", True), ("atp.keep_ratio", 0.25)):
+        assert probe.set_parameter(name, value)[0]
+
+
+def _bad_images() -> dict[str, Image]:
+    good = frame(1, 0)
+    bad = {}
+    msg = frame(1, 3_000_000_000)
+    msg.encoding = "32FC7"
+    bad["encoding"] = msg
+    msg = frame(1, 3_100_000_000)
+    msg.data = bytes(msg.data)[:-10]
+    bad["layout"] = msg
+    msg = Image(encoding="rgb8", height=0, width=0, step=0)
+    msg.header.stamp.sec = 3
+    msg.header.stamp.nanosec = 200_000_000
+    bad["size"] = msg
+    big = np.zeros((500, 500, 3), np.uint8)  # limits.max_image_pixels = 400*400 in this module
+    bad["huge"] = image_msg(big, 3_300_000_000)
+    assert good.encoding == "rgb8"
+    return bad
+
+
+def test_bad_input_never_kills_the_node(running) -> None:
+    probe, proc, log = running
+    probe.pub_query.publish(String(data="is there a pallet?"))
+    publish_until_answer(probe, frame(2, 2_900_000_000))
+    for i, (cause, msg) in enumerate(_bad_images().items()):
+        for _ in range(3):
+            probe.pub_image.publish(msg)
+            time.sleep(0.05)
+        answer = publish_until_answer(probe, frame(10 + i, 4_000_000_000 + i))
+        assert answer.answer is not None and proc.poll() is None, cause
+        assert stamp_ns(msg.header) not in {stamp_ns(a.header) for a in probe.snapshot(probe.answers)}
+    # Empty and over-long questions are rejected; the standing question stays.
+    probe.pub_query.publish(String(data="   "))
+    probe.pub_query.publish(String(data="why " * 400))
+    answer = publish_until_answer(probe, frame(20, 5_000_000_000))
+    assert answer.query == "is there a pallet?"
+    probe.wait_for(lambda: "errors.query" in probe.status_values(), 5, "query errors in diagnostics")
+    values = probe.status_values()
+    for key in ("errors.encoding", "errors.layout", "errors.size", "errors.query"):
+        assert int(values[key]) >= 1, key
+    text = log.read_text()
+    assert "unsupported encoding '32FC7'" in text and "exceeds limits.max_image_pixels" in text
+    assert "Traceback" not in text
+
+
+def test_ask_service(running) -> None:
+    probe, proc, log = running
+    msg = frame(30, 6_000_000_000)
+    probe.pub_image.publish(msg)
+    probe.wait_for(lambda: probe.node.count_subscribers(f"{probe.ns}/image") > 0, 5, "node subscribed")
+    deadline = time.monotonic() + 20
+    response = None
+    while time.monotonic() < deadline:
+        probe.pub_image.publish(msg)
+        time.sleep(0.2)
+        response = probe.ask_question("where is the red box?")
+        if response.success and stamp_ns(response.answer.header) == stamp_ns(msg.header):
+            break
+    assert response is not None and response.success, response.message if response else "no response"
+    assert response.answer.query == "where is the red box?"
+    assert sum(response.answer.keep_mask) == response.answer.visual_tokens_kept
+    time.sleep(0.3)
+    stale = probe.ask_question("anything?", max_age_s=0.05)
+    assert not stale.success and "old" in stale.message
+    empty = probe.ask_question("")
+    assert not empty.success and "empty" in empty.message
+
+
+def test_flood_at_30hz_drops_frames_without_growing(running) -> None:
+    """Frames at 30 Hz, inference capped at 4 Hz: newest frame wins, drops counted, latency flat."""
+    probe, proc, log = running
+    probe.pub_query.publish(String(data="how many totes?"))
+    assert probe.set_parameter("processing.max_rate_hz", 4.0)[0]
+    try:
+        publish_until_answer(probe, frame(40, 7_000_000_000))
+        probe.wait_for(lambda: probe.status_values().get("memory_rss_mb"), 5, "diagnostics")
+        rss_before = float(probe.status_values()["memory_rss_mb"])
+        dropped_before = int(probe.status_values()["frames_dropped"])
+        probe.clear()
+        rgb = render_scene(41, 120, 160).rgb
+        start = time.monotonic()
+        i = 0
+        while time.monotonic() - start < 6.0:
+            probe.pub_image.publish(image_msg(rgb, 8_000_000_000 + i))
+            i += 1
+            time.sleep(1 / 30)
+        time.sleep(1.5)
+        answers = probe.snapshot(probe.answers)
+        assert 12 <= len(answers) <= 30, len(answers)  # ~4 Hz for 6 s, not 180 frames
+        latencies = [a.latency_ms for a in answers]
+        half = len(latencies) // 2
+        # No backlog: the late answers are not slower than the early ones (generous for noisy CI).
+        assert np.median(latencies[half:]) < 3 * np.median(latencies[:half]) + 100
+        assert max(latencies) < 2000
+        probe.wait_for(lambda: int(probe.status_values().get("frames_dropped", 0)) > dropped_before + 50, 5,
+                       "drops counted")
+        rss_after = float(probe.status_values()["memory_rss_mb"])
+        assert rss_after < rss_before + 150, (rss_before, rss_after)
+    finally:
+        assert probe.set_parameter("processing.max_rate_hz", 0.0)[0]
+
+
+def test_compressed_transport_and_corrupt_data(tiny_llava, ros_ctx, tmp_path) -> None:
+    ns = new_namespace()
+    log = tmp_path / "node.log"
+    proc = start_node(tiny_llava, ns, log, image_transport="compressed", max_new_tokens=2)
+    probe = Probe(ros_ctx, ns)
+    try:
+        probe.wait_ready(proc, log)
+        probe.pub_query.publish(String(data="what is on the shelf?"))
+        import cv2
+
+        ok, jpeg = cv2.imencode(".jpg", render_scene(50, 120, 160).rgb[:, :, ::-1])
+        assert ok
+        good = CompressedImage(format="jpeg", data=jpeg.tobytes())
+        good.header.stamp.sec = 9
+        corrupt = CompressedImage(format="jpeg", data=b"\xff\xd8 definitely not a jpeg")
+        corrupt.header.stamp.sec = 8
+        for _ in range(3):
+            probe.pub_compressed.publish(corrupt)
+            time.sleep(0.05)
+        deadline = time.monotonic() + 30
+        while not probe.snapshot(probe.answers) and time.monotonic() < deadline:
+            probe.pub_compressed.publish(good)
+            time.sleep(0.2)
+        answers = probe.snapshot(probe.answers)
+        assert answers and all(a.header.stamp.sec == 9 for a in answers)
+        assert "cannot decode compressed image" in log.read_text()
+    finally:
+        assert stop_node(proc) < 5
+        probe.close()
+
+
+def test_no_query_no_inference_and_clean_ctrl_c(tiny_llava, ros_ctx, tmp_path) -> None:
+    ns = new_namespace()
+    log = tmp_path / "node.log"
+    proc = start_node(tiny_llava, ns, log)
+    probe = Probe(ros_ctx, ns)
+    try:
+        probe.wait_ready(proc, log)
+        for i in range(10):
+            probe.pub_image.publish(frame(60, 10_000_000_000 + i))
+            time.sleep(0.05)
+        probe.wait_for(lambda: int(probe.status_values().get("frames_skipped_no_query", 0)) > 0, 5,
+                       "skipped frames counted")
+        assert probe.snapshot(probe.answers) == []
+        assert probe.status_values()["_message"] == "waiting for a query"
+    finally:
+        seconds = stop_node(proc)
+        probe.close()
+    assert proc.returncode == 0, log.read_text()
+    assert seconds < 2.0, f"Ctrl-C took {seconds:.2f} s"
+    assert log.read_text().count("no query yet") == 1
+
+
+def test_unloadable_model_exits_nonzero_with_one_line(tmp_path) -> None:
+    import subprocess
+
+    from node_harness import node_executable
+
+    missing = tmp_path / "no_such_model"
+    missing.mkdir()
+    result = subprocess.run([str(node_executable()), "--ros-args", "-p", f"model_id:={missing}"],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1
+    lines = [line for line in (result.stdout + result.stderr).splitlines() if line.strip()]
+    assert len(lines) == 1 and str(missing) in lines[0] and "config.json" in lines[0], lines
