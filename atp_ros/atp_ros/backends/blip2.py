@@ -1,0 +1,367 @@
+"""BLIP-2 behind ATP: prune ViT patch tokens before the Q-Former.
+
+Pipeline per batch (``Salesforce/blip2-opt-2.7b`` and friends, HF transformers):
+
+    frames + questions -> Blip2Processor -> ViT-g (once, SDPA)            [preprocess, vision]
+      -> S_intra: CLS attention of one ViT layer from that layer's own fused qkv projection
+         (one query row per head); S_inter: cosine of each patch, mapped into EVA-CLIP's
+         joint space, with the question's EVA-CLIP text embedding         [scoring]
+      -> keep CLS + the K selected patches -> Q-Former cross-attends only to them
+         (``encoder_attention_mask`` masks the padding of per-sample K)   [projector]
+      -> language projection -> 32 query embeddings replace the <image> tokens -> greedy
+         ``language_model.generate``                                       [prefill, decode]
+
+Where the saving is: the Q-Former's cross-attention keys/values drop from ``1 + N`` to
+``1 + K`` (N = 256 for ViT-g/14 at 224 px). The LLM prefix stays ``num_query_tokens`` (32)
+tokens whatever K is, so **LLM prefill cost does not change**; ``VlmResult.flops`` reports
+both so the saving is never overstated.
+
+Joint space: BLIP-2's ViT-g is EVA01-CLIP-g/14's visual tower with its last (40th) block
+removed; the Q-Former reads block 39's output through BLIP-2's own ``ln_vision``
+(HF ``post_layernorm``). For S_inter the *pre*-``ln_vision`` output of the last BLIP-2
+block (= EVA block 39) goes through EVA-CLIP's visual final norm and projection
+(open_clip ``EVA01-g-14``: ``trunk.norm`` -> ``trunk.head``), skipping EVA's block 40 --
+an approximation, documented here and in the result notes of nothing else; it costs no
+extra ViT block. The text side is that open_clip model's text tower.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from atp_ros.atp import TextEmbeddingCache, patch_text_cosine
+from atp_ros.backends.base import (
+    AtpConfig,
+    Stopwatch,
+    VlmBackend,
+    VlmResult,
+    attention_flops,
+    decoder_prefill_flops,
+    find_text_tower,
+    gather_with_prefix,
+    generate_timed,
+    intra_scores,
+    record_outputs,
+    resolve_device,
+    resolve_dtype,
+    select_patches,
+)
+from atp_ros.backends.openclip_tower import EVA01_G14, OpenClipJointSpace, load_openclip_joint_space
+
+GATED_MLP_TYPES = ("llama", "mistral", "qwen2", "gemma", "t5")  # LMs whose FFN has a gate projection
+
+
+def questions_for(images: Sequence[np.ndarray], questions: Sequence[str] | str) -> list[str]:
+    """One question per image (a single string is asked of every image)."""
+    qs = [questions] * len(images) if isinstance(questions, str) else list(questions)
+    if len(qs) != len(images) or not qs:
+        raise ValueError(f"need one question per image: {len(images)} images, {len(qs)} questions")
+    return qs
+
+
+def lm_dims(cfg) -> dict:
+    """Layers/width/FFN/heads of an HF text config, for :func:`decoder_prefill_flops`."""
+
+    def first(*names: str) -> int:
+        for name in names:
+            value = getattr(cfg, name, None)
+            if value:
+                return int(value)
+        raise ValueError(f"{type(cfg).__name__} has none of {names}")
+
+    gated = bool(getattr(cfg, "is_gated_act", cfg.model_type in GATED_MLP_TYPES))
+    return {
+        "num_layers": first("num_hidden_layers", "num_layers"),
+        "hidden": first("hidden_size", "d_model"),
+        "intermediate": first("intermediate_size", "ffn_dim", "d_ff"),
+        "num_heads": first("num_attention_heads", "num_heads"),
+        "num_kv_heads": getattr(cfg, "num_key_value_heads", None),
+        "gated_mlp": gated,
+    }
+
+
+def vit_flops(num_tokens: int, hidden: int, intermediate: int, layers: int, heads: int, patch: int) -> float:
+    """Forward FLOPs of a pre-LN ViT over ``num_tokens`` tokens, patch embedding included."""
+    embed = 2 * (num_tokens - 1) * 3 * patch * patch * hidden
+    return embed + decoder_prefill_flops(num_tokens, layers, hidden, intermediate, heads, gated_mlp=False)
+
+
+def intra_flops(num_tokens: int, hidden: int, signal: str) -> float:
+    """Extra FLOPs of S_intra from already-computed q/k: one CLS row, or the full map."""
+    rows = 1 if signal == "cls" else num_tokens
+    return float(4 * rows * num_tokens * hidden)
+
+
+class Blip2Backend(VlmBackend):
+    """BLIP-2 with ATP before the Q-Former. Build with :meth:`from_pretrained`.
+
+    ``score_layer`` is the ViT block whose attention gives S_intra (default: the last
+    block, whose output the Q-Former reads). The CLS token (ViT token 0) always reaches the
+    Q-Former; ATP selects among the N patches, so the Q-Former sees ``1 + K`` keys.
+    """
+
+    family = "blip-2"
+    prompt_template = "Question: {question} Answer:"
+
+    def __init__(
+        self,
+        model,
+        processor,
+        joint: OpenClipJointSpace | None,
+        model_id: str,
+        score_layer: int = -1,
+        no_text_reason: str = "",
+    ) -> None:
+        self.model = model
+        self.processor = processor
+        self.joint = joint
+        self.model_id = model_id
+        self.device = model.device
+        self.dtype = model.vision_model.dtype
+        self.has_text_tower = joint is not None
+        self.no_text_reason = no_text_reason
+        vcfg = model.config.vision_config
+        self.num_heads = int(vcfg.num_attention_heads)
+        side = int(vcfg.image_size) // int(vcfg.patch_size)
+        self.grid = (side, side)
+        self.num_visual_tokens = side * side
+        layers = model.vision_model.encoder.layers
+        self.score_layer = score_layer % len(layers)
+        self._score_qkv = layers[self.score_layer].self_attn.qkv  # fused q|k|v projection of the scored block
+        self._last_block = layers[-1]
+        self.text_cache = TextEmbeddingCache(joint.encode_text) if joint is not None else None
+        # Batched decoder-only generation needs left padding; reference and ATP paths share it.
+        self.processor.tokenizer.padding_side = "left"
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        model_id: str,
+        text_encoder_id: str = "",
+        device: str = "auto",
+        dtype: str = "auto",
+        score_layer: int = -1,
+    ) -> Blip2Backend:
+        """Load a BLIP-2 checkpoint (hub id or local dir; safetensors, SDPA, no remote code).
+
+        Text tower: ``text_encoder_id`` (see :mod:`openclip_tower` for accepted forms), else
+        ``<model_dir>/atp_text_tower``, else EVA01-g-14 for ViT-g checkpoints. A failing
+        explicit or bundled tower raises; a derived one that is not available (offline, not
+        cached) leaves the backend CLS-only and every result says so in its notes.
+        """
+        from transformers import AutoProcessor, Blip2ForConditionalGeneration
+
+        dev = resolve_device(device)
+        torch_dtype = resolve_dtype(dtype, dev)
+        local = Path(model_id).is_dir()
+        model = Blip2ForConditionalGeneration.from_pretrained(
+            model_id,
+            dtype=torch_dtype,
+            attn_implementation="sdpa",
+            use_safetensors=True,
+            trust_remote_code=False,
+            local_files_only=local,
+        )
+        model = model.to(dev).eval().requires_grad_(False)
+        processor = AutoProcessor.from_pretrained(model_id, trust_remote_code=False, local_files_only=local)
+        if getattr(processor, "num_query_tokens", None) is None or model.config.image_token_index is None:
+            raise ValueError(
+                "checkpoint predates BLIP-2 image tokens (processor num_query_tokens / config image_token_index unset)"
+            )
+        vcfg = model.config.vision_config
+        derived = EVA01_G14 if (vcfg.hidden_size, vcfg.patch_size) == (1408, 14) else ""
+        source, how = find_text_tower(model_id, text_encoder_id, derived)
+        joint, reason = None, "" if derived or how != "none" else "no text tower known for this checkpoint"
+        if source:
+            try:
+                joint = load_openclip_joint_space(source, device=dev, dtype=torch_dtype)
+            except Exception as err:
+                if how != "derived":
+                    raise RuntimeError(f"text tower {source!r}: {type(err).__name__}: {err}") from err
+                reason = f"derived text tower {source!r} unavailable ({type(err).__name__}: {err})"
+            else:
+                width = joint.patch_head[0].normalized_shape[0] if hasattr(joint.patch_head[0], "normalized_shape") else 0
+                if width and width != vcfg.hidden_size:
+                    raise ValueError(f"text tower {source!r} has visual width {width}, ViT has {vcfg.hidden_size}")
+        return cls(model, processor, joint, str(model_id), score_layer=score_layer, no_text_reason=reason)
+
+    # ------------------------------------------------------------------ inputs
+
+    def _inputs(self, images: Sequence[np.ndarray], questions: Sequence[str] | str) -> dict[str, Tensor]:
+        """Processor output on the model's device: pixel_values, input_ids, attention_mask."""
+        qs = questions_for(images, questions)
+        prompts = [self.prompt_template.format(question=q) for q in qs]
+        enc = self.processor(images=list(images), text=prompts, return_tensors="pt", padding=True)
+        out = {k: v.to(self.device) for k, v in enc.items()}
+        out["pixel_values"] = out["pixel_values"].to(self.dtype)
+        return out
+
+    def _generate_kwargs(self, max_new_tokens: int) -> dict:
+        return {"max_new_tokens": max_new_tokens, "do_sample": False, "num_beams": 1}
+
+    def _new_tokens(self, out: Tensor, input_len: int) -> list[list[int]]:
+        """Strip the prompt (decoder-only LMs echo it) and padding after EOS."""
+        lm_cfg = self.model.language_model.config
+        new = out if lm_cfg.is_encoder_decoder else out[:, input_len:]
+        pad = self.model.language_model.generation_config.pad_token_id
+        eos = self.model.language_model.generation_config.eos_token_id
+        eos = set(eos if isinstance(eos, list) else [eos])
+        ids = []
+        for row in new.tolist():
+            if lm_cfg.is_encoder_decoder and row and row[0] == self.model.language_model.config.decoder_start_token_id:
+                row = row[1:]
+            kept: list[int] = []
+            for t in row:
+                kept.append(t)
+                if t in eos:
+                    break
+            ids.append([t for t in kept if t != pad or t in eos])
+        return ids
+
+    @torch.inference_mode()
+    def reference_generate(
+        self, images: Sequence[np.ndarray], questions: Sequence[str] | str, max_new_tokens: int = 32
+    ) -> list[list[int]]:
+        """Stock ``Blip2ForConditionalGeneration.generate`` (greedy, no ATP): new token ids per image."""
+        inputs = self._inputs(images, questions)
+        out = self.model.generate(**inputs, **self._generate_kwargs(max_new_tokens))
+        return self._new_tokens(out, inputs["input_ids"].shape[1])
+
+    # ------------------------------------------------------------------ ATP path
+
+    def _text_embeds(self, questions: list[str]) -> Tensor:
+        return torch.stack([self.text_cache.get(q) for q in questions]).to(self.device)  # (B, E)
+
+    @torch.inference_mode()
+    def answer(
+        self,
+        images: Sequence[np.ndarray],
+        questions: Sequence[str] | str,
+        atp: AtpConfig = AtpConfig(),
+        max_new_tokens: int = 32,
+    ) -> VlmResult:
+        """Answer one question per image with ATP pruning the Q-Former's visual keys."""
+        model = self.model
+        watch = Stopwatch(self.device)
+        qs = questions_for(images, questions)
+        with watch.stage("preprocess"):
+            inputs = self._inputs(images, qs)
+
+        # One ViT pass. Hooks keep the scored block's fused qkv output and the last block's
+        # output (pre ln_vision) for the joint space; the attention itself stays SDPA.
+        hooks = {"qkv": self._score_qkv, "last": self._last_block}
+        with watch.stage("vision"), record_outputs(hooks) as rec:
+            image_embeds = model.vision_model(pixel_values=inputs["pixel_values"]).last_hidden_state  # (B, 1+N, Dv)
+
+        with watch.stage("scoring"):
+            dim = image_embeds.shape[-1]
+            qkv = rec["qkv"]  # (B, 1+N, 3*Dv) laid out as [q | k | v], heads inside each
+            s_all = intra_scores(qkv[..., :dim], qkv[..., dim : 2 * dim], self.num_heads, atp.intra_signal)
+            s_intra = s_all[:, 1:]  # (B, N) attention to patches; CLS is always kept
+
+            def s_inter() -> Tensor:
+                patches = self.joint.project_patches(rec["last"][:, 1:])  # (B, N, E)
+                return patch_text_cosine(patches, self._text_embeds(qs))  # (B, N)
+
+            selection, alpha_used, notes = select_patches(
+                atp,
+                s_intra,
+                s_inter if self.joint is not None else None,
+                self.grid,
+                tokens=image_embeds[:, 1:],
+                no_text_reason=self.no_text_reason,
+            )
+            kept, key_mask = gather_with_prefix(image_embeds, selection, prefix=1)  # (B, 1+K, Dv), (B, 1+K)
+
+        with watch.stage("projector"):
+            query_tokens = model.query_tokens.expand(kept.shape[0], -1, -1)
+            query_output = model.qformer(
+                query_embeds=query_tokens, encoder_hidden_states=kept, encoder_attention_mask=key_mask
+            ).last_hidden_state  # (B, num_query_tokens, Hq), fp32
+            lm_inputs = model.language_projection(query_output.to(image_embeds.dtype))  # (B, nq, D_lm)
+            input_ids = inputs["input_ids"]
+            embeds = model.get_input_embeddings()(input_ids)  # (B, T, D_lm)
+            image_slots = (input_ids == model.config.image_token_index).unsqueeze(-1)
+            embeds = embeds.masked_scatter(image_slots, lm_inputs.to(embeds.dtype))
+
+        gen = {"inputs_embeds": embeds, "attention_mask": inputs["attention_mask"]}
+        if not model.language_model.config.is_encoder_decoder:
+            gen["input_ids"] = input_ids  # what the stock generate passes too
+        out = generate_timed(model.language_model.generate, watch, **gen, **self._generate_kwargs(max_new_tokens))
+
+        ids = self._new_tokens(out, input_ids.shape[1])
+        answers = [s.strip() for s in self.processor.tokenizer.batch_decode(ids, skip_special_tokens=True)]
+        nq = model.config.num_query_tokens
+        text_tokens = [int(n) - nq for n in inputs["attention_mask"].sum(dim=1).tolist()]
+        kept_counts = [int(k) for k in selection.lengths.tolist()]
+        selection.extras.update(cls_kept=True, qformer_keys=[k + 1 for k in kept_counts], score_layer=self.score_layer)
+        return VlmResult(
+            answers=answers,
+            selection=selection,
+            visual_tokens_total=self.num_visual_tokens,
+            visual_tokens_kept=kept_counts,
+            text_tokens=text_tokens,
+            timings=watch.timings,
+            flops=self.flops(kept_counts, [t + nq for t in text_tokens], atp, alpha_used > 0),
+            generated_ids=ids,
+            alpha_used=alpha_used,
+            notes=notes,
+        )
+
+    # ------------------------------------------------------------------ cost model
+
+    def qformer_flops(self, num_keys: int) -> float:
+        """Q-Former + language projection FLOPs for one image whose cross-attention sees ``num_keys`` keys."""
+        cfg = self.model.config
+        q = cfg.qformer_config
+        nq, h, dv = cfg.num_query_tokens, q.hidden_size, cfg.vision_config.hidden_size
+        total = 0.0
+        for layer in range(q.num_hidden_layers):
+            total += attention_flops(nq, nq, h, h, h, h) + 4 * nq * h * q.intermediate_size
+            if layer % q.cross_attention_frequency == 0:
+                total += attention_flops(nq, num_keys, h, dv, h, h)
+        return total + 2 * nq * h * self.model.config.text_config.hidden_size
+
+    def flops(self, kept: list[int], seq_lens: list[int], atp: AtpConfig, used_text: bool) -> dict[str, float]:
+        """Analytic per-image FLOPs (batch mean): vision, scoring, projector (Q-Former), LLM prefill, pipeline.
+
+        ``projector_keep_all`` is the Q-Former cost without pruning, for comparison: the
+        Q-Former cross-attention is the only stage pruning shrinks; ``llm_prefill`` is the
+        same with and without ATP because the LLM always gets ``num_query_tokens`` tokens.
+        """
+        v = self.model.config.vision_config
+        n = self.num_visual_tokens
+        vision = vit_flops(n + 1, v.hidden_size, v.intermediate_size, v.num_hidden_layers, v.num_attention_heads,
+                           v.patch_size)
+        scoring = intra_flops(n + 1, v.hidden_size, atp.intra_signal) if atp.enabled else 0.0
+        if used_text and self.joint is not None:
+            embed = int(self.joint.model.text_projection.shape[-1]) if hasattr(self.joint.model, "text_projection") \
+                and isinstance(self.joint.model.text_projection, torch.nn.Parameter) else v.hidden_size
+            scoring += 2 * n * v.hidden_size * embed + 2 * n * embed
+        projector = float(np.mean([self.qformer_flops(k + 1) for k in kept]))
+        lm = lm_dims(self.model.config.text_config)
+        prefill = float(np.mean([decoder_prefill_flops(t, **lm) for t in seq_lens]))
+        return {
+            "vision": vision,
+            "scoring": scoring,
+            "projector": projector,
+            "projector_keep_all": self.qformer_flops(n + 1),
+            "llm_prefill": prefill,
+            "pipeline": vision + scoring + projector + prefill,
+        }
+
+    def describe(self) -> str:
+        """One line for logs: model, grid, scored layer, text tower."""
+        tower = self.joint.source if self.joint is not None else f"none ({self.no_text_reason})"
+        return json.dumps(
+            {"model": self.model_id, "grid": self.grid, "score_layer": self.score_layer, "text_tower": tower}
+        )
+
+
+__all__ = ["Blip2Backend", "intra_flops", "lm_dims", "questions_for", "vit_flops"]
