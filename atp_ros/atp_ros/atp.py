@@ -120,8 +120,9 @@ def _check_scores(name: str, scores: Tensor) -> Tensor:
 def normalize(scores: Tensor, method: str = "minmax") -> Tensor:
     """Per-row normalization of ``(B, N)`` scores; returns float32.
 
-    ``minmax`` maps each row to [0, 1] (a constant row maps to 0); ``zscore`` to zero
-    mean, unit std; ``rank`` to ``rank / (N - 1)`` in [0, 1] with ties broken by index.
+    ``minmax`` maps each row to [0, 1]; ``zscore`` to zero mean, unit std (a constant
+    row maps to 0 under both); ``rank`` to ``rank / (N - 1)`` in [0, 1] with ties
+    broken by index (the lower index ranks higher).
     """
     s = _check_scores("scores", scores)
     if method == "minmax":
@@ -131,7 +132,10 @@ def normalize(scores: Tensor, method: str = "minmax") -> Tensor:
     if method == "zscore":
         mean = s.mean(dim=1, keepdim=True)
         std = s.std(dim=1, keepdim=True, unbiased=False)
-        return (s - mean) / std.clamp_min(_EPS)
+        # A constant row has std 0 but a float32 mean a few ulps off its value; that residue
+        # over the clamped std is up to ~1e7 and would swamp the other component when fused.
+        constant = s.amax(dim=1, keepdim=True) == s.amin(dim=1, keepdim=True)
+        return ((s - mean) / std.clamp_min(_EPS)).masked_fill(constant, 0.0)
     if method == "rank":
         # Stable descending sort so that, among equal scores, the lower index gets the
         # higher rank: the same tie-break as select_top_k.

@@ -52,7 +52,7 @@ def raw_to_rgb(msg: Any, limits: ImageLimits = ImageLimits()) -> np.ndarray:
         raise BadImage("size", f"zero-size image {msg.width}x{msg.height}")
     if msg.height * msg.width > limits.max_pixels:
         raise BadImage(
-            "size", f"image {msg.width}x{msg.height} exceeds limits.max_image_pixels={limits.max_pixels}"
+            "too_large", f"image {msg.width}x{msg.height} exceeds limits.max_image_pixels={limits.max_pixels}"
         )
     row = msg.width * _bytes_per_pixel(msg.encoding)
     if msg.encoding in ("nv12", "nv21"):  # planar YUV 4:2:0: 1.5 rows of luma bytes per pixel row
@@ -81,13 +81,13 @@ def compressed_to_rgb(msg: Any, limits: ImageLimits = ImageLimits()) -> np.ndarr
     if len(msg.data) == 0:
         raise BadImage("corrupt", "empty compressed image")
     if len(msg.data) > limits.max_bytes:
-        raise BadImage("size", f"compressed image of {len(msg.data)} bytes exceeds the limit {limits.max_bytes}")
+        raise BadImage("too_large", f"compressed image of {len(msg.data)} bytes exceeds the limit {limits.max_bytes}")
     try:
         rgb = message_to_cvimage(msg, "rgb8")
     except (AssertionError, ImageError, ValueError) as err:  # rosbags asserts on undecodable data
         raise BadImage("corrupt", f"cannot decode compressed image (format {msg.format!r})") from err
     if rgb.shape[0] * rgb.shape[1] > limits.max_pixels:
-        raise BadImage("size", f"decoded image {rgb.shape[1]}x{rgb.shape[0]} exceeds max_image_pixels")
+        raise BadImage("too_large", f"decoded image {rgb.shape[1]}x{rgb.shape[0]} exceeds max_image_pixels")
     return _as_rgb_u8(rgb)
 
 

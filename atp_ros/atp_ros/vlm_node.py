@@ -182,7 +182,8 @@ class VlmNode(Node):
     def _on_query(self, msg: String) -> None:
         reason = self._check_question(msg.data)
         if reason:
-            self._problem("query", DiagnosticStatus.WARN, f"query rejected: {reason} (keeping the previous one)")
+            cause = "query_empty" if not msg.data.strip() else "query_too_long"
+            self._problem(cause, DiagnosticStatus.WARN, f"query rejected: {reason} (keeping the previous one)")
             return
         with self._state_lock:
             self._query = msg.data.strip()
@@ -245,7 +246,7 @@ class VlmNode(Node):
     def _run_worker(self) -> None:
         last_start = 0.0
         waiting_logged = False
-        while not self._stop.is_set():
+        while not self._stop.is_set() and self.context.ok():
             rate = self._param("processing.max_rate_hz")
             if rate > 0:  # wait out the interval, then take whatever frame is newest
                 pause = last_start + 1.0 / rate - time.monotonic()
@@ -274,7 +275,12 @@ class VlmNode(Node):
                               f"{type(err).__name__}: {err}")
                 _release_cuda_cache()
                 continue
-            self._publish(frame, question, rgb, result)
+            try:
+                self._publish(frame, question, rgb, result)
+            except Exception as err:  # the context goes away under us on Ctrl-C
+                if not self.context.ok() or self._stop.is_set():
+                    break
+                self._problem("publish", DiagnosticStatus.ERROR, f"publishing failed: {type(err).__name__}: {err}")
 
     def _publish(self, frame: Frame, question: str, rgb, result) -> None:
         header = frame.msg.header

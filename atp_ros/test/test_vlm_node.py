@@ -41,7 +41,7 @@ def running(tiny_llava, ros_ctx, tmp_path_factory):
     ns = new_namespace()
     log = tmp_path_factory.mktemp("node") / "node.log"
     proc = start_node(tiny_llava, ns, log, max_new_tokens=4, atp__keep_ratio=0.25,
-                      limits__max_image_pixels=400 * 400)
+                      limits__max_image_pixels=200 * 200)
     probe = Probe(ros_ctx, ns)
     try:
         probe.wait_ready(proc, log)
@@ -136,7 +136,7 @@ def test_parameters_change_at_run_time_and_bad_values_are_rejected(running) -> N
 
 
 def _bad_images() -> dict[str, Image]:
-    good = frame(1, 0)
+    """One frame per bad-input cause, keyed by the cause the node counts it under."""
     bad = {}
     msg = frame(1, 3_000_000_000)
     msg.encoding = "32FC7"
@@ -145,12 +145,10 @@ def _bad_images() -> dict[str, Image]:
     msg.data = bytes(msg.data)[:-10]
     bad["layout"] = msg
     msg = Image(encoding="rgb8", height=0, width=0, step=0)
-    msg.header.stamp.sec = 3
-    msg.header.stamp.nanosec = 200_000_000
+    msg.header.stamp.sec, msg.header.stamp.nanosec = 3, 200_000_000
     bad["size"] = msg
-    big = np.zeros((500, 500, 3), np.uint8)  # limits.max_image_pixels = 400*400 in this module
-    bad["huge"] = image_msg(big, 3_300_000_000)
-    assert good.encoding == "rgb8"
+    big = np.zeros((201, 200, 3), np.uint8)  # limits.max_image_pixels = 200*200 in this module
+    bad["too_large"] = image_msg(big, 3_300_000_000)
     return bad
 
 
@@ -159,23 +157,29 @@ def test_bad_input_never_kills_the_node(running) -> None:
     probe.pub_query.publish(String(data="is there a pallet?"))
     publish_until_answer(probe, frame(2, 2_900_000_000))
     for i, (cause, msg) in enumerate(_bad_images().items()):
-        for _ in range(3):
+        # The newest frame wins the slot: repeat the bad one until the node has counted it.
+        deadline = time.monotonic() + 15
+        while f"errors.{cause}" not in probe.status_values() and time.monotonic() < deadline:
             probe.pub_image.publish(msg)
-            time.sleep(0.05)
+            time.sleep(0.2)
+        assert f"errors.{cause}" in probe.status_values(), cause
         answer = publish_until_answer(probe, frame(10 + i, 4_000_000_000 + i))
         assert answer.answer is not None and proc.poll() is None, cause
         assert stamp_ns(msg.header) not in {stamp_ns(a.header) for a in probe.snapshot(probe.answers)}
     # Empty and over-long questions are rejected; the standing question stays.
     probe.pub_query.publish(String(data="   "))
+    probe.wait_for(lambda: "errors.query_empty" in probe.status_values(), 5, "empty query counted")
     probe.pub_query.publish(String(data="why " * 400))
     answer = publish_until_answer(probe, frame(20, 5_000_000_000))
     assert answer.query == "is there a pallet?"
-    probe.wait_for(lambda: "errors.query" in probe.status_values(), 5, "query errors in diagnostics")
+    probe.wait_for(lambda: "errors.query_too_long" in probe.status_values(), 5, "query errors in diagnostics")
     values = probe.status_values()
-    for key in ("errors.encoding", "errors.layout", "errors.size", "errors.query"):
+    for key in ("errors.encoding", "errors.layout", "errors.size", "errors.too_large", "errors.query_empty",
+                "errors.query_too_long"):
         assert int(values[key]) >= 1, key
     text = log.read_text()
     assert "unsupported encoding '32FC7'" in text and "exceeds limits.max_image_pixels" in text
+    assert "empty question" in text and "exceeds limits.max_query_chars" in text
     assert "Traceback" not in text
 
 

@@ -361,3 +361,57 @@ def attention_flops(num_queries: int, num_keys: int, q_in: int, kv_in: int, inne
     """
     proj = 2 * num_queries * q_in * inner + 2 * 2 * num_keys * kv_in * inner + 2 * num_queries * inner * out
     return float(proj + 4 * num_queries * num_keys * inner)
+
+
+GATED_MLP_TYPES = ("llama", "mistral", "qwen2", "gemma", "t5")  # LMs whose FFN has a gate projection
+
+
+def questions_for(images: Sequence[np.ndarray], questions: Sequence[str] | str) -> list[str]:
+    """One question per image (a single string is asked of every image)."""
+    qs = [questions] * len(images) if isinstance(questions, str) else list(questions)
+    if len(qs) != len(images) or not qs:
+        raise ValueError(f"need one question per image: {len(images)} images, {len(qs)} questions")
+    return qs
+
+
+def trim_after_eos(new_tokens: torch.Tensor, eos_token_id: int | list[int] | None) -> list[list[int]]:
+    """Rows of ``(B, T)`` generated ids up to and including the first EOS (generate pads after it)."""
+    eos = set(eos_token_id if isinstance(eos_token_id, list) else [eos_token_id])
+    rows = []
+    for row in new_tokens.tolist():
+        cut = next((i + 1 for i, t in enumerate(row) if t in eos), len(row))
+        rows.append(row[:cut])
+    return rows
+
+
+def lm_dims(cfg) -> dict:
+    """Layers/width/FFN/heads of an HF text config, for :func:`decoder_prefill_flops`."""
+
+    def first(*names: str) -> int:
+        for name in names:
+            value = getattr(cfg, name, None)
+            if value:
+                return int(value)
+        raise ValueError(f"{type(cfg).__name__} has none of {names}")
+
+    gated = bool(getattr(cfg, "is_gated_act", cfg.model_type in GATED_MLP_TYPES))
+    return {
+        "num_layers": first("num_hidden_layers", "num_layers"),
+        "hidden": first("hidden_size", "d_model"),
+        "intermediate": first("intermediate_size", "ffn_dim", "d_ff"),
+        "num_heads": first("num_attention_heads", "num_heads"),
+        "num_kv_heads": getattr(cfg, "num_key_value_heads", None),
+        "gated_mlp": gated,
+    }
+
+
+def vit_flops(num_tokens: int, hidden: int, intermediate: int, layers: int, heads: int, patch: int) -> float:
+    """Forward FLOPs of a pre-LN ViT over ``num_tokens`` tokens, patch embedding included."""
+    embed = 2 * (num_tokens - 1) * 3 * patch * patch * hidden
+    return embed + decoder_prefill_flops(num_tokens, layers, hidden, intermediate, heads, gated_mlp=False)
+
+
+def intra_flops(num_tokens: int, hidden: int, signal: str) -> float:
+    """Extra FLOPs of S_intra from already-computed q/k: one CLS row, or the full map."""
+    rows = 1 if signal == "cls" else num_tokens
+    return float(4 * rows * num_tokens * hidden)

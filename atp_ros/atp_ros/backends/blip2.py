@@ -46,56 +46,18 @@ from atp_ros.backends.base import (
     find_text_tower,
     gather_with_prefix,
     generate_timed,
+    intra_flops,
     intra_scores,
+    lm_dims,
+    questions_for,
     record_outputs,
     resolve_device,
     resolve_dtype,
     select_patches,
+    trim_after_eos,
+    vit_flops,
 )
 from atp_ros.backends.openclip_tower import EVA01_G14, OpenClipJointSpace, load_openclip_joint_space
-
-GATED_MLP_TYPES = ("llama", "mistral", "qwen2", "gemma", "t5")  # LMs whose FFN has a gate projection
-
-
-def questions_for(images: Sequence[np.ndarray], questions: Sequence[str] | str) -> list[str]:
-    """One question per image (a single string is asked of every image)."""
-    qs = [questions] * len(images) if isinstance(questions, str) else list(questions)
-    if len(qs) != len(images) or not qs:
-        raise ValueError(f"need one question per image: {len(images)} images, {len(qs)} questions")
-    return qs
-
-
-def lm_dims(cfg) -> dict:
-    """Layers/width/FFN/heads of an HF text config, for :func:`decoder_prefill_flops`."""
-
-    def first(*names: str) -> int:
-        for name in names:
-            value = getattr(cfg, name, None)
-            if value:
-                return int(value)
-        raise ValueError(f"{type(cfg).__name__} has none of {names}")
-
-    gated = bool(getattr(cfg, "is_gated_act", cfg.model_type in GATED_MLP_TYPES))
-    return {
-        "num_layers": first("num_hidden_layers", "num_layers"),
-        "hidden": first("hidden_size", "d_model"),
-        "intermediate": first("intermediate_size", "ffn_dim", "d_ff"),
-        "num_heads": first("num_attention_heads", "num_heads"),
-        "num_kv_heads": getattr(cfg, "num_key_value_heads", None),
-        "gated_mlp": gated,
-    }
-
-
-def vit_flops(num_tokens: int, hidden: int, intermediate: int, layers: int, heads: int, patch: int) -> float:
-    """Forward FLOPs of a pre-LN ViT over ``num_tokens`` tokens, patch embedding included."""
-    embed = 2 * (num_tokens - 1) * 3 * patch * patch * hidden
-    return embed + decoder_prefill_flops(num_tokens, layers, hidden, intermediate, heads, gated_mlp=False)
-
-
-def intra_flops(num_tokens: int, hidden: int, signal: str) -> float:
-    """Extra FLOPs of S_intra from already-computed q/k: one CLS row, or the full map."""
-    rows = 1 if signal == "cls" else num_tokens
-    return float(4 * rows * num_tokens * hidden)
 
 
 class Blip2Backend(VlmBackend):
@@ -177,7 +139,7 @@ class Blip2Backend(VlmBackend):
         vcfg = model.config.vision_config
         derived = EVA01_G14 if (vcfg.hidden_size, vcfg.patch_size) == (1408, 14) else ""
         source, how = find_text_tower(model_id, text_encoder_id, derived)
-        joint, reason = None, "" if derived or how != "none" else "no text tower known for this checkpoint"
+        joint, reason = None, "no joint-space text tower is known for this checkpoint"
         if source:
             try:
                 joint = load_openclip_joint_space(source, device=dev, dtype=torch_dtype)
@@ -185,10 +147,8 @@ class Blip2Backend(VlmBackend):
                 if how != "derived":
                     raise RuntimeError(f"text tower {source!r}: {type(err).__name__}: {err}") from err
                 reason = f"derived text tower {source!r} unavailable ({type(err).__name__}: {err})"
-            else:
-                width = joint.patch_head[0].normalized_shape[0] if hasattr(joint.patch_head[0], "normalized_shape") else 0
-                if width and width != vcfg.hidden_size:
-                    raise ValueError(f"text tower {source!r} has visual width {width}, ViT has {vcfg.hidden_size}")
+        if joint is not None and joint.vision_hidden != vcfg.hidden_size:
+            raise ValueError(f"text tower {source!r}: width {joint.vision_hidden}, the ViT's is {vcfg.hidden_size}")
         return cls(model, processor, joint, str(model_id), score_layer=score_layer, no_text_reason=reason)
 
     # ------------------------------------------------------------------ inputs
@@ -208,21 +168,8 @@ class Blip2Backend(VlmBackend):
     def _new_tokens(self, out: Tensor, input_len: int) -> list[list[int]]:
         """Strip the prompt (decoder-only LMs echo it) and padding after EOS."""
         lm_cfg = self.model.language_model.config
-        new = out if lm_cfg.is_encoder_decoder else out[:, input_len:]
-        pad = self.model.language_model.generation_config.pad_token_id
-        eos = self.model.language_model.generation_config.eos_token_id
-        eos = set(eos if isinstance(eos, list) else [eos])
-        ids = []
-        for row in new.tolist():
-            if lm_cfg.is_encoder_decoder and row and row[0] == self.model.language_model.config.decoder_start_token_id:
-                row = row[1:]
-            kept: list[int] = []
-            for t in row:
-                kept.append(t)
-                if t in eos:
-                    break
-            ids.append([t for t in kept if t != pad or t in eos])
-        return ids
+        new = out[:, 1:] if lm_cfg.is_encoder_decoder else out[:, input_len:]  # enc-dec: drop decoder start
+        return trim_after_eos(new, self.model.language_model.generation_config.eos_token_id)
 
     @torch.inference_mode()
     def reference_generate(
@@ -266,7 +213,7 @@ class Blip2Backend(VlmBackend):
             s_intra = s_all[:, 1:]  # (B, N) attention to patches; CLS is always kept
 
             def s_inter() -> Tensor:
-                patches = self.joint.project_patches(rec["last"][:, 1:])  # (B, N, E)
+                patches = self.joint.patches_to_joint(rec["last"][:, 1:])  # (B, N, E)
                 return patch_text_cosine(patches, self._text_embeds(qs))  # (B, N)
 
             selection, alpha_used, notes = select_patches(
@@ -340,10 +287,8 @@ class Blip2Backend(VlmBackend):
         vision = vit_flops(n + 1, v.hidden_size, v.intermediate_size, v.num_hidden_layers, v.num_attention_heads,
                            v.patch_size)
         scoring = intra_flops(n + 1, v.hidden_size, atp.intra_signal) if atp.enabled else 0.0
-        if used_text and self.joint is not None:
-            embed = int(self.joint.model.text_projection.shape[-1]) if hasattr(self.joint.model, "text_projection") \
-                and isinstance(self.joint.model.text_projection, torch.nn.Parameter) else v.hidden_size
-            scoring += 2 * n * v.hidden_size * embed + 2 * n * embed
+        if used_text and self.joint is not None:  # per-patch projection + cosine; the text tower is cached
+            scoring += self.joint.joint_flops(n) + 2 * n * self.joint.embed_dim
         projector = float(np.mean([self.qformer_flops(k + 1) for k in kept]))
         lm = lm_dims(self.model.config.text_config)
         prefill = float(np.mean([decoder_prefill_flops(t, **lm) for t in seq_lens]))
@@ -358,10 +303,10 @@ class Blip2Backend(VlmBackend):
 
     def describe(self) -> str:
         """One line for logs: model, grid, scored layer, text tower."""
-        tower = self.joint.source if self.joint is not None else f"none ({self.no_text_reason})"
+        tower = self.joint.model_id if self.joint is not None else f"none ({self.no_text_reason})"
         return json.dumps(
             {"model": self.model_id, "grid": self.grid, "score_layer": self.score_layer, "text_tower": tower}
         )
 
 
-__all__ = ["Blip2Backend", "intra_flops", "lm_dims", "questions_for", "vit_flops"]
+__all__ = ["Blip2Backend"]

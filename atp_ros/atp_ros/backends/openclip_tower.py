@@ -3,7 +3,8 @@
 BLIP-2's ViT-g is EVA-CLIP's visual tower (EVA01-CLIP-g/14), whose text side lives only
 in open_clip (``EVA01-g-14``). :class:`OpenClipJointSpace` keeps that model's text
 tower and the visual *head* -- the final norm and the projection into the joint space --
-and drops the visual trunk (about 1B parameters for ViT-g that the VLM already runs).
+and drops the visual trunk (about 1B parameters for ViT-g that the VLM already runs). It
+implements :class:`atp_ros.backends.text_towers.JointSpace`, like the HF CLIP/SigLIP spaces.
 
 Sources (``load_openclip_joint_space``):
 
@@ -20,10 +21,15 @@ open_clip's own download cache (offline works once cached).
 from __future__ import annotations
 
 import json
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 from torch import Tensor, nn
+
+from atp_ros.backends.text_towers import JointSpace
 
 OPENCLIP_CONFIG = "open_clip_config.json"
 OPENCLIP_WEIGHTS = "open_clip_model.safetensors"
@@ -65,38 +71,36 @@ def visual_patch_head(visual: nn.Module) -> nn.Sequential:
     raise ValueError(f"unsupported open_clip visual tower {type(visual).__name__}")
 
 
-class OpenClipJointSpace(nn.Module):
-    """Text tower + per-patch visual head of one open_clip model.
+class OpenClipJointSpace(JointSpace):
+    """Text tower + per-patch visual head of one open_clip model (a :class:`JointSpace`).
 
-    ``encode_text(str) -> (E,)`` and ``project_patches((B, N, width)) -> (B, N, E)`` are the
-    two calls a backend needs for ``S_inter``; both return float32.
+    ``encode_text(str) -> (E,)`` and ``patches_to_joint((B, N, D)) -> (B, N, E)``, both float32;
+    ``vision_hidden`` is the visual width D the head expects, ``embed_dim`` the joint width E.
+    Patch states are the raw residual stream *before* the tower's final norm (the head applies it).
     """
 
-    def __init__(self, model: nn.Module, tokenizer, patch_head: nn.Sequential, source: str) -> None:
-        super().__init__()
-        self.model = model  # the open_clip model with its visual trunk removed
-        self.tokenizer = tokenizer
-        self.patch_head = patch_head
-        self.source = source
+    kind = "open_clip"
 
-    @property
-    def device(self) -> torch.device:
-        return next(self.patch_head.parameters()).device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return next(self.patch_head.parameters()).dtype
+    def __init__(
+        self, model_id: str, model: nn.Module, tokenizer, patch_head: nn.Sequential, device: torch.device,
+        dtype: torch.dtype,
+    ) -> None:
+        first = patch_head[0]
+        width = int(first.normalized_shape[0] if hasattr(first, "normalized_shape") else first.in_features)
+        with torch.no_grad():
+            embed_dim = int(patch_head(torch.zeros(1, 1, width)).shape[-1])
+        super().__init__(model_id, tokenizer, device, dtype, width, embed_dim)
+        self.model = model.to(device, dtype).eval().requires_grad_(False)  # visual trunk already removed
+        self.patch_head = patch_head.to(device, dtype).eval().requires_grad_(False)
 
     @torch.inference_mode()
     def encode_text(self, text: str) -> Tensor:
-        """Joint-space embedding ``(E,)`` of one query (float32, unnormalized)."""
         tokens = self.tokenizer([text]).to(self.device)  # (1, context_length)
-        return self.model.encode_text(tokens)[0].float()
+        return self.model.encode_text(tokens)[0].float()  # (E,)
 
     @torch.inference_mode()
-    def project_patches(self, states: Tensor) -> Tensor:
-        """``(B, N, width)`` visual token states -> ``(B, N, E)`` joint-space embeddings (float32)."""
-        return self.patch_head(states.to(self.device, self.dtype)).float()
+    def patches_to_joint(self, states: Tensor) -> Tensor:
+        return self.patch_head(self._check_states(states)).float()  # (B, N, E)
 
 
 def save_openclip_tower(model: nn.Module, model_cfg: dict, directory: str | Path) -> Path:
@@ -112,6 +116,22 @@ def save_openclip_tower(model: nn.Module, model_cfg: dict, directory: str | Path
     return out
 
 
+@contextmanager
+def _quiet_root_log(prefix: str) -> Iterator[None]:
+    """Drop root-logger records starting with ``prefix`` while the block runs."""
+
+    class _Drop(logging.Filter):
+        def filter(self, record: logging.LogRecord) -> bool:
+            return not str(record.msg).startswith(prefix)
+
+    flt = _Drop()
+    logging.getLogger().addFilter(flt)
+    try:
+        yield
+    finally:
+        logging.getLogger().removeFilter(flt)
+
+
 def _create(source: str) -> tuple[nn.Module, object]:
     import open_clip
 
@@ -121,8 +141,10 @@ def _create(source: str) -> tuple[nn.Module, object]:
         if not (path / OPENCLIP_CONFIG).is_file() or not weights.is_file():
             raise FileNotFoundError(f"{source}: expected {OPENCLIP_CONFIG} and {OPENCLIP_WEIGHTS}")
         name = f"local-dir:{path}"
-        # Build without weights, then read only the safetensors file (never a pickle).
-        model = open_clip.create_model(name, load_weights=False)
+        # Build without weights, then read only the safetensors file (never a pickle). open_clip
+        # logs "initialized randomly" for the empty build; that line would be false here.
+        with _quiet_root_log("No pretrained weights loaded"):
+            model = open_clip.create_model(name, load_weights=False)
         open_clip.load_checkpoint(model, str(weights))
         return model, open_clip.get_tokenizer(name)
     if source.startswith("hf-hub:"):
@@ -138,8 +160,7 @@ def load_openclip_joint_space(
     model, tokenizer = _create(source)
     head = visual_patch_head(model.visual)
     model.visual = nn.Identity()  # the VLM runs its own copy of this trunk; keep only the head
-    joint = OpenClipJointSpace(model, tokenizer, head, source)
-    return joint.to(device=device, dtype=dtype).eval().requires_grad_(False)
+    return OpenClipJointSpace(source, model, tokenizer, head, torch.device(device), dtype)
 
 
 __all__ = [

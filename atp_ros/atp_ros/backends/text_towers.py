@@ -230,7 +230,7 @@ def load_joint_space(model_id: str | Path, device: torch.device, dtype: torch.dt
     model_id = str(model_id)
     kind = joint_space_type(model_id)
     model = AutoModel.from_pretrained(
-        model_id, trust_remote_code=False, use_safetensors=True, dtype=torch.float32, attn_implementation="sdpa"
+        model_id, trust_remote_code=False, use_safetensors=True, dtype=dtype, attn_implementation="sdpa"
     )
     tokenizer = AutoTokenizer.from_pretrained(model_id, trust_remote_code=False)
     cls = ClipJointSpace if kind == "clip" else SiglipJointSpace

@@ -102,6 +102,7 @@ def save_tiny_blip2(
             "cross_attention_frequency": 1,
             "vocab_size": 64,
             "max_position_embeddings": 64,
+            "initializer_range": 0.2,  # larger than BLIP-2's 0.02 so the queries really depend on the image
         },
         text_config={
             "model_type": "opt",
@@ -115,9 +116,11 @@ def save_tiny_blip2(
             "pad_token_id": tok.pad_token_id,
             "bos_token_id": tok.bos_token_id,
             "eos_token_id": tok.eos_token_id,
+            "init_std": 0.2,  # OPT's 0.02 gives near-flat logits; larger weights make answers depend on the image
         },
         num_query_tokens=num_query_tokens,
         image_token_index=tok.convert_tokens_to_ids(IMAGE_TOKEN),
+        initializer_range=0.2,  # language projection: query embeddings on the scale of OPT's token embeddings
     )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)

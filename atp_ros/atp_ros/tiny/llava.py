@@ -97,12 +97,16 @@ def save_tiny_llava(
     text_layers: int = 2,
     with_text_tower: bool = True,
     seed: int = 0,
+    vision_feature_layer: int | None = None,
+    vision_feature_select_strategy: Literal["default", "full", ""] = "",
 ) -> Path:
     """Build and save a tiny random LLaVA (+ its matching text tower); returns the directory.
 
     ``text_model`` defaults to ``llama`` for the CLIP tower and ``qwen2`` for SigLIP.
     With the defaults the tower sees ``(64 / 8) ** 2 = 64`` patches.
     ``with_text_tower=False`` leaves out ``atp_text_tower/`` (the CLS-only fallback path).
+    ``vision_feature_layer`` / ``vision_feature_select_strategy`` override the tower's llava
+    defaults (CLIP: -2, ``default``; SigLIP: -1, ``full``), e.g. a CLIP tower that feeds its CLS too.
     """
     if tower not in ("clip", "siglip"):
         raise ValueError(f"tower must be 'clip' or 'siglip', got {tower!r}")
@@ -120,7 +124,7 @@ def save_tiny_llava(
 
     if tower == "clip":
         vision_config = {"model_type": "clip_vision_model", **vis, "projection_dim": vision_hidden}
-        feature_layer, strategy, extra_tokens = -2, "default", 1
+        feature_layer, strategy, extra_tokens = -2, "default", 1  # CLS is an extra token, dropped by "default"
         image_processor = CLIPImageProcessor(
             size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size}
         )
@@ -128,6 +132,8 @@ def save_tiny_llava(
         vision_config = {"model_type": "siglip_vision_model", **vis, "vision_use_head": False}
         feature_layer, strategy, extra_tokens = -1, "full", 0
         image_processor = SiglipImageProcessor(size={"height": image_size, "width": image_size})
+    feature_layer = feature_layer if vision_feature_layer is None else vision_feature_layer
+    strategy = vision_feature_select_strategy or strategy
 
     config = LlavaConfig(
         vision_config=vision_config,

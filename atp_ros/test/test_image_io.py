@@ -1,0 +1,118 @@
+"""Image conversion and validation on real sensor_msgs messages; keep-mask images; parameter checks."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+sensor_msgs = pytest.importorskip("sensor_msgs.msg")
+
+from atp_ros import image_io, overlay, params  # noqa: E402
+from atp_ros.stats import Counters, LatencyWindow  # noqa: E402
+
+Image, CompressedImage = sensor_msgs.Image, sensor_msgs.CompressedImage
+
+
+def _msg(arr: np.ndarray, encoding: str, pad: int = 0) -> Image:
+    h, w = arr.shape[:2]
+    row = arr.reshape(h, -1)
+    if pad:
+        row = np.concatenate([row, np.zeros((h, pad), np.uint8)], axis=1)
+    return Image(height=h, width=w, encoding=encoding, step=row.shape[1], data=row.tobytes())
+
+
+@pytest.fixture
+def rgb() -> np.ndarray:
+    return np.random.default_rng(0).integers(0, 255, (6, 5, 3), dtype=np.uint8)
+
+
+def test_rgb_bgr_mono_and_padded_rows_convert(rgb) -> None:
+    assert np.array_equal(image_io.raw_to_rgb(_msg(rgb, "rgb8")), rgb)
+    assert np.array_equal(image_io.raw_to_rgb(_msg(rgb[:, :, ::-1].copy(), "bgr8")), rgb)
+    assert np.array_equal(image_io.raw_to_rgb(_msg(rgb, "rgb8", pad=7)), rgb)  # step > width*3
+    mono = rgb[:, :, 0].copy()
+    out = image_io.raw_to_rgb(_msg(mono, "mono8"))
+    assert out.shape == (6, 5, 3) and np.array_equal(out[:, :, 1], mono)
+    rgba = np.concatenate([rgb, np.full((6, 5, 1), 255, np.uint8)], axis=2)
+    assert np.array_equal(image_io.raw_to_rgb(_msg(rgba, "rgba8")), rgb)
+
+
+@pytest.mark.parametrize(
+    ("mutate", "cause"),
+    [
+        (lambda m: setattr(m, "encoding", "32FC7"), "encoding"),
+        (lambda m: setattr(m, "data", bytes(m.data)[:-1]), "layout"),
+        (lambda m: setattr(m, "step", 3), "layout"),
+        (lambda m: (setattr(m, "height", 0), setattr(m, "data", b"")), "size"),
+    ],
+)
+def test_bad_raw_images_raise_one_clear_error(rgb, mutate, cause) -> None:
+    msg = _msg(rgb, "rgb8")
+    mutate(msg)
+    with pytest.raises(image_io.BadImage) as err:
+        image_io.raw_to_rgb(msg)
+    assert err.value.cause == cause and str(err.value)
+
+
+def test_huge_images_are_rejected_before_conversion(rgb) -> None:
+    with pytest.raises(image_io.BadImage, match="exceeds") as err:
+        image_io.raw_to_rgb(_msg(rgb, "rgb8"), image_io.ImageLimits(max_pixels=29))
+    assert err.value.cause == "too_large"
+    assert image_io.raw_to_rgb(_msg(rgb, "rgb8"), image_io.ImageLimits(max_pixels=30)).shape == (6, 5, 3)
+
+
+def test_compressed_roundtrip_and_corrupt_data(rgb) -> None:
+    import cv2
+
+    ok, png = cv2.imencode(".png", rgb[:, :, ::-1])
+    assert ok
+    assert np.array_equal(image_io.compressed_to_rgb(CompressedImage(format="png", data=png.tobytes())), rgb)
+    for data in (b"", b"\x89PNG garbage"):
+        with pytest.raises(image_io.BadImage) as err:
+            image_io.compressed_to_rgb(CompressedImage(format="png", data=data))
+        assert err.value.cause == "corrupt"
+
+
+def test_rgb_fields_roundtrip(rgb) -> None:
+    msg = Image(**image_io.rgb_fields(rgb))
+    assert (msg.encoding, msg.step) == ("rgb8", 15)
+    assert np.array_equal(image_io.raw_to_rgb(msg), rgb)
+    mono = Image(**image_io.rgb_fields(overlay.mask_image(np.eye(4))))
+    assert mono.encoding == "mono8" and list(mono.data[:5]) == [255, 0, 0, 0, 0]
+
+
+def test_overlay_keeps_kept_patches_and_grays_pruned(rgb) -> None:
+    img = np.full((8, 8, 3), (200, 10, 10), np.uint8)
+    mask = np.array([[1, 0], [0, 0]])
+    out = overlay.overlay(img, mask)
+    assert np.array_equal(out[:4, :4], img[:4, :4])
+    pruned = out[4:, 4:]
+    assert (pruned[..., 0] == pruned[..., 1]).all() and not np.array_equal(pruned, img[4:, 4:])
+    assert overlay.upsample_mask(mask, 3, 5).shape == (3, 5)
+
+
+def test_parameter_checks_name_the_problem() -> None:
+    assert params.check("atp.alpha", 0.3) is None
+    assert "atp.alpha" in params.check("atp.alpha", 2.0)
+    assert "keep_ratio" in params.check("atp.keep_ratio", 0.0)
+    assert params.check("atp.keep_ratio", 1.0) is None
+    assert "one of" in params.check("atp.intra_signal", "nope")
+    assert "integer" in params.check("atp.keep_tokens", 1.5)
+    assert "bool" in params.check("atp.enabled", 1)
+    assert params.check("use_sim_time", True) is None
+    defaults = {p.name: p.default for p in params.PARAMS}
+    assert all(params.check(name, value) is None for name, value in defaults.items())
+    cfg = params.atp_config(defaults)
+    assert (cfg.alpha, cfg.keep_ratio, cfg.enabled) == (0.5, 0.25, True)
+
+
+def test_latency_window_and_counters() -> None:
+    window = LatencyWindow(size=10)
+    for v in range(100):
+        window.add({"vision": float(v)})
+    p50, p95, count = window.summary()["vision"]
+    assert count == 10 and 94 <= p50 <= 95 and p95 > p50
+    counters = Counters()
+    counters.inc("a")
+    counters.inc("a", 2)
+    assert counters.get("a") == 3 and counters.snapshot() == {"a": 3}
