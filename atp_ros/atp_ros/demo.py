@@ -26,7 +26,6 @@ from ament_index_python.packages import get_package_prefix
 from rclpy.executors import SingleThreadedExecutor
 from rclpy.qos import DurabilityPolicy, QoSProfile, ReliabilityPolicy, qos_profile_sensor_data
 from rich.console import Console
-from rich.table import Table
 from sensor_msgs.msg import Image
 from std_msgs.msg import String
 
@@ -92,9 +91,6 @@ def main(argv: list[str] | None = None) -> int:
                 console.print("[red]the node did not start[/]")
                 return 1
             executor.spin_once(timeout_sec=0.1)
-        table = Table(title="atp_vlm answers over DDS")
-        for col in ("frame", "question", "answer", "kept/total", "inference ms", "latency ms"):
-            table.add_column(col)
         shown = 0
         period = 1.0 / args.rate
         for i in range(args.frames):
@@ -113,13 +109,10 @@ def main(argv: list[str] | None = None) -> int:
                     f"{a.query!r} -> {a.answer!r}  kept {a.visual_tokens_kept}/{a.visual_tokens_total}  "
                     f"inference {a.inference_ms:.0f} ms  latency {a.latency_ms:.0f} ms"
                 )
-                table.add_row(str(shown), a.query, a.answer[:40], f"{a.visual_tokens_kept}/{a.visual_tokens_total}",
-                              f"{a.inference_ms:.0f}", f"{a.latency_ms:.0f}")
                 shown += 1
         end = time.monotonic() + 3
         while time.monotonic() < end and len(answers) == shown:
             executor.spin_once(timeout_sec=0.05)
-        console.print(table)
         if not answers:
             console.print("[red]no answers arrived[/]")
             return 1

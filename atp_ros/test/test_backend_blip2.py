@@ -29,7 +29,7 @@ def ckpt(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def backend(ckpt) -> Blip2Backend:
-    return load_backend(str(ckpt))
+    return load_backend(str(ckpt), device="cpu")
 
 
 @pytest.fixture(scope="module")
@@ -185,14 +185,14 @@ def test_selectors_and_intra_signals(backend, images):
 def test_missing_text_tower_notes_and_cls_only(ckpt, images, tmp_path_factory):
     bare = tmp_path_factory.mktemp("blip2_bare") / "tiny"
     shutil.copytree(ckpt, bare, ignore=shutil.ignore_patterns(TEXT_TOWER_SUBDIR))
-    backend = load_backend(str(bare))
+    backend = load_backend(str(bare), device="cpu")
     assert not backend.has_text_tower
     result = backend.answer(images, QUESTIONS, AtpConfig(alpha=0.5, keep_tokens=8), max_new_tokens=2)
     assert result.alpha_used == 0.0
     assert len(result.notes) == 1 and "CLS-only" in result.notes[0]
     assert result.selection.s_inter is None and result.visual_tokens_kept == [8] * 3
     # An explicit text tower overrides the (missing) bundled one.
-    with_tower = load_backend(str(bare), text_encoder_id=str(ckpt / TEXT_TOWER_SUBDIR))
+    with_tower = load_backend(str(bare), text_encoder_id=str(ckpt / TEXT_TOWER_SUBDIR), device="cpu")
     assert with_tower.has_text_tower
     assert with_tower.answer(images, QUESTIONS, AtpConfig(keep_tokens=8), max_new_tokens=1).notes == []
 
@@ -224,3 +224,16 @@ def test_bad_inputs_raise_model_load_error(tmp_path, ckpt):
         load_backend(str(no_weights))
     with pytest.raises(ModelLoadError, match="text tower"):
         load_backend(str(ckpt), text_encoder_id=str(tmp_path / "no_tower_here"))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_auto_dtype_exact(ckpt, images):
+    backend = load_backend(str(ckpt))  # auto: CUDA, bf16 (or fp16)
+    assert backend.device.type == "cuda" and backend.dtype in (torch.bfloat16, torch.float16)
+    assert backend.model.qformer.layernorm.weight.dtype == torch.float32  # BLIP-2 keeps the Q-Former in fp32
+    reference = backend.reference_generate(images, QUESTIONS, max_new_tokens=MAX_NEW)
+    disabled = backend.answer(images, QUESTIONS, AtpConfig(enabled=False), max_new_tokens=MAX_NEW)
+    assert disabled.generated_ids == reference
+    result = backend.answer(images, QUESTIONS, AtpConfig(mass=0.5), max_new_tokens=MAX_NEW)
+    assert all(int(result.keep_mask(b).sum()) == k for b, k in enumerate(result.visual_tokens_kept))
+    assert result.timings.prefill > 0 and result.timings.decode > 0

@@ -28,8 +28,9 @@ def ckpts(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         "siglip": save_tiny_llava(root / "siglip", tower="siglip"),
         "clip_no_tower": save_tiny_llava(root / "clip_no_tower", tower="clip", with_text_tower=False),
         # CLIP tower that feeds its CLS token too (strategy "full", last layer).
-        "clip_full": save_tiny_llava(root / "clip_full", tower="clip", vision_feature_layer=-1,
-                                     vision_feature_select_strategy="full"),
+        "clip_full": save_tiny_llava(
+            root / "clip_full", tower="clip", vision_feature_layer=-1, vision_feature_select_strategy="full"
+        ),
     }
 
 
@@ -138,8 +139,9 @@ def test_per_sample_budget_left_pads(backends: dict, images: list) -> None:
     assert calls[0]["inputs_embeds"].shape[1] == max(lengths)
     # Each sample alone gives the same tokens as inside the padded batch.
     for b in range(2):
-        alone = be.answer(images[b : b + 1], QUESTIONS[b : b + 1], AtpConfig(mass=0.4, alpha=0.5),
-                          max_new_tokens=MAX_NEW)
+        alone = be.answer(
+            images[b : b + 1], QUESTIONS[b : b + 1], AtpConfig(mass=0.4, alpha=0.5), max_new_tokens=MAX_NEW
+        )
         assert alone.visual_tokens_kept == [kept[b]]
         assert alone.generated_ids[0] == res.generated_ids[b]
 
@@ -243,8 +245,7 @@ def test_text_embedding_cache_hits_on_repeated_question(backends: dict, images: 
 @pytest.mark.parametrize("tower", ["clip", "siglip"])
 def test_received_signal(backends: dict, images: list, tower: str) -> None:
     be = backends[tower]
-    res = be.answer(images, QUESTIONS, AtpConfig(intra_signal="received", alpha=0.0, keep_tokens=8),
-                    max_new_tokens=2)
+    res = be.answer(images, QUESTIONS, AtpConfig(intra_signal="received", alpha=0.0, keep_tokens=8), max_new_tokens=2)
     assert res.selection.extras["intra_signal"] == "received"
     s = res.selection.s_intra
     assert s.shape == (2, N) and torch.all(s > 0)

@@ -20,9 +20,10 @@ Joint space: BLIP-2's ViT-g is EVA01-CLIP-g/14's visual tower with its last (40t
 removed; the Q-Former reads block 39's output through BLIP-2's own ``ln_vision``
 (HF ``post_layernorm``). For S_inter the *pre*-``ln_vision`` output of the last BLIP-2
 block (= EVA block 39) goes through EVA-CLIP's visual final norm and projection
-(open_clip ``EVA01-g-14``: ``trunk.norm`` -> ``trunk.head``), skipping EVA's block 40 --
-an approximation, documented here and in the result notes of nothing else; it costs no
-extra ViT block. The text side is that open_clip model's text tower.
+(open_clip ``EVA01-g-14``: ``trunk.norm`` -> ``trunk.head``), skipping EVA's block 40.
+That is an approximation of EVA-CLIP's own patch read-out, chosen because it needs no extra
+ViT block per frame; only S_inter uses it, the Q-Former path is the stock one. The text
+side is that open_clip model's text tower (:mod:`atp_ros.backends.openclip_tower`).
 """
 
 from __future__ import annotations

@@ -44,7 +44,6 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,7 +52,7 @@ import numpy as np
 import torch
 from PIL import Image
 from torch import Tensor, nn
-from transformers import AutoProcessor, LlavaForConditionalGeneration, LogitsProcessor, LogitsProcessorList
+from transformers import AutoProcessor, LlavaForConditionalGeneration
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from atp_ros.atp import (
@@ -69,19 +68,25 @@ from atp_ros.atp import (
 from atp_ros.backends import ModelLoadError
 from atp_ros.backends.base import (
     INTRA_SIGNALS,
+    TEXT_TOWER_SUBDIR,
     AtpConfig,
     Stopwatch,
     VlmBackend,
     VlmResult,
     decoder_prefill_flops,
+    find_text_tower,
+    generate_timed,
+    lm_dims,
+    questions_for,
+    record_outputs,
     resolve_device,
     resolve_dtype,
+    trim_after_eos,
 )
 from atp_ros.backends.text_towers import JointSpace, head_probe_attention, load_joint_space
 
 logger = logging.getLogger(__name__)
 
-TEXT_TOWER_SUBDIR = "atp_text_tower"
 # Hub VLM id -> the contrastive checkpoint its vision tower was taken from.
 KNOWN_TEXT_TOWERS: dict[str, str] = {
     "llava-hf/llava-1.5-7b-hf": "openai/clip-vit-large-patch14-336",
@@ -100,21 +105,6 @@ class _VisionOut:
     last: Tensor  # (B, L, D) raw last-layer states (CLS first on CLIP), for S_inter / the SigLIP probe
     q: Tensor | None  # (B, L, D) score layer q_proj output (captured by hook)
     k: Tensor | None  # (B, L, D) score layer k_proj output
-
-
-class _FirstStepClock(LogitsProcessor):
-    """Stamps the time of the first logits call: the prefill forward has just finished."""
-
-    def __init__(self, device: torch.device) -> None:
-        self.device = device
-        self.first: float | None = None
-
-    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        if self.first is None:
-            if self.device.type == "cuda":
-                torch.cuda.synchronize(self.device)
-            self.first = time.perf_counter()
-        return scores
 
 
 class LlavaBackend(VlmBackend):
@@ -226,15 +216,28 @@ class LlavaBackend(VlmBackend):
             )
         joint, tower_id, notes = cls._load_text_tower(model_id, text_encoder_id, model, kind, dev, dt)
         try:
-            return cls(model, processor, model_id, dev, dt, joint=joint, text_tower_id=tower_id, load_notes=notes,
-                       score_layer=score_layer)
+            return cls(
+                model,
+                processor,
+                model_id,
+                dev,
+                dt,
+                joint=joint,
+                text_tower_id=tower_id,
+                load_notes=notes,
+                score_layer=score_layer,
+            )
         except ValueError as err:
             raise ModelLoadError(f"{model_id}: {err}") from err
 
     @staticmethod
     def _load_text_tower(
-        model_id: str, text_encoder_id: str, model: LlavaForConditionalGeneration, kind: str,
-        device: torch.device, dtype: torch.dtype,
+        model_id: str,
+        text_encoder_id: str,
+        model: LlavaForConditionalGeneration,
+        kind: str,
+        device: torch.device,
+        dtype: torch.dtype,
     ) -> tuple[JointSpace | None, str, list[str]]:
         """(joint space or None, its id, notes). An explicit ``text_encoder_id`` must load; others may not."""
         vision_hidden = int(model.config.vision_config.hidden_size)
@@ -246,28 +249,26 @@ class LlavaBackend(VlmBackend):
                     f"{kind} vision tower of width {vision_hidden}"
                 )
 
-        if text_encoder_id:
+        source, how = find_text_tower(model_id, text_encoder_id, derived=_known_text_tower(model_id))
+        if how == "explicit":
             try:
-                joint = load_joint_space(text_encoder_id, device, dtype)
-                check(joint, text_encoder_id)
+                joint = load_joint_space(source, device, dtype)
+                check(joint, source)
             except Exception as err:
-                raise ModelLoadError(f"{text_encoder_id} (text tower for {model_id}): {type(err).__name__}: {err}") \
-                    from err
-            return joint, text_encoder_id, []
-        local = Path(model_id) / TEXT_TOWER_SUBDIR
-        candidate = str(local) if local.is_dir() else _known_text_tower(model_id)
+                raise ModelLoadError(f"{source} (text tower for {model_id}): {type(err).__name__}: {err}") from err
+            return joint, source, []
         no_tower = f"no text tower for {model_id}: running CLS-only, alpha=0"
-        if not candidate:
+        if how == "none":
             logger.warning(no_tower)
             return None, "", [no_tower]
         try:
-            joint = load_joint_space(candidate, device, dtype)
-            check(joint, candidate)
+            joint = load_joint_space(source, device, dtype)
+            check(joint, source)
         except Exception as err:  # not cached offline, wrong kind, ...: fall back, loudly
-            note = f"{no_tower} (could not load {candidate}: {type(err).__name__}: {err})"
+            note = f"{no_tower} (could not load {source}: {type(err).__name__}: {err})"
             logger.warning(note)
             return None, "", [note]
-        return joint, candidate, []
+        return joint, source, []
 
     def _default_score_layer(self, feature_layer: int) -> int:
         """Encoder layer whose output is ``hidden_states[feature_layer]`` (index 0 = embeddings -> layer 0)."""
@@ -320,7 +321,7 @@ class LlavaBackend(VlmBackend):
     def reference_generate(
         self, images: Sequence[np.ndarray], questions: Sequence[str] | str, max_new_tokens: int = 32
     ) -> list[list[int]]:
-        """Stock ``model.generate(**processor(...), do_sample=False)``: new token ids per image, cut at EOS."""
+        """Stock ``model.generate(**processor(...), do_sample=False)``: new ids per image up to and including EOS."""
         qs = self._questions(images, questions)
         with self._lock, torch.inference_mode():
             inputs = self._preprocess(images, qs)
@@ -330,11 +331,7 @@ class LlavaBackend(VlmBackend):
     # ------------------------------------------------------------------ stages
 
     def _questions(self, images: Sequence[np.ndarray], questions: Sequence[str] | str) -> list[str]:
-        if len(images) == 0:
-            raise ValueError("no images given")
-        qs = [questions] * len(images) if isinstance(questions, str) else list(questions)
-        if len(qs) != len(images):
-            raise ValueError(f"{len(images)} images but {len(qs)} questions")
+        qs = questions_for(images, questions)
         # A literal image token in a question would add placeholders the tower never fills.
         image_token = self.processor.image_token
         return [q.replace(image_token, " ").strip() for q in qs]
@@ -361,24 +358,15 @@ class LlavaBackend(VlmBackend):
 
     def _encode(self, pixel_values: Tensor, capture_qk: bool) -> _VisionOut:
         """One tower forward (the model's own SDPA); hooks keep the score layer's q/k projections."""
-        captured: dict[str, Tensor] = {}
-        hooks = []
-        if capture_qk:
-            for name in ("q_proj", "k_proj"):
-                module = getattr(self._attn, name)
-                hooks.append(module.register_forward_hook(
-                    lambda _m, _inp, out, name=name: captured.__setitem__(name, out)))  # (B, L, D)
         layers = [self.feature_layer] if isinstance(self.feature_layer, int) else list(self.feature_layer)
-        try:
+        hooked = {"q": self._attn.q_proj, "k": self._attn.k_proj} if capture_qk else {}
+        with record_outputs(hooked) as captured:  # (B, L, D) each; the tower's SDPA forward is untouched
             out = self.tower(pixel_values, output_hidden_states=[*layers, -1], return_dict=True)
-        finally:
-            for hook in hooks:
-                hook.remove()
         hs = out.hidden_states
         # Exactly LlavaModel.get_image_features' selection, so K = N reproduces stock features.
         pool = [hs[i][:, 1:] if self.select_strategy == "default" else hs[i] for i in layers]
         features = pool[0] if len(pool) == 1 else torch.cat(pool, dim=-1)  # (B, N_feat, D_feat)
-        return _VisionOut(features=features, last=hs[-1], q=captured.get("q_proj"), k=captured.get("k_proj"))
+        return _VisionOut(features=features, last=hs[-1], q=captured.get("q"), k=captured.get("k"))
 
     def _heads(self, x: Tensor) -> Tensor:
         b, length, _ = x.shape
@@ -403,8 +391,9 @@ class LlavaBackend(VlmBackend):
     def _text_embeddings(self, questions: list[str]) -> Tensor:
         return torch.stack([self.text_cache.get(q) for q in questions])  # (B, E)
 
-    def _select(self, vis: _VisionOut, questions: list[str], atp: AtpConfig, notes: list[str]) -> tuple[Selection,
-                                                                                                        float]:
+    def _select(
+        self, vis: _VisionOut, questions: list[str], atp: AtpConfig, notes: list[str]
+    ) -> tuple[Selection, float]:
         patches = vis.features[:, self.cls_fed :]  # (B, N, D_feat)
         n = self.num_visual_tokens
         if not atp.enabled:
@@ -449,8 +438,9 @@ class LlavaBackend(VlmBackend):
             row = input_ids[b][attention_mask[b].bool()]  # unpadded prompt
             where = (row == self.image_token_id).nonzero().flatten()
             if len(where) != self.num_feature_tokens or int(where[-1] - where[0]) + 1 != len(where):
-                raise RuntimeError(f"sample {b}: expected one run of {self.num_feature_tokens} image tokens, "
-                                   f"found {len(where)}")
+                raise RuntimeError(
+                    f"sample {b}: expected one run of {self.num_feature_tokens} image tokens, found {len(where)}"
+                )
             start, end = int(where[0]), int(where[-1]) + 1
             rows.append(torch.cat([row[:start], row.new_full((kept[b],), self.image_token_id), row[end:]]))
             text_tokens.append(len(row) - len(where))
@@ -468,38 +458,21 @@ class LlavaBackend(VlmBackend):
     def _generate(
         self, ids: Tensor, mask: Tensor, positions: Tensor, feats: list[Tensor], max_new_tokens: int, sw: Stopwatch
     ) -> list[list[int]]:
-        clock = _FirstStepClock(self.device)
-        self._sync()
-        start = time.perf_counter()
-        out = self.model.generate(
+        out = generate_timed(
+            self.model.generate,
+            sw,
             input_ids=ids,
             attention_mask=mask,
             position_ids=positions,
             mm_encoder_outputs={"image": BaseModelOutputWithPooling(pooler_output=feats)},
             do_sample=False,
             max_new_tokens=max_new_tokens,
-            logits_processor=LogitsProcessorList([clock]),
         )
-        self._sync()
-        end = time.perf_counter()
-        first = clock.first if clock.first is not None else end
-        sw.timings.prefill += (first - start) * 1e3
-        sw.timings.decode += (end - first) * 1e3
         return self._trim(out[:, ids.shape[1] :])
 
-    def _sync(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-
     def _trim(self, new_tokens: Tensor) -> list[list[int]]:
-        """New ids per sample up to (excluding) the first EOS; drops generate's post-EOS padding."""
-        eos = self.model.generation_config.eos_token_id
-        eos_ids = set(eos if isinstance(eos, list) else [] if eos is None else [eos])
-        result = []
-        for row in new_tokens.tolist():
-            cut = next((i for i, t in enumerate(row) if t in eos_ids), len(row))
-            result.append(row[:cut])
-        return result
+        """New ids per sample up to and including the first EOS (drops generate's post-EOS padding)."""
+        return trim_after_eos(new_tokens, self.model.generation_config.eos_token_id)
 
     # ------------------------------------------------------------------ accounting
 
@@ -508,17 +481,17 @@ class LlavaBackend(VlmBackend):
         v = self.model.config.vision_config
         tokens = self.num_visual_tokens + int(self.has_cls)
         patch_embed = 2.0 * self.num_visual_tokens * v.num_channels * v.patch_size**2 * v.hidden_size
-        layers = decoder_prefill_flops(tokens, v.num_hidden_layers, v.hidden_size, v.intermediate_size,
-                                       v.num_attention_heads, gated_mlp=False)
+        layers = decoder_prefill_flops(
+            tokens, v.num_hidden_layers, v.hidden_size, v.intermediate_size, v.num_attention_heads, gated_mlp=False
+        )
         return patch_embed + layers
 
     def _flops(self, text_tokens: list[int], kept: list[int]) -> dict[str, float]:
         """Per-image FLOPs, averaged over the batch (rows differ only with per-sample budgets)."""
-        t = self.model.config.text_config
+        dims = lm_dims(self.model.config.text_config)
 
         def prefill(seq: int) -> float:
-            return decoder_prefill_flops(seq, t.num_hidden_layers, t.hidden_size, t.intermediate_size,
-                                         t.num_attention_heads, getattr(t, "num_key_value_heads", None))
+            return decoder_prefill_flops(seq, **dims)
 
         lin1: nn.Linear = self.projector.linear_1
         lin2: nn.Linear = self.projector.linear_2

@@ -55,8 +55,9 @@ class JointSpace(abc.ABC):
 
     kind: str = ""
 
-    def __init__(self, model_id: str, tokenizer, device: torch.device, dtype: torch.dtype, vision_hidden: int,
-                 embed_dim: int) -> None:
+    def __init__(
+        self, model_id: str, tokenizer, device: torch.device, dtype: torch.dtype, vision_hidden: int, embed_dim: int
+    ) -> None:
         self.model_id = model_id
         self.tokenizer = tokenizer
         self.device = device
@@ -70,7 +71,7 @@ class JointSpace(abc.ABC):
 
     @abc.abstractmethod
     def patches_to_joint(self, states: Tensor) -> Tensor:
-        """Raw last-layer patch states ``(B, N, D)`` -> joint-space embeddings ``(B, N, E)``."""
+        """Raw last-layer patch states ``(B, N, D)`` -> float32 joint-space embeddings ``(B, N, E)``."""
 
     def probe_attention(self, states: Tensor) -> Tensor | None:
         """A pooled query's head-averaged attention over patches ``(B, N)``; None if the model has none."""
@@ -133,7 +134,7 @@ class ClipJointSpace(JointSpace):
     @torch.inference_mode()
     def patches_to_joint(self, states: Tensor) -> Tensor:
         x = self._check_states(states)  # (B, N, D)
-        return self.visual_projection(self.post_layernorm(x))  # (B, N, E)
+        return self.visual_projection(self.post_layernorm(x)).float()  # (B, N, E)
 
 
 class SiglipJointSpace(JointSpace):
@@ -146,8 +147,9 @@ class SiglipJointSpace(JointSpace):
         vision = model.vision_model
         if not getattr(vision, "use_head", False):
             raise ValueError(f"{model_id}: SigLIP checkpoint has no attention-pooling head (vision_use_head=False)")
-        super().__init__(model_id, tokenizer, device, dtype, cfg.vision_config.hidden_size,
-                         cfg.text_config.projection_size)
+        super().__init__(
+            model_id, tokenizer, device, dtype, cfg.vision_config.hidden_size, cfg.text_config.projection_size
+        )
         if self.embed_dim != self.vision_hidden:
             raise ValueError(f"{model_id}: text projection {self.embed_dim} != vision width {self.vision_hidden}")
         self.text_model = model.text_model.to(device, dtype).eval()
@@ -168,7 +170,7 @@ class SiglipJointSpace(JointSpace):
     @torch.inference_mode()
     def patches_to_joint(self, states: Tensor) -> Tensor:
         x = self.post_layernorm(self._check_states(states))  # (B, N, D)
-        return head_value_readout(self.head, x)  # (B, N, E)
+        return head_value_readout(self.head, x).float()  # (B, N, E)
 
     @torch.inference_mode()
     def probe_attention(self, states: Tensor) -> Tensor:

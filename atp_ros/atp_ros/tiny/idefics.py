@@ -126,8 +126,7 @@ def _save_clip_tower(path: Path, vision: dict, vlm: IdeficsForVisionText2Text) -
     }
     model = CLIPModel(CLIPConfig(text_config=text, vision_config=vis, projection_dim=16)).eval()
     # IdeficsVisionTransformer uses CLIP's parameter names: copy it so the patch states match.
-    state = {k: v.reshape(model.vision_model.state_dict()[k].shape) for k, v in vlm.model.vision_model.state_dict().items()}
-    missing, unexpected = model.vision_model.load_state_dict(state, strict=False)
+    missing, unexpected = model.vision_model.load_state_dict(vlm.model.vision_model.state_dict(), strict=False)
     if missing or unexpected:
         raise RuntimeError(f"vision tower copy mismatch: missing={missing} unexpected={unexpected}")
     model.save_pretrained(path, safe_serialization=True)

@@ -39,9 +39,9 @@ from transformers import (
     SiglipModel,
 )
 
+from atp_ros.backends.base import TEXT_TOWER_SUBDIR
 from atp_ros.tiny.tokenizer import make_tiny_tokenizer
 
-TEXT_TOWER_SUBDIR = "atp_text_tower"
 IMAGE_TOKEN = "<image>"
 
 # llava-1.5-hf's template, reduced to what the tiny models need: images first, then text.
