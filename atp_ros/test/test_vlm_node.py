@@ -305,3 +305,56 @@ def test_unloadable_model_exits_nonzero_with_one_line(tmp_path) -> None:
     assert result.returncode == 1
     lines = [line for line in (result.stdout + result.stderr).splitlines() if line.strip()]
     assert len(lines) == 1 and str(missing) in lines[0] and "config.json" in lines[0], lines
+
+
+def test_failing_model_step_is_reported_and_the_next_frame_answered(tiny_llava, ros_ctx) -> None:
+    """A model step that raises (CUDA out of memory on a GPU box) skips the frame, not the node.
+
+    CUDA OOM cannot happen on a CPU machine, so the node runs in this process and its real
+    backend is wrapped to raise ``torch.OutOfMemoryError`` on the first call only.
+    """
+    import threading
+
+    import torch
+    from rclpy.executors import MultiThreadedExecutor
+    from rclpy.parameter import Parameter
+
+    from atp_ros.vlm_node import VlmNode
+
+    ns = new_namespace()
+    node = VlmNode(context=ros_ctx, namespace=ns, parameter_overrides=[
+        Parameter("model_id", value=str(tiny_llava)), Parameter("max_new_tokens", value=2)])
+    real_answer = node.backend.answer
+    calls = []
+
+    def flaky_answer(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real_answer(*args, **kwargs)
+
+    node.backend.answer = flaky_answer
+    executor = MultiThreadedExecutor(num_threads=3, context=ros_ctx)
+    executor.add_node(node)
+    spin = threading.Thread(target=executor.spin, daemon=True)
+    spin.start()
+    probe = Probe(ros_ctx, ns)
+    try:
+        probe.pub_query.publish(String(data="is the aisle clear?"))
+        probe.wait_for(lambda: node._query is not None, 10, "query received")
+        doomed = frame(70, 11_000_000_000)
+        probe.wait_for(lambda: node.count_subscribers(f"{ns}/image") > 0, 5, "subscription")
+        while not calls:
+            probe.pub_image.publish(doomed)
+            time.sleep(0.1)
+        answer = publish_until_answer(probe, frame(71, 11_100_000_000))
+        assert answer.answer is not None and len(calls) >= 2
+        probe.wait_for(lambda: "errors.model" in probe.status_values(), 5, "model error in diagnostics")
+        values = probe.status_values()
+        assert values["_level"] == "2" and "out of memory" in values["_message"]  # ERROR
+        assert stamp_ns(doomed.header) not in {stamp_ns(a.header) for a in probe.snapshot(probe.answers)}
+    finally:
+        node.stop()
+        executor.shutdown()
+        node.destroy_node()
+        probe.close()
