@@ -391,8 +391,8 @@ def _release_cuda_cache() -> None:
         torch.cuda.empty_cache()
 
 
-def main(args: list[str] | None = None) -> int:
-    """Entry point of ``vlm_node``: exit code 1 with one line when the model cannot be loaded."""
+def run(args: list[str] | None = None) -> int:
+    """Init, spin until Ctrl-C or shutdown, clean up; 1 with one line when the model cannot be loaded."""
     rclpy.init(args=args)
     node = None
     try:
@@ -414,5 +414,18 @@ def main(args: list[str] | None = None) -> int:
     return 0
 
 
+def main(args: list[str] | None = None) -> None:
+    """Entry point of ``vlm_node``.
+
+    Everything the node owns is closed by :func:`run`; the interpreter's own teardown of
+    torch + transformers modules then takes about 2 s, which would break "Ctrl-C stops
+    within 2 s", so the process leaves right after flushing its output.
+    """
+    code = run(args)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

@@ -16,6 +16,7 @@ pytest.importorskip("open_clip")
 
 from atp_ros.backends import AtpConfig, ModelLoadError, load_backend
 from atp_ros.backends.blip2 import Blip2Backend
+from atp_ros.backends.openclip_tower import load_openclip_joint_space, save_openclip_tower
 from atp_ros.tiny.blip2 import TEXT_TOWER_SUBDIR, save_tiny_blip2
 
 MAX_NEW = 5
@@ -208,6 +209,33 @@ def test_text_tower_matches_open_clip(backend, ckpt):
         states = torch.randn(2, 5, 32)
         expected = model.visual.ln_post(states) @ model.visual.proj  # open_clip's own per-token head
         torch.testing.assert_close(backend.joint.patches_to_joint(states), expected)
+
+
+def test_openclip_timm_eva_head_matches_encode_image(tmp_path):
+    """The real BLIP-2 tower (EVA01-g-14) is a timm EVA trunk: its per-token head must match open_clip."""
+    import open_clip
+
+    cfg = {
+        "embed_dim": 16,
+        "vision_cfg": {"image_size": 224, "timm_model_name": "eva02_tiny_patch14_224", "timm_model_pretrained": False,
+                       "timm_pool": "token", "timm_proj": None},  # EVA01-g-14's vision_cfg, tiny trunk
+        "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
+        "custom_text": True,
+    }
+    torch.manual_seed(0)
+    model = open_clip.model.CustomTextCLIP(**{k: v for k, v in cfg.items() if k != "custom_text"}).eval()
+    joint = load_openclip_joint_space(str(save_openclip_tower(model, cfg, tmp_path / "eva")))
+    states = {}
+
+    def keep(_module, _args, out) -> None:
+        states["last"] = out  # last block output, before the trunk's final norm
+
+    handle = model.visual.trunk.blocks[-1].register_forward_hook(keep)
+    with torch.no_grad():
+        pooled = model.encode_image(torch.randn(2, 3, 224, 224))
+    handle.remove()
+    assert joint.vision_hidden == 192 and joint.embed_dim == 16
+    torch.testing.assert_close(joint.patches_to_joint(states["last"])[:, 0], pooled, atol=1e-5, rtol=1e-5)
 
 
 def test_bad_inputs_raise_model_load_error(tmp_path, ckpt):
