@@ -11,9 +11,10 @@ What is timed (median of many repeats after a warm-up, ``torch.inference_mode``)
   (H=16 heads, D=64, L=N+1 keys with the CLS token).
 
 N in {196, 576, 729, 2304} (ViT-B/16 224 px, ViT-L/14 336 px, SigLIP 384 px, 672 px
-tiles), B=1 and B=8 (per frame: the B=8 column is for the whole batch). The target is
+tiles), B=1 and B=8 (a B=8 time is for the whole batch of 8 frames). The target is
 scoring + selection under 1 ms for one frame at N=576. Writes ``out/bench/atp_core.json``
-and ``out/bench/atp_core.png``.
+and ``out/bench/atp_core.png``. On a CPU shared with other work, ``--threads 1`` gives
+the steadiest numbers: these ops are too small to gain from intra-op threads.
 
     PYTHONPATH=atp_ros python bench/bench_atp.py [--quick] [--threads T] [--out DIR]
 """

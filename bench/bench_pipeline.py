@@ -4,8 +4,9 @@ A random LLaVA with real proportions of the *token counts* (336 px / patch 14 ->
 tokens, LLaVA-1.5's) but small widths so it runs on a CPU: the ratios between keep ratios are
 what matter, not the absolute milliseconds. For each keep ratio it reports per-stage medians,
 the speed-up of the LLM prefill and of the whole frame against keep-all, the prefill FLOPs
-ratio next to the linear ideal (K + text) / (N + text) (FLOPs fall faster: attention is quadratic), and the share of the ATP step (scoring +
-selection) in the frame. Writes ``out/bench/pipeline.json`` and ``out/bench/pipeline.png``.
+ratio next to the linear ideal (K + text) / (N + text) (FLOPs fall faster: attention is
+quadratic), and the share of the ATP step (scoring + selection) in the frame.
+Writes ``out/bench/pipeline.json`` and ``out/bench/pipeline.png``.
 On a CUDA machine it runs the same on the GPU as a second device.
 
     PYTHONPATH=atp_ros python bench/bench_pipeline.py [--quick] [--model DIR]
@@ -20,13 +21,12 @@ import tempfile
 from pathlib import Path
 
 import torch
-from rich.console import Console
-from rich.table import Table
-from tqdm import tqdm
-
 from atp_ros.backends import AtpConfig, load_backend
 from atp_ros.scenes import render_scene
 from atp_ros.tiny.llava import save_tiny_llava
+from rich.console import Console
+from rich.table import Table
+from tqdm import tqdm
 
 KEEP_RATIOS = (1.0, 0.5, 0.25, 0.1)
 STAGES = ("preprocess", "vision", "scoring", "projector", "prefill", "decode")
@@ -80,23 +80,47 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     repeats = 3 if args.quick else 10
     with tempfile.TemporaryDirectory() as tmp:
-        model_dir = Path(args.model) if args.model else save_tiny_llava(
-            Path(tmp) / "llava576", image_size=336, patch_size=14, vision_hidden=128, vision_layers=4,
-            text_hidden=512, text_layers=4,
+        model_dir = (
+            Path(args.model)
+            if args.model
+            else save_tiny_llava(
+                Path(tmp) / "llava576",
+                image_size=336,
+                patch_size=14,
+                vision_hidden=128,
+                vision_layers=4,
+                text_hidden=512,
+                text_layers=4,
+            )
         )
         devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
         rows = [row for dev in devices for row in bench_device(model_dir, dev, repeats, max_new_tokens=8)]
 
     table = Table(title=f"ATP-gated LLaVA per frame (median of {repeats}; {torch.get_num_threads()} threads)")
-    for col in ("device", "keep", "K/N", *[f"{s} ms" for s in STAGES], "frame ms", "prefill x", "frame x",
-                "prefill FLOPs", "linear ideal", "ATP share"):
+    for col in (
+        "device",
+        "keep",
+        "K/N",
+        *[f"{s} ms" for s in STAGES],
+        "frame ms",
+        "prefill x",
+        "frame x",
+        "prefill FLOPs",
+        "linear ideal",
+        "ATP share",
+    ):
         table.add_column(col, justify="right")
     for r in rows:
         table.add_row(
-            r["device"], f"{r['keep_ratio']:.2f}", f"{r['kept']}/{r['total']}",
-            *[f"{r['stage_ms'][s]:.1f}" for s in STAGES], f"{r['frame_ms']:.1f}",
-            f"{r['prefill_speedup']:.2f}", f"{r['frame_speedup']:.2f}",
-            f"{r['prefill_flops_ratio']:.3f}", f"{r['ideal_prefill_ratio']:.3f}",
+            r["device"],
+            f"{r['keep_ratio']:.2f}",
+            f"{r['kept']}/{r['total']}",
+            *[f"{r['stage_ms'][s]:.1f}" for s in STAGES],
+            f"{r['frame_ms']:.1f}",
+            f"{r['prefill_speedup']:.2f}",
+            f"{r['frame_speedup']:.2f}",
+            f"{r['prefill_flops_ratio']:.3f}",
+            f"{r['ideal_prefill_ratio']:.3f}",
             f"{100 * r['atp_share']:.1f}% {'ok' if r['atp_share'] < 0.03 else '> 3%'}",
         )
     Console(width=220).print(table)

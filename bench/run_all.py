@@ -1,6 +1,6 @@
 """`make bench`: every benchmark in one go; tables on stdout, JSON + PNG in out/bench/.
 
-    python bench/run_all.py [--quick]
+python bench/run_all.py [--quick]
 """
 
 from __future__ import annotations

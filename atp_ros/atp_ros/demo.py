@@ -67,8 +67,18 @@ def main(argv: list[str] | None = None) -> int:
     env.setdefault("ROS_AUTOMATIC_DISCOVERY_RANGE", "LOCALHOST")
     os.environ.update({k: env[k] for k in ("ROS_DOMAIN_ID", "ROS_AUTOMATIC_DISCOVERY_RANGE")})
     exe = Path(get_package_prefix("atp_ros")) / "lib" / "atp_ros" / "vlm_node"
-    cmd = [str(exe), "--ros-args", "-r", "__ns:=/demo", "-p", f"model_id:={model}",
-           "-p", f"atp.keep_ratio:={args.keep_ratio}", "-p", "max_new_tokens:=8"]
+    cmd = [
+        str(exe),
+        "--ros-args",
+        "-r",
+        "__ns:=/demo",
+        "-p",
+        f"model_id:={model}",
+        "-p",
+        f"atp.keep_ratio:={args.keep_ratio}",
+        "-p",
+        "max_new_tokens:=8",
+    ]
     console.print(f"[bold]starting:[/] {' '.join(cmd)}")
     node_proc = subprocess.Popen(cmd, env=env)
 

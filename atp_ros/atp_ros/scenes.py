@@ -45,7 +45,7 @@ def render_scene(seed: int, height: int = 240, width: int = 320, max_objects: in
     img[horizon:] = (110, 105, 95)  # concrete floor
     # Shelving: uprights and beams.
     for x in range(0, width, max(width // 4, 1)):
-        img[: horizon, x : x + 4] = (60, 90, 160)
+        img[:horizon, x : x + 4] = (60, 90, 160)
     for y in range(horizon // 3, horizon, max(horizon // 3, 1)):
         img[y : y + 3, :] = (220, 120, 30)
     noise = rng.integers(-6, 7, size=img.shape, dtype=np.int16)

@@ -271,8 +271,9 @@ class VlmNode(Node):
                 self._problem(err.cause, DiagnosticStatus.WARN, f"frame skipped: {err}")
                 continue
             except Exception as err:  # a failing model step (CUDA OOM, ...) must not end the node
-                self._problem("model", DiagnosticStatus.ERROR, f"inference failed, frame skipped: "
-                              f"{type(err).__name__}: {err}")
+                self._problem(
+                    "model", DiagnosticStatus.ERROR, f"inference failed, frame skipped: {type(err).__name__}: {err}"
+                )
                 _release_cuda_cache()
                 continue
             try:
@@ -328,7 +329,9 @@ class VlmNode(Node):
         with self._state_lock:
             recent = {c: p for c, p in self._problems.items() if now - p[0] < RECENT_PROBLEM_S}
             query = self._query
-        status = DiagnosticStatus(name=f"{self.get_fully_qualified_name()}: vlm pipeline", hardware_id=str(self.backend.device))
+        status = DiagnosticStatus(
+            name=f"{self.get_fully_qualified_name()}: vlm pipeline", hardware_id=str(self.backend.device)
+        )
         if recent:
             worst = max(recent.values(), key=lambda p: p[1])
             status.level, status.message = worst[1], worst[2]

@@ -21,14 +21,24 @@ def generate_launch_description() -> LaunchDescription:
 
     return LaunchDescription(
         [
-            DeclareLaunchArgument("model_id", default_value="llava-hf/llava-1.5-7b-hf",
-                                  description="VLM checkpoint: hub id (cached) or local directory"),
-            DeclareLaunchArgument("params_file", default_value=default_params,
-                                  description="YAML file with the node's parameters"),
-            DeclareLaunchArgument("image_topic", default_value="/camera/image_raw",
-                                  description="camera topic remapped onto the node's 'image' input"),
-            DeclareLaunchArgument("query_topic", default_value="/atp_vlm/query",
-                                  description="std_msgs/String topic with the standing question"),
+            DeclareLaunchArgument(
+                "model_id",
+                default_value="llava-hf/llava-1.5-7b-hf",
+                description="VLM checkpoint: hub id (cached) or local directory",
+            ),
+            DeclareLaunchArgument(
+                "params_file", default_value=default_params, description="YAML file with the node's parameters"
+            ),
+            DeclareLaunchArgument(
+                "image_topic",
+                default_value="/camera/image_raw",
+                description="camera topic remapped onto the node's 'image' input",
+            ),
+            DeclareLaunchArgument(
+                "query_topic",
+                default_value="/atp_vlm/query",
+                description="std_msgs/String topic with the standing question",
+            ),
             DeclareLaunchArgument("namespace", default_value="", description="namespace of the node"),
             DeclareLaunchArgument("device", default_value="auto", description="auto | cpu | cuda | cuda:N"),
             Node(

@@ -79,8 +79,9 @@ class Probe:
     def __init__(self, context, namespace: str) -> None:
         self.ns = namespace
         self.node = rclpy.create_node("atp_probe", namespace=namespace, context=context)
-        standing = QoSProfile(depth=1, reliability=ReliabilityPolicy.RELIABLE,
-                              durability=DurabilityPolicy.TRANSIENT_LOCAL)
+        standing = QoSProfile(
+            depth=1, reliability=ReliabilityPolicy.RELIABLE, durability=DurabilityPolicy.TRANSIENT_LOCAL
+        )
         self.pub_image = self.node.create_publisher(Image, "image", qos_profile_sensor_data)
         self.pub_compressed = self.node.create_publisher(CompressedImage, "image/compressed", qos_profile_sensor_data)
         self.pub_query = self.node.create_publisher(String, "query", standing)
@@ -164,8 +165,9 @@ class Probe:
             for status in array.status:
                 if status.name.startswith(f"{self.ns}/atp_vlm:"):
                     return {kv.key: kv.value for kv in status.values} | {
-                        "_level": str(int.from_bytes(status.level, "little") if isinstance(status.level, bytes)
-                                      else status.level),
+                        "_level": str(
+                            int.from_bytes(status.level, "little") if isinstance(status.level, bytes) else status.level
+                        ),
                         "_message": status.message,
                     }
         return {}

@@ -217,8 +217,13 @@ def test_openclip_timm_eva_head_matches_encode_image(tmp_path):
 
     cfg = {
         "embed_dim": 16,
-        "vision_cfg": {"image_size": 224, "timm_model_name": "eva02_tiny_patch14_224", "timm_model_pretrained": False,
-                       "timm_pool": "token", "timm_proj": None},  # EVA01-g-14's vision_cfg, tiny trunk
+        "vision_cfg": {
+            "image_size": 224,
+            "timm_model_name": "eva02_tiny_patch14_224",
+            "timm_model_pretrained": False,
+            "timm_pool": "token",
+            "timm_proj": None,
+        },  # EVA01-g-14's vision_cfg, tiny trunk
         "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
         "custom_text": True,
     }

@@ -40,8 +40,7 @@ def running(tiny_llava, ros_ctx, tmp_path_factory):
     """One node process shared by the tests of this module (startup imports torch: seconds)."""
     ns = new_namespace()
     log = tmp_path_factory.mktemp("node") / "node.log"
-    proc = start_node(tiny_llava, ns, log, max_new_tokens=4, atp__keep_ratio=0.25,
-                      limits__max_image_pixels=200 * 200)
+    proc = start_node(tiny_llava, ns, log, max_new_tokens=4, atp__keep_ratio=0.25, limits__max_image_pixels=200 * 200)
     probe = Probe(ros_ctx, ns)
     try:
         probe.wait_ready(proc, log)
@@ -88,8 +87,11 @@ def test_end_to_end_answers_masks_overlays_diagnostics(running) -> None:
         assert sum(answer.keep_mask) == answer.visual_tokens_kept == math.ceil(0.25 * N_TOKENS)
         assert answer.inference_ms > 0 and answer.latency_ms >= answer.inference_ms
         assert abs(answer.alpha - 0.5) < 1e-6
-    probe.wait_for(lambda: len(probe.snapshot(probe.masks)) >= 3 and len(probe.snapshot(probe.overlays)) >= 3,
-                   15, "keep_mask and overlay images")
+    probe.wait_for(
+        lambda: len(probe.snapshot(probe.masks)) >= 3 and len(probe.snapshot(probe.overlays)) >= 3,
+        15,
+        "keep_mask and overlay images",
+    )
     by_stamp = {stamp_ns(a.header): a for a in answers}
     for mask in probe.snapshot(probe.masks):
         answer = by_stamp.get(stamp_ns(mask.header))
@@ -174,8 +176,14 @@ def test_bad_input_never_kills_the_node(running) -> None:
     assert answer.query == "is there a pallet?"
     probe.wait_for(lambda: "errors.query_too_long" in probe.status_values(), 5, "query errors in diagnostics")
     values = probe.status_values()
-    for key in ("errors.encoding", "errors.layout", "errors.size", "errors.too_large", "errors.query_empty",
-                "errors.query_too_long"):
+    for key in (
+        "errors.encoding",
+        "errors.layout",
+        "errors.size",
+        "errors.too_large",
+        "errors.query_empty",
+        "errors.query_too_long",
+    ):
         assert int(values[key]) >= 1, key
     text = log.read_text()
     assert "unsupported encoding '32FC7'" in text and "exceeds limits.max_image_pixels" in text
@@ -232,8 +240,9 @@ def test_flood_at_30hz_drops_frames_without_growing(running) -> None:
         # No backlog: the late answers are not slower than the early ones (generous for noisy CI).
         assert np.median(latencies[half:]) < 3 * np.median(latencies[:half]) + 100
         assert max(latencies) < 2000
-        probe.wait_for(lambda: int(probe.status_values().get("frames_dropped", 0)) > dropped_before + 50, 5,
-                       "drops counted")
+        probe.wait_for(
+            lambda: int(probe.status_values().get("frames_dropped", 0)) > dropped_before + 50, 5, "drops counted"
+        )
         rss_after = float(probe.status_values()["memory_rss_mb"])
         assert rss_after < rss_before + 150, (rss_before, rss_after)
     finally:
@@ -281,8 +290,9 @@ def test_no_query_no_inference_and_clean_ctrl_c(tiny_llava, ros_ctx, tmp_path) -
         for i in range(10):
             probe.pub_image.publish(frame(60, 10_000_000_000 + i))
             time.sleep(0.05)
-        probe.wait_for(lambda: int(probe.status_values().get("frames_skipped_no_query", 0)) > 0, 5,
-                       "skipped frames counted")
+        probe.wait_for(
+            lambda: int(probe.status_values().get("frames_skipped_no_query", 0)) > 0, 5, "skipped frames counted"
+        )
         assert probe.snapshot(probe.answers) == []
         assert probe.status_values()["_message"] == "waiting for a query"
     finally:
@@ -300,8 +310,12 @@ def test_unloadable_model_exits_nonzero_with_one_line(tmp_path) -> None:
 
     missing = tmp_path / "no_such_model"
     missing.mkdir()
-    result = subprocess.run([str(node_executable()), "--ros-args", "-p", f"model_id:={missing}"],
-                            capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [str(node_executable()), "--ros-args", "-p", f"model_id:={missing}"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 1
     lines = [line for line in (result.stdout + result.stderr).splitlines() if line.strip()]
     assert len(lines) == 1 and str(missing) in lines[0] and "config.json" in lines[0], lines
@@ -316,14 +330,16 @@ def test_failing_model_step_is_reported_and_the_next_frame_answered(tiny_llava, 
     import threading
 
     import torch
+    from atp_ros.vlm_node import VlmNode
     from rclpy.executors import MultiThreadedExecutor
     from rclpy.parameter import Parameter
 
-    from atp_ros.vlm_node import VlmNode
-
     ns = new_namespace()
-    node = VlmNode(context=ros_ctx, namespace=ns, parameter_overrides=[
-        Parameter("model_id", value=str(tiny_llava)), Parameter("max_new_tokens", value=2)])
+    node = VlmNode(
+        context=ros_ctx,
+        namespace=ns,
+        parameter_overrides=[Parameter("model_id", value=str(tiny_llava)), Parameter("max_new_tokens", value=2)],
+    )
     real_answer = node.backend.answer
     calls = []
 

@@ -39,9 +39,7 @@ def _model_type(model_id: str) -> str:
         raise ModelLoadError(f"{model_id}: cannot read its config ({type(err).__name__}: {err})") from err
 
 
-def load_backend(
-    model_id: str, text_encoder_id: str = "", device: str = "auto", dtype: str = "auto"
-) -> VlmBackend:
+def load_backend(model_id: str, text_encoder_id: str = "", device: str = "auto", dtype: str = "auto") -> VlmBackend:
     """Load the ATP-gated backend for ``model_id`` (hub id or local directory).
 
     Raises :class:`ModelLoadError` with one readable line on any failure.

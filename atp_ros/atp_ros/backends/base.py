@@ -152,15 +152,26 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
         if device.type == "cuda":
             return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
         return torch.float32
-    table = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
-             "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+    table = {
+        "float32": torch.float32,
+        "fp32": torch.float32,
+        "float16": torch.float16,
+        "fp16": torch.float16,
+        "bfloat16": torch.bfloat16,
+        "bf16": torch.bfloat16,
+    }
     if dtype not in table:
         raise ValueError(f"dtype must be one of auto, {', '.join(table)}; got {dtype!r}")
     return table[dtype]
 
 
 def decoder_prefill_flops(
-    seq_len: int, num_layers: int, hidden: int, intermediate: int, num_heads: int, num_kv_heads: int | None = None,
+    seq_len: int,
+    num_layers: int,
+    hidden: int,
+    intermediate: int,
+    num_heads: int,
+    num_kv_heads: int | None = None,
     gated_mlp: bool = True,
 ) -> float:
     """Forward FLOPs of a decoder-only transformer over ``seq_len`` tokens (no LM head).

@@ -328,8 +328,9 @@ class IdeficsBackend(VlmBackend):
         cfg = self.model.config
         v = cfg.vision_config
         n = self.num_visual_tokens
-        vision = vit_flops(n + 1, v.embed_dim, v.intermediate_size, v.num_hidden_layers, v.num_attention_heads,
-                           v.patch_size)
+        vision = vit_flops(
+            n + 1, v.embed_dim, v.intermediate_size, v.num_hidden_layers, v.num_attention_heads, v.patch_size
+        )
         scoring = intra_flops(n + 1, v.embed_dim, atp.intra_signal) if atp.enabled else 0.0
         if used_text and self.joint is not None:  # per-patch projection + cosine; the text tower is cached
             scoring += self.joint.joint_flops(n) + 2 * n * self.joint.embed_dim

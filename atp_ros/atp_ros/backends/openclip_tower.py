@@ -82,7 +82,12 @@ class OpenClipJointSpace(JointSpace):
     kind = "open_clip"
 
     def __init__(
-        self, model_id: str, model: nn.Module, tokenizer, patch_head: nn.Sequential, device: torch.device,
+        self,
+        model_id: str,
+        model: nn.Module,
+        tokenizer,
+        patch_head: nn.Sequential,
+        device: torch.device,
         dtype: torch.dtype,
     ) -> None:
         first = patch_head[0]
