@@ -9,16 +9,20 @@ patch tokens, feeds only those to the rest of the VLM and returns a
 from __future__ import annotations
 
 import abc
+import json
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
-from atp_ros.atp import Budget, Selection, TokenSelector, make_selector
+from atp_ros.atp import Budget, Selection, TextEmbeddingCache, TokenSelector, make_selector, patch_text_cosine
+
+if TYPE_CHECKING:
+    from atp_ros.backends.text_towers import JointSpace
 
 INTRA_SIGNALS = ("cls", "received")
 STAGES = ("preprocess", "vision", "scoring", "projector", "prefill", "decode")
@@ -197,7 +201,10 @@ class VlmBackend(abc.ABC):
     dtype: torch.dtype
     num_visual_tokens: int  # N patch tokens per image seen by the selector
     grid: tuple[int, int]  # (h, w) patch grid
+    score_layer: int  # ViT layer whose attention gives S_intra
     has_text_tower: bool
+    joint: JointSpace | None  # the joint space of S_inter; None: CLS-only
+    no_text_reason: str = ""  # why there is no text tower
 
     @abc.abstractmethod
     def answer(
@@ -218,31 +225,18 @@ class VlmBackend(abc.ABC):
         The exactness tests compare :meth:`answer` with ATP disabled against this.
         """
 
+    def describe(self) -> str:
+        """One line for logs: model, grid, scored layer, text tower."""
+        tower = self.joint.model_id if self.joint is not None else f"none ({self.no_text_reason})"
+        return json.dumps(
+            {"model": self.model_id, "grid": self.grid, "score_layer": self.score_layer, "text_tower": tower}
+        )
+
 
 # --------------------------------------------------------------------------- shared helpers
-# Used by the BLIP-2 and IDEFICS backends (and free for any other): reading one ViT layer's
-# q/k without touching its fused attention, running the selector with honest fallbacks, and
-# splitting an HF ``generate`` into prefill and decode time.
-
-TEXT_TOWER_SUBDIR = "atp_text_tower"  # <model_dir>/atp_text_tower: the matching joint-space text tower
-
-
-def find_text_tower(model_id: str, text_encoder_id: str = "", derived: str = "") -> tuple[str, str]:
-    """Where the text tower comes from: ``(source, how)``; ``("", "none")`` when there is none.
-
-    Order: the explicit ``text_encoder_id`` (``how="explicit"``), the ``atp_text_tower``
-    subfolder of a local checkpoint (``"subfolder"``), the tower ``derived`` from the VLM
-    (``"derived"``).
-    """
-    if text_encoder_id:
-        return text_encoder_id, "explicit"
-    sub = Path(model_id) / TEXT_TOWER_SUBDIR
-    if Path(model_id).is_dir() and sub.is_dir():
-        return str(sub), "subfolder"
-    if derived:
-        return derived, "derived"
-    return "", "none"
-
+# Used by the backends (loading lives in :mod:`atp_ros.backends.loading`): reading one ViT
+# layer's q/k without touching its fused attention, S_inter from a joint space, running the
+# selector with honest fallbacks, greedy generation split into prefill and decode time.
 
 @contextmanager
 def record_outputs(modules: dict[str, torch.nn.Module]) -> Iterator[dict[str, torch.Tensor]]:
@@ -317,6 +311,28 @@ def select_patches(
     selection = selector.select(inputs, atp.budget(s_intra.shape[1]))
     alpha_used = float(getattr(selector, "alpha", 0.0)) if atp.enabled else 0.0
     return selection, alpha_used, notes
+
+
+def joint_text_cosine(
+    joint: JointSpace, text_cache: TextEmbeddingCache, patch_states: torch.Tensor, questions: Sequence[str]
+) -> torch.Tensor:
+    """S_inter ``(B, N)``: patch states ``(B, N, D)`` mapped into ``joint``, cosine with each image's question.
+
+    The question embeddings come from ``text_cache`` (the text tower runs once per distinct question).
+    """
+    patches = joint.patches_to_joint(patch_states)  # (B, N, E)
+    text = torch.stack([text_cache.get(q) for q in questions]).to(patches.device)  # (B, E)
+    return patch_text_cosine(patches, text)
+
+
+def greedy(max_new_tokens: int) -> dict:
+    """``generate`` kwargs of greedy decoding, shared by ``answer`` and ``reference_generate``."""
+    return {"max_new_tokens": max_new_tokens, "do_sample": False, "num_beams": 1}
+
+
+def decode_answers(tokenizer, ids: list[list[int]]) -> list[str]:
+    """Generated ids per image -> answer strings (special tokens dropped, whitespace stripped)."""
+    return [s.strip() for s in tokenizer.batch_decode(ids, skip_special_tokens=True)]
 
 
 def generate_timed(generate: Callable[..., torch.Tensor], watch: Stopwatch, **kwargs) -> torch.Tensor:

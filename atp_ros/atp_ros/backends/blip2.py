@@ -28,36 +28,36 @@ side is that open_clip model's text tower (:mod:`atp_ros.backends.openclip_tower
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
-from pathlib import Path
+from functools import partial
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from atp_ros.atp import TextEmbeddingCache, patch_text_cosine
+from atp_ros.atp import TextEmbeddingCache
 from atp_ros.backends.base import (
     AtpConfig,
     Stopwatch,
     VlmBackend,
     VlmResult,
     attention_flops,
+    decode_answers,
     decoder_prefill_flops,
-    find_text_tower,
     gather_with_prefix,
     generate_timed,
+    greedy,
     intra_flops,
     intra_scores,
+    joint_text_cosine,
     lm_dims,
     questions_for,
     record_outputs,
-    resolve_device,
-    resolve_dtype,
     select_patches,
     trim_after_eos,
     vit_flops,
 )
+from atp_ros.backends.loading import load_checkpoint, load_text_tower
 from atp_ros.backends.openclip_tower import EVA01_G14, OpenClipJointSpace, load_openclip_joint_space
 
 
@@ -118,39 +118,19 @@ class Blip2Backend(VlmBackend):
         explicit or bundled tower raises; a derived one that is not available (offline, not
         cached) leaves the backend CLS-only and every result says so in its notes.
         """
-        from transformers import AutoProcessor, Blip2ForConditionalGeneration
+        from transformers import Blip2ForConditionalGeneration
 
-        dev = resolve_device(device)
-        torch_dtype = resolve_dtype(dtype, dev)
-        local = Path(model_id).is_dir()
-        model = Blip2ForConditionalGeneration.from_pretrained(
-            model_id,
-            dtype=torch_dtype,
-            attn_implementation="sdpa",
-            use_safetensors=True,
-            trust_remote_code=False,
-            local_files_only=local,
-        )
-        model = model.to(dev).eval().requires_grad_(False)
-        processor = AutoProcessor.from_pretrained(model_id, trust_remote_code=False, local_files_only=local)
+        model_id = str(model_id)
+        model, processor, dev, dt = load_checkpoint(Blip2ForConditionalGeneration, model_id, device, dtype)
         if getattr(processor, "num_query_tokens", None) is None or model.config.image_token_index is None:
             raise ValueError(
                 "checkpoint predates BLIP-2 image tokens (processor num_query_tokens / config image_token_index unset)"
             )
         vcfg = model.config.vision_config
         derived = EVA01_G14 if (vcfg.hidden_size, vcfg.patch_size) == (1408, 14) else ""
-        source, how = find_text_tower(model_id, text_encoder_id, derived)
-        joint, reason = None, "no joint-space text tower is known for this checkpoint"
-        if source:
-            try:
-                joint = load_openclip_joint_space(source, device=dev, dtype=torch_dtype)
-            except Exception as err:
-                if how != "derived":
-                    raise RuntimeError(f"text tower {source!r}: {type(err).__name__}: {err}") from err
-                reason = f"derived text tower {source!r} unavailable ({type(err).__name__}: {err})"
-        if joint is not None and joint.vision_hidden != vcfg.hidden_size:
-            raise ValueError(f"text tower {source!r}: width {joint.vision_hidden}, the ViT's is {vcfg.hidden_size}")
-        return cls(model, processor, joint, str(model_id), score_layer=score_layer, no_text_reason=reason)
+        load = partial(load_openclip_joint_space, device=dev, dtype=dt)
+        tower = load_text_tower(model_id, text_encoder_id, derived, load, vision_hidden=vcfg.hidden_size)
+        return cls(model, processor, tower.joint, model_id, score_layer=score_layer, no_text_reason=tower.reason)
 
     # ------------------------------------------------------------------ inputs
 
@@ -162,9 +142,6 @@ class Blip2Backend(VlmBackend):
         out = {k: v.to(self.device) for k, v in enc.items()}
         out["pixel_values"] = out["pixel_values"].to(self.dtype)
         return out
-
-    def _generate_kwargs(self, max_new_tokens: int) -> dict:
-        return {"max_new_tokens": max_new_tokens, "do_sample": False, "num_beams": 1}
 
     def _new_tokens(self, out: Tensor, input_len: int) -> list[list[int]]:
         """Strip the prompt (decoder-only LMs echo it) and padding after EOS."""
@@ -178,13 +155,10 @@ class Blip2Backend(VlmBackend):
     ) -> list[list[int]]:
         """Stock ``Blip2ForConditionalGeneration.generate`` (greedy, no ATP): new token ids per image."""
         inputs = self._inputs(images, questions)
-        out = self.model.generate(**inputs, **self._generate_kwargs(max_new_tokens))
+        out = self.model.generate(**inputs, **greedy(max_new_tokens))
         return self._new_tokens(out, inputs["input_ids"].shape[1])
 
     # ------------------------------------------------------------------ ATP path
-
-    def _text_embeds(self, questions: list[str]) -> Tensor:
-        return torch.stack([self.text_cache.get(q) for q in questions]).to(self.device)  # (B, E)
 
     @torch.inference_mode()
     def answer(
@@ -213,9 +187,8 @@ class Blip2Backend(VlmBackend):
             s_all = intra_scores(qkv[..., :dim], qkv[..., dim : 2 * dim], self.num_heads, atp.intra_signal)
             s_intra = s_all[:, 1:]  # (B, N) attention to patches; CLS is always kept
 
-            def s_inter() -> Tensor:
-                patches = self.joint.patches_to_joint(rec["last"][:, 1:])  # (B, N, E)
-                return patch_text_cosine(patches, self._text_embeds(qs))  # (B, N)
+            def s_inter() -> Tensor:  # (B, N), from the last block's patches before ln_vision
+                return joint_text_cosine(self.joint, self.text_cache, rec["last"][:, 1:], qs)
 
             selection, alpha_used, notes = select_patches(
                 atp,
@@ -241,10 +214,10 @@ class Blip2Backend(VlmBackend):
         gen = {"inputs_embeds": embeds, "attention_mask": inputs["attention_mask"]}
         if not model.language_model.config.is_encoder_decoder:
             gen["input_ids"] = input_ids  # what the stock generate passes too
-        out = generate_timed(model.language_model.generate, watch, **gen, **self._generate_kwargs(max_new_tokens))
+        out = generate_timed(model.language_model.generate, watch, **gen, **greedy(max_new_tokens))
 
         ids = self._new_tokens(out, input_ids.shape[1])
-        answers = [s.strip() for s in self.processor.tokenizer.batch_decode(ids, skip_special_tokens=True)]
+        answers = decode_answers(self.processor.tokenizer, ids)
         nq = model.config.num_query_tokens
         text_tokens = [int(n) - nq for n in inputs["attention_mask"].sum(dim=1).tolist()]
         kept_counts = [int(k) for k in selection.lengths.tolist()]
@@ -302,13 +275,5 @@ class Blip2Backend(VlmBackend):
             "llm_prefill": prefill,
             "pipeline": vision + scoring + projector + prefill,
         }
-
-    def describe(self) -> str:
-        """One line for logs: model, grid, scored layer, text tower."""
-        tower = self.joint.model_id if self.joint is not None else f"none ({self.no_text_reason})"
-        return json.dumps(
-            {"model": self.model_id, "grid": self.grid, "score_layer": self.score_layer, "text_tower": tower}
-        )
-
 
 __all__ = ["Blip2Backend"]
