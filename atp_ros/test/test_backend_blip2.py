@@ -6,21 +6,31 @@ The checkpoint (and its open_clip text tower) is built in-process, saved with
 
 from __future__ import annotations
 
-import shutil
-
 import numpy as np
 import pytest
 import torch
 
 pytest.importorskip("open_clip")
 
-from atp_ros.backends import AtpConfig, ModelLoadError, load_backend
+from atp_ros.backends import AtpConfig, load_backend
 from atp_ros.backends.blip2 import Blip2Backend
 from atp_ros.backends.openclip_tower import load_openclip_joint_space, save_openclip_tower
 from atp_ros.tiny.blip2 import TEXT_TOWER_SUBDIR, save_tiny_blip2
-
-MAX_NEW = 5
-QUESTIONS = ["where is the red box?", "how many pallets are on the shelf?", "is the aisle empty?"]
+from backend_checks import (
+    MAX_NEW,
+    QUESTIONS,
+    Hooks,
+    assert_cls_plus_kept,
+    check_cuda_auto_dtype_exact,
+    check_each_alone_matches_batch,
+    check_keep_all_matches_stock,
+    check_load_errors,
+    check_mask_sum_equals_kept,
+    check_missing_text_tower,
+    check_pruned_result,
+    frames,
+    outputs_of,
+)
 
 
 @pytest.fixture(scope="module")
@@ -35,18 +45,16 @@ def backend(ckpt) -> Blip2Backend:
 
 @pytest.fixture(scope="module")
 def images() -> list[np.ndarray]:
-    rng = np.random.default_rng(0)
-    # Different frame sizes: the processor resizes every frame to the tower's 32 px.
-    return [rng.integers(0, 256, (h, w, 3), dtype=np.uint8) for h, w in ((40, 50), (32, 32), (64, 48))]
+    return frames()
 
 
-class _KeyRecorder:
+class _KeyRecorder(Hooks):
     """Forward hooks on every Q-Former cross-attention: the keys' input and the processed mask."""
 
     def __init__(self, model) -> None:
+        super().__init__()
         self.inputs: list[torch.Tensor] = []
         self.masks: list[torch.Tensor | None] = []
-        self.handles = []
         for layer in model.qformer.encoder.layer:
             if layer.has_cross_attention:
                 attn = layer.crossattention.attention
@@ -64,13 +72,6 @@ class _KeyRecorder:
         allowed = mask if mask.dtype == torch.bool else mask == 0  # bool (SDPA) or additive float
         return allowed[:, 0, 0].sum(dim=-1)  # (B, 1, Q or 1, M): the first query row
 
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for handle in self.handles:
-            handle.remove()
-
 
 def test_loads_through_load_backend(backend):
     assert isinstance(backend, Blip2Backend)
@@ -83,88 +84,42 @@ def test_loads_through_load_backend(backend):
 
 @pytest.mark.parametrize("atp", [AtpConfig(enabled=False), AtpConfig(keep_ratio=1.0)], ids=["disabled", "k_eq_n"])
 def test_keep_all_matches_stock_generate(backend, images, atp):
-    reference = backend.reference_generate(images, QUESTIONS, max_new_tokens=MAX_NEW)
-    result = backend.answer(images, QUESTIONS, atp, max_new_tokens=MAX_NEW)
-    assert result.generated_ids == reference
-    assert result.visual_tokens_kept == [64, 64, 64]
-    assert all(len(ids) >= 1 for ids in reference)
+    check_keep_all_matches_stock(backend, images, atp)
 
 
 def test_qformer_sees_only_kept_keys(backend, images):
     k = 8
-    captured = {}
-
-    def keep_vit(_module, _args, out) -> None:  # returns None: the output is not replaced
-        captured["vit"] = out.last_hidden_state
-
-    handle = backend.model.vision_model.register_forward_hook(keep_vit)
-    try:
-        with _KeyRecorder(backend.model) as rec:
-            result = backend.answer(images, QUESTIONS, AtpConfig(keep_tokens=k), max_new_tokens=MAX_NEW)
-    finally:
-        handle.remove()
+    vit = backend.model.vision_model
+    with outputs_of(vit, lambda out: out.last_hidden_state) as states, _KeyRecorder(backend.model) as rec:
+        result = backend.answer(images, QUESTIONS, AtpConfig(keep_tokens=k), max_new_tokens=MAX_NEW)
     assert rec.inputs, "the Q-Former never cross-attended"
-    vit = captured["vit"]  # (B, 1+N, Dv)
     for keys in rec.inputs:  # every cross-attention layer, every decoding step is LLM-only
         assert keys.shape == (3, 1 + k, 32)
-    for b in range(3):
-        expected = torch.cat([vit[b, :1], vit[b, 1 + result.selection.kept(b)]])  # CLS + selected patches
-        torch.testing.assert_close(rec.inputs[0][b], expected)
+    assert_cls_plus_kept(rec.inputs[0], states[-1], result.selection)  # states: (B, 1+N, Dv)
     assert result.visual_tokens_kept == [k] * 3
     assert result.selection.extras["qformer_keys"] == [k + 1] * 3
 
 
 def test_per_sample_budget_pads_and_masks_keys(backend, images):
-    atp = AtpConfig(mass=0.5)
-    outputs: list[torch.Tensor] = []
-
-    def keep_output(_module, _args, out) -> None:
-        outputs.append(out.last_hidden_state)
-
-    handle = backend.model.qformer.register_forward_hook(keep_output)
-    try:
+    question = "where is the red box?"
+    with outputs_of(backend.model.qformer, lambda out: out.last_hidden_state) as outputs:
         with _KeyRecorder(backend.model) as rec:
-            result = backend.answer(images, "where is the red box?", atp, max_new_tokens=MAX_NEW)
+            result = backend.answer(images, question, AtpConfig(mass=0.5), max_new_tokens=MAX_NEW)
         kept = result.visual_tokens_kept
-        assert len(set(kept)) > 1, f"test needs different per-sample budgets, got {kept}"
         assert rec.inputs[0].shape[1] == 1 + max(kept)
         assert rec.attended(0).tolist() == [1 + k for k in kept]
         # Each sample alone with its own K (no padding) gives the same Q-Former output.
-        for b, k in enumerate(kept):
-            single = backend.answer([images[b]], "where is the red box?", AtpConfig(keep_tokens=k), max_new_tokens=1)
-            assert torch.equal(single.selection.kept(0), result.selection.kept(b))
-            torch.testing.assert_close(outputs[-1][0], outputs[0][b], atol=1e-5, rtol=1e-5)
-    finally:
-        handle.remove()
+        check_each_alone_matches_batch(backend, images, question, result, outputs)
 
 
 @pytest.mark.parametrize("atp", [AtpConfig(keep_tokens=8), AtpConfig(keep_ratio=0.3), AtpConfig(mass=0.6)])
 def test_mask_sum_equals_kept(backend, images, atp):
-    result = backend.answer(images, QUESTIONS, atp, max_new_tokens=2)
-    assert result.visual_tokens_total == 64 and result.grid == (8, 8)
-    for b in range(3):
-        mask = result.keep_mask(b)
-        assert mask.shape == (8, 8) and mask.dtype == np.uint8
-        assert int(mask.sum()) == result.visual_tokens_kept[b] == int(result.selection.lengths[b])
+    check_mask_sum_equals_kept(backend, images, atp)
 
 
 def test_result_timings_flops_and_text_cache(backend, images):
-    pruned = backend.answer(images, QUESTIONS, AtpConfig(keep_tokens=8), max_new_tokens=MAX_NEW)
-    full = backend.answer(images, QUESTIONS, AtpConfig(enabled=False), max_new_tokens=MAX_NEW)
-    assert pruned.alpha_used == 0.5 and pruned.notes == []
-    assert pruned.selection.s_inter is not None and pruned.selection.s_intra is not None
-    assert len(pruned.answers) == 3 and all(isinstance(a, str) for a in pruned.answers)
-    assert pruned.text_tokens == full.text_tokens and all(t > 0 for t in pruned.text_tokens)
-    for stage in ("preprocess", "vision", "scoring", "projector", "prefill", "decode"):
-        assert getattr(pruned.timings, stage) > 0, stage
-    f, g = pruned.flops, full.flops
-    assert f["projector"] < f["projector_keep_all"] == g["projector"]
-    assert f["llm_prefill"] == g["llm_prefill"]  # the LLM always gets num_query_tokens tokens
-    assert f["pipeline"] == pytest.approx(f["vision"] + f["scoring"] + f["projector"] + f["llm_prefill"])
-    assert f["pipeline"] < g["pipeline"] + f["scoring"]
-    misses = backend.text_cache.misses
-    backend.answer(images, QUESTIONS, AtpConfig(keep_tokens=8), max_new_tokens=1)
-    assert backend.text_cache.misses == misses  # same questions: the text tower did not run again
+    pruned, full = check_pruned_result(backend, images)  # llm_prefill: always num_query_tokens tokens
+    assert pruned.flops["pipeline"] < full.flops["pipeline"] + pruned.flops["scoring"]
 
 
 def test_selectors_and_intra_signals(backend, images):
@@ -184,18 +139,7 @@ def test_selectors_and_intra_signals(backend, images):
 
 
 def test_missing_text_tower_notes_and_cls_only(ckpt, images, tmp_path_factory):
-    bare = tmp_path_factory.mktemp("blip2_bare") / "tiny"
-    shutil.copytree(ckpt, bare, ignore=shutil.ignore_patterns(TEXT_TOWER_SUBDIR))
-    backend = load_backend(str(bare), device="cpu")
-    assert not backend.has_text_tower
-    result = backend.answer(images, QUESTIONS, AtpConfig(alpha=0.5, keep_tokens=8), max_new_tokens=2)
-    assert result.alpha_used == 0.0
-    assert len(result.notes) == 1 and "CLS-only" in result.notes[0]
-    assert result.selection.s_inter is None and result.visual_tokens_kept == [8] * 3
-    # An explicit text tower overrides the (missing) bundled one.
-    with_tower = load_backend(str(bare), text_encoder_id=str(ckpt / TEXT_TOWER_SUBDIR), device="cpu")
-    assert with_tower.has_text_tower
-    assert with_tower.answer(images, QUESTIONS, AtpConfig(keep_tokens=8), max_new_tokens=1).notes == []
+    check_missing_text_tower(ckpt, images, tmp_path_factory.mktemp("blip2_bare") / "tiny")
 
 
 def test_text_tower_matches_open_clip(backend, ckpt):
@@ -244,29 +188,10 @@ def test_openclip_timm_eva_head_matches_encode_image(tmp_path):
 
 
 def test_bad_inputs_raise_model_load_error(tmp_path, ckpt):
-    with pytest.raises(ModelLoadError):
-        load_backend(str(tmp_path / "does_not_exist"))
-    empty = tmp_path / "empty"
-    empty.mkdir()
-    with pytest.raises(ModelLoadError):
-        load_backend(str(empty))
-    no_weights = tmp_path / "no_weights"
-    no_weights.mkdir()
-    shutil.copy(ckpt / "config.json", no_weights / "config.json")
-    with pytest.raises(ModelLoadError):
-        load_backend(str(no_weights))
-    with pytest.raises(ModelLoadError, match="text tower"):
-        load_backend(str(ckpt), text_encoder_id=str(tmp_path / "no_tower_here"))
+    check_load_errors(tmp_path, ckpt)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_auto_dtype_exact(ckpt, images):
-    backend = load_backend(str(ckpt))  # auto: CUDA, bf16 (or fp16)
-    assert backend.device.type == "cuda" and backend.dtype in (torch.bfloat16, torch.float16)
+    backend = check_cuda_auto_dtype_exact(ckpt, images)
     assert backend.model.qformer.layernorm.weight.dtype == torch.float32  # BLIP-2 keeps the Q-Former in fp32
-    reference = backend.reference_generate(images, QUESTIONS, max_new_tokens=MAX_NEW)
-    disabled = backend.answer(images, QUESTIONS, AtpConfig(enabled=False), max_new_tokens=MAX_NEW)
-    assert disabled.generated_ids == reference
-    result = backend.answer(images, QUESTIONS, AtpConfig(mass=0.5), max_new_tokens=MAX_NEW)
-    assert all(int(result.keep_mask(b).sum()) == k for b, k in enumerate(result.visual_tokens_kept))
-    assert result.timings.prefill > 0 and result.timings.decode > 0

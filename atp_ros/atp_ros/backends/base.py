@@ -169,6 +169,12 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     return table[dtype]
 
 
+def patch_grid(vision_config) -> tuple[tuple[int, int], int]:
+    """``((h, w), N)``: the patch grid of a square ViT config and its number of patches."""
+    side = int(vision_config.image_size) // int(vision_config.patch_size)
+    return (side, side), side * side
+
+
 def decoder_prefill_flops(
     seq_len: int,
     num_layers: int,
@@ -205,6 +211,7 @@ class VlmBackend(abc.ABC):
     has_text_tower: bool
     joint: JointSpace | None  # the joint space of S_inter; None: CLS-only
     no_text_reason: str = ""  # why there is no text tower
+    text_cache: TextEmbeddingCache | None  # the text tower's question embeddings
 
     @abc.abstractmethod
     def answer(
@@ -225,9 +232,19 @@ class VlmBackend(abc.ABC):
         The exactness tests compare :meth:`answer` with ATP disabled against this.
         """
 
+    def _set_text_tower(self, joint: JointSpace | None, no_text_reason: str = "", cache_size: int = 64) -> None:
+        """Keep ``joint`` for S_inter (None: CLS-only, ``no_text_reason`` says why) and a text embedding cache."""
+        self.joint = joint
+        self.has_text_tower = joint is not None
+        self.no_text_reason = no_text_reason
+        self.text_cache = TextEmbeddingCache(joint.encode_text, maxsize=cache_size) if joint is not None else None
+
     def describe(self) -> str:
         """One line for logs: model, grid, scored layer, text tower."""
-        tower = self.joint.model_id if self.joint is not None else f"none ({self.no_text_reason})"
+        if self.joint is not None:
+            tower = self.joint.model_id
+        else:
+            tower = f"none ({self.no_text_reason})" if self.no_text_reason else "none"
         return json.dumps(
             {"model": self.model_id, "grid": self.grid, "score_layer": self.score_layer, "text_tower": tower}
         )
@@ -237,6 +254,7 @@ class VlmBackend(abc.ABC):
 # Used by the backends (loading lives in :mod:`atp_ros.backends.loading`): reading one ViT
 # layer's q/k without touching its fused attention, S_inter from a joint space, running the
 # selector with honest fallbacks, greedy generation split into prefill and decode time.
+
 
 @contextmanager
 def record_outputs(modules: dict[str, torch.nn.Module]) -> Iterator[dict[str, torch.Tensor]]:
@@ -442,3 +460,15 @@ def intra_flops(num_tokens: int, hidden: int, signal: str) -> float:
     """Extra FLOPs of S_intra from already-computed q/k: one CLS row, or the full map."""
     rows = 1 if signal == "cls" else num_tokens
     return float(4 * rows * num_tokens * hidden)
+
+
+def scoring_flops(num_patches: int, hidden: int, atp: AtpConfig, joint: JointSpace | None) -> float:
+    """ATP scoring FLOPs for one image of CLS + ``num_patches`` ViT tokens of width ``hidden``.
+
+    S_intra from the captured q/k, plus, when ``joint`` is given (S_inter was used), the
+    per-patch joint-space projection and cosine; the text tower is cached, so not counted.
+    """
+    scoring = intra_flops(num_patches + 1, hidden, atp.intra_signal) if atp.enabled else 0.0
+    if joint is not None:
+        scoring += joint.joint_flops(num_patches) + 2 * num_patches * joint.embed_dim
+    return scoring

@@ -35,7 +35,6 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from atp_ros.atp import TextEmbeddingCache
 from atp_ros.backends.base import (
     AtpConfig,
     Stopwatch,
@@ -47,12 +46,13 @@ from atp_ros.backends.base import (
     gather_with_prefix,
     generate_timed,
     greedy,
-    intra_flops,
     intra_scores,
     joint_text_cosine,
     lm_dims,
+    patch_grid,
     questions_for,
     record_outputs,
+    scoring_flops,
     select_patches,
     trim_after_eos,
     vit_flops,
@@ -83,22 +83,17 @@ class Blip2Backend(VlmBackend):
     ) -> None:
         self.model = model
         self.processor = processor
-        self.joint = joint
         self.model_id = model_id
         self.device = model.device
         self.dtype = model.vision_model.dtype
-        self.has_text_tower = joint is not None
-        self.no_text_reason = no_text_reason
+        self._set_text_tower(joint, no_text_reason)
         vcfg = model.config.vision_config
         self.num_heads = int(vcfg.num_attention_heads)
-        side = int(vcfg.image_size) // int(vcfg.patch_size)
-        self.grid = (side, side)
-        self.num_visual_tokens = side * side
+        self.grid, self.num_visual_tokens = patch_grid(vcfg)
         layers = model.vision_model.encoder.layers
         self.score_layer = score_layer % len(layers)
         self._score_qkv = layers[self.score_layer].self_attn.qkv  # fused q|k|v projection of the scored block
         self._last_block = layers[-1]
-        self.text_cache = TextEmbeddingCache(joint.encode_text) if joint is not None else None
         # Batched decoder-only generation needs left padding; reference and ATP paths share it.
         self.processor.tokenizer.padding_side = "left"
 
@@ -261,9 +256,7 @@ class Blip2Backend(VlmBackend):
         vision = vit_flops(
             n + 1, v.hidden_size, v.intermediate_size, v.num_hidden_layers, v.num_attention_heads, v.patch_size
         )
-        scoring = intra_flops(n + 1, v.hidden_size, atp.intra_signal) if atp.enabled else 0.0
-        if used_text and self.joint is not None:  # per-patch projection + cosine; the text tower is cached
-            scoring += self.joint.joint_flops(n) + 2 * n * self.joint.embed_dim
+        scoring = scoring_flops(n, v.hidden_size, atp, self.joint if used_text else None)
         projector = float(np.mean([self.qformer_flops(k + 1) for k in kept]))
         lm = lm_dims(self.model.config.text_config)
         prefill = float(np.mean([decoder_prefill_flops(t, **lm) for t in seq_lens]))
@@ -275,5 +268,6 @@ class Blip2Backend(VlmBackend):
             "llm_prefill": prefill,
             "pipeline": vision + scoring + projector + prefill,
         }
+
 
 __all__ = ["Blip2Backend"]

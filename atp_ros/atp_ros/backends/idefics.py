@@ -29,35 +29,35 @@ to the kept tokens directly, so there the cross-attention keys do shrink.)
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
-from pathlib import Path
+from functools import partial
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
-from atp_ros.atp import TextEmbeddingCache, patch_text_cosine
 from atp_ros.backends.base import (
     AtpConfig,
     Stopwatch,
     VlmBackend,
     VlmResult,
     attention_flops,
+    decode_answers,
     decoder_prefill_flops,
-    find_text_tower,
     gather_with_prefix,
     generate_timed,
-    intra_flops,
+    greedy,
     intra_scores,
+    joint_text_cosine,
+    patch_grid,
     questions_for,
     record_outputs,
-    resolve_device,
-    resolve_dtype,
+    scoring_flops,
     select_patches,
     trim_after_eos,
     vit_flops,
 )
+from atp_ros.backends.loading import load_checkpoint, load_text_tower
 from atp_ros.backends.text_towers import JointSpace, load_joint_space
 
 # idefics-9b/80b froze OpenCLIP ViT-H/14 (LAION-2B); its HF CLIPModel carries the text side.
@@ -122,23 +122,18 @@ class IdeficsBackend(VlmBackend):
     ) -> None:
         self.model = model
         self.processor = processor
-        self.joint = joint
         self.model_id = model_id
         self.device = model.device
         self.dtype = model.dtype
-        self.has_text_tower = joint is not None
-        self.no_text_reason = no_text_reason
+        self._set_text_tower(joint, no_text_reason)
         self.instruct = "instruct" in model_id.lower()
         vcfg = model.config.vision_config
         self.num_heads = int(vcfg.num_attention_heads)
-        side = int(vcfg.image_size) // int(vcfg.patch_size)
-        self.grid = (side, side)
-        self.num_visual_tokens = side * side
+        self.grid, self.num_visual_tokens = patch_grid(vcfg)
         layers = model.model.vision_model.encoder.layers
         self.score_layer = score_layer % len(layers)
         self._score_attn = layers[self.score_layer].self_attn
         self._last_block = layers[-1]
-        self.text_cache = TextEmbeddingCache(joint.encode_text) if joint is not None else None
         self.processor.tokenizer.padding_side = "left"  # batched generation; reference and ATP paths share it
 
     @classmethod
@@ -157,35 +152,15 @@ class IdeficsBackend(VlmBackend):
         or bundled tower raises; an unavailable derived one leaves the backend CLS-only and
         every result says so in its notes.
         """
-        from transformers import AutoProcessor, IdeficsForVisionText2Text
+        from transformers import IdeficsForVisionText2Text
 
-        dev = resolve_device(device)
-        torch_dtype = resolve_dtype(dtype, dev)
-        local = Path(model_id).is_dir()
-        model = IdeficsForVisionText2Text.from_pretrained(
-            model_id,
-            dtype=torch_dtype,
-            attn_implementation="sdpa",
-            use_safetensors=True,
-            trust_remote_code=False,
-            local_files_only=local,
-        )
-        model = model.to(dev).eval().requires_grad_(False)
-        processor = AutoProcessor.from_pretrained(model_id, trust_remote_code=False, local_files_only=local)
+        model_id = str(model_id)
+        model, processor, dev, dt = load_checkpoint(IdeficsForVisionText2Text, model_id, device, dtype)
         vcfg = model.config.vision_config
         derived = CLIP_VIT_H14 if (vcfg.embed_dim, vcfg.patch_size) == (1280, 14) else ""
-        source, how = find_text_tower(model_id, text_encoder_id, derived)
-        joint, reason = None, "no joint-space text tower is known for this checkpoint"
-        if source:
-            try:
-                joint = load_joint_space(source, device=dev, dtype=torch_dtype)
-            except Exception as err:
-                if how != "derived":
-                    raise RuntimeError(f"text tower {source!r}: {type(err).__name__}: {err}") from err
-                reason = f"derived text tower {source!r} unavailable ({type(err).__name__}: {err})"
-        if joint is not None and joint.vision_hidden != vcfg.embed_dim:
-            raise ValueError(f"text tower {source!r}: width {joint.vision_hidden}, the ViT's is {vcfg.embed_dim}")
-        return cls(model, processor, joint, str(model_id), score_layer=score_layer, no_text_reason=reason)
+        load = partial(load_joint_space, device=dev, dtype=dt)
+        tower = load_text_tower(model_id, text_encoder_id, derived, load, vision_hidden=vcfg.embed_dim)
+        return cls(model, processor, tower.joint, model_id, score_layer=score_layer, no_text_reason=tower.reason)
 
     # ------------------------------------------------------------------ inputs
 
@@ -204,22 +179,16 @@ class IdeficsBackend(VlmBackend):
         out["pixel_values"] = out["pixel_values"].to(self.dtype)
         return out
 
-    def _generate_kwargs(self, max_new_tokens: int) -> dict:
-        return {"max_new_tokens": max_new_tokens, "do_sample": False, "num_beams": 1}
-
     @torch.inference_mode()
     def reference_generate(
         self, images: Sequence[np.ndarray], questions: Sequence[str] | str, max_new_tokens: int = 32
     ) -> list[list[int]]:
         """Stock ``IdeficsForVisionText2Text.generate`` from pixels (greedy, no ATP): new token ids per image."""
         inputs = self._inputs(images, questions)
-        out = self.model.generate(**inputs, **self._generate_kwargs(max_new_tokens))
+        out = self.model.generate(**inputs, **greedy(max_new_tokens))
         return trim_after_eos(out[:, inputs["input_ids"].shape[1] :], self.model.generation_config.eos_token_id)
 
     # ------------------------------------------------------------------ ATP path
-
-    def _text_embeds(self, questions: list[str]) -> Tensor:
-        return torch.stack([self.text_cache.get(q) for q in questions]).to(self.device)  # (B, E)
 
     @torch.inference_mode()
     def answer(
@@ -247,9 +216,8 @@ class IdeficsBackend(VlmBackend):
         with watch.stage("scoring"):
             s_intra = intra_scores(rec["q"], rec["k"], self.num_heads, atp.intra_signal)[:, 1:]  # (B, N)
 
-            def s_inter() -> Tensor:
-                patches = self.joint.patches_to_joint(image_states[:, 1:])  # (B, N, E)
-                return patch_text_cosine(patches, self._text_embeds(qs))  # (B, N)
+            def s_inter() -> Tensor:  # (B, N), from the raw last-block patches
+                return joint_text_cosine(self.joint, self.text_cache, image_states[:, 1:], qs)
 
             selection, alpha_used, notes = select_patches(
                 atp,
@@ -273,9 +241,9 @@ class IdeficsBackend(VlmBackend):
                 raise ValueError("per-sample budgets (mass) need the perceiver resampler; this checkpoint has none")
 
         input_len = inputs["input_ids"].shape[1]
-        out = generate_timed(self.model.generate, watch, **gen, **self._generate_kwargs(max_new_tokens))
+        out = generate_timed(self.model.generate, watch, **gen, **greedy(max_new_tokens))
         ids = trim_after_eos(out[:, input_len:], self.model.generation_config.eos_token_id)
-        answers = [s.strip() for s in self.processor.tokenizer.batch_decode(ids, skip_special_tokens=True)]
+        answers = decode_answers(self.processor.tokenizer, ids)
         seq_lens = [int(n) for n in inputs["attention_mask"].sum(dim=1).tolist()]
         image_token = self.processor.tokenizer.convert_tokens_to_ids("<image>")
         n_image_tokens = (inputs["input_ids"] == image_token).sum(dim=1).tolist()
@@ -331,9 +299,7 @@ class IdeficsBackend(VlmBackend):
         vision = vit_flops(
             n + 1, v.embed_dim, v.intermediate_size, v.num_hidden_layers, v.num_attention_heads, v.patch_size
         )
-        scoring = intra_flops(n + 1, v.embed_dim, atp.intra_signal) if atp.enabled else 0.0
-        if used_text and self.joint is not None:  # per-patch projection + cosine; the text tower is cached
-            scoring += self.joint.joint_flops(n) + 2 * n * self.joint.embed_dim
+        scoring = scoring_flops(n, v.embed_dim, atp, self.joint if used_text else None)
         projector = float(np.mean([self.resampler_flops(k + 1) for k in kept]))
 
         def keys(k: int) -> int:
@@ -348,13 +314,6 @@ class IdeficsBackend(VlmBackend):
             "llm_prefill": prefill,
             "pipeline": vision + scoring + projector + prefill,
         }
-
-    def describe(self) -> str:
-        """One line for logs: model, grid, scored layer, text tower."""
-        tower = self.joint.model_id if self.joint is not None else f"none ({self.no_text_reason})"
-        return json.dumps(
-            {"model": self.model_id, "grid": self.grid, "score_layer": self.score_layer, "text_tower": tower}
-        )
 
 
 __all__ = ["CLIP_VIT_H14", "IdeficsBackend", "resample"]

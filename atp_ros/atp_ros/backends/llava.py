@@ -46,43 +46,42 @@ import logging
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
 from torch import Tensor, nn
-from transformers import AutoProcessor, LlavaForConditionalGeneration
+from transformers import LlavaForConditionalGeneration
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from atp_ros.atp import (
     ATPSelector,
     ScoreInputs,
     Selection,
-    TextEmbeddingCache,
     TokenSelector,
     cls_attention,
-    patch_text_cosine,
     received_attention,
 )
 from atp_ros.backends import ModelLoadError
 from atp_ros.backends.base import (
     INTRA_SIGNALS,
-    TEXT_TOWER_SUBDIR,
     AtpConfig,
     Stopwatch,
     VlmBackend,
     VlmResult,
+    decode_answers,
     decoder_prefill_flops,
-    find_text_tower,
     generate_timed,
+    joint_text_cosine,
     lm_dims,
+    patch_grid,
     questions_for,
     record_outputs,
-    resolve_device,
-    resolve_dtype,
     trim_after_eos,
 )
+from atp_ros.backends.loading import TEXT_TOWER_SUBDIR, load_checkpoint, load_text_tower
 from atp_ros.backends.text_towers import JointSpace, head_probe_attention, load_joint_space
 
 logger = logging.getLogger(__name__)
@@ -146,9 +145,7 @@ class LlavaBackend(VlmBackend):
         self.feature_layer = cfg.vision_feature_layer
         self.select_strategy = cfg.vision_feature_select_strategy
         self.num_layers = int(vcfg.num_hidden_layers)
-        side = int(vcfg.image_size) // int(vcfg.patch_size)
-        self.grid = (side, side)
-        self.num_visual_tokens = side * side  # N: patches the selector sees
+        self.grid, self.num_visual_tokens = patch_grid(vcfg)  # N: patches the selector sees
         self.has_cls = hasattr(self.tower.embeddings, "class_embedding")
         # CLS reaches the LLM only with the "full" strategy; it is then always kept.
         self.cls_fed = int(self.has_cls and self.select_strategy != "default")
@@ -161,12 +158,10 @@ class LlavaBackend(VlmBackend):
         if not (hasattr(attn, "q_proj") and hasattr(attn, "k_proj")):
             raise ValueError(f"{type(attn).__name__} has no q_proj/k_proj to score with")
         self._attn = attn
-        self.joint = joint
+        self._set_text_tower(joint, cache_size=text_cache_size)
         self.text_tower_id = text_tower_id
-        self.has_text_tower = joint is not None
         self.load_notes = list(load_notes)
         self._no_tower_note = f"no text tower for {model_id}: running CLS-only, alpha=0"
-        self.text_cache = TextEmbeddingCache(joint.encode_text, maxsize=text_cache_size) if joint else None
         # SigLIP probe: the VLM tower's own head if it kept one, else the matching checkpoint's.
         self._probe_source = ""
         if self.tower_kind == "siglip":
@@ -195,26 +190,28 @@ class LlavaBackend(VlmBackend):
         Raises :class:`ModelLoadError` naming ``model_id`` (or the text tower) on failure.
         """
         model_id = str(model_id)
-        try:
-            dev = resolve_device(device)
-            dt = resolve_dtype(dtype, dev)
-        except ValueError as err:
-            raise ModelLoadError(f"{model_id}: {err}") from err
-        try:
-            model = LlavaForConditionalGeneration.from_pretrained(
-                model_id, dtype=dt, attn_implementation="sdpa", use_safetensors=True, trust_remote_code=False
-            )
-            processor = AutoProcessor.from_pretrained(model_id, trust_remote_code=False)
-        except Exception as err:
-            raise ModelLoadError(f"{model_id}: cannot load LLaVA ({type(err).__name__}: {err})") from err
-        model = model.to(dev).eval()
-        kind = TOWER_KINDS.get(model.config.vision_config.model_type, "")
+        model, processor, dev, dt = load_checkpoint(LlavaForConditionalGeneration, model_id, device, dtype)
+        vcfg = model.config.vision_config
+        kind = TOWER_KINDS.get(vcfg.model_type, "")
         if not kind:
             raise ModelLoadError(
-                f"{model_id}: vision tower {model.config.vision_config.model_type!r} is not supported "
+                f"{model_id}: vision tower {vcfg.model_type!r} is not supported "
                 f"(supported: {', '.join(sorted(TOWER_KINDS))})"
             )
-        joint, tower_id, notes = cls._load_text_tower(model_id, text_encoder_id, model, kind, dev, dt)
+        # Only an explicit text_encoder_id must load: a broken bundled tower degrades to CLS-only too.
+        tower = load_text_tower(
+            model_id,
+            text_encoder_id,
+            _known_text_tower(model_id),
+            partial(load_joint_space, device=dev, dtype=dt),
+            vision_hidden=int(vcfg.hidden_size),
+            kind=kind,
+            soft=("subfolder", "derived"),
+        )
+        notes = []
+        if tower.joint is None:
+            notes.append(f"no text tower for {model_id}: running CLS-only, alpha=0 ({tower.reason})")
+            logger.warning(notes[0])
         try:
             return cls(
                 model,
@@ -222,53 +219,13 @@ class LlavaBackend(VlmBackend):
                 model_id,
                 dev,
                 dt,
-                joint=joint,
-                text_tower_id=tower_id,
+                joint=tower.joint,
+                text_tower_id=tower.source,
                 load_notes=notes,
                 score_layer=score_layer,
             )
         except ValueError as err:
             raise ModelLoadError(f"{model_id}: {err}") from err
-
-    @staticmethod
-    def _load_text_tower(
-        model_id: str,
-        text_encoder_id: str,
-        model: LlavaForConditionalGeneration,
-        kind: str,
-        device: torch.device,
-        dtype: torch.dtype,
-    ) -> tuple[JointSpace | None, str, list[str]]:
-        """(joint space or None, its id, notes). An explicit ``text_encoder_id`` must load; others may not."""
-        vision_hidden = int(model.config.vision_config.hidden_size)
-
-        def check(joint: JointSpace, tower_id: str) -> None:
-            if joint.kind != kind or joint.vision_hidden != vision_hidden:
-                raise ValueError(
-                    f"text tower {tower_id} ({joint.kind}, width {joint.vision_hidden}) does not match the "
-                    f"{kind} vision tower of width {vision_hidden}"
-                )
-
-        source, how = find_text_tower(model_id, text_encoder_id, derived=_known_text_tower(model_id))
-        if how == "explicit":
-            try:
-                joint = load_joint_space(source, device, dtype)
-                check(joint, source)
-            except Exception as err:
-                raise ModelLoadError(f"{source} (text tower for {model_id}): {type(err).__name__}: {err}") from err
-            return joint, source, []
-        no_tower = f"no text tower for {model_id}: running CLS-only, alpha=0"
-        if how == "none":
-            logger.warning(no_tower)
-            return None, "", [no_tower]
-        try:
-            joint = load_joint_space(source, device, dtype)
-            check(joint, source)
-        except Exception as err:  # not cached offline, wrong kind, ...: fall back, loudly
-            note = f"{no_tower} (could not load {source}: {type(err).__name__}: {err})"
-            logger.warning(note)
-            return None, "", [note]
-        return joint, source, []
 
     def _default_score_layer(self, feature_layer: int) -> int:
         """Encoder layer whose output is ``hidden_states[feature_layer]`` (index 0 = embeddings -> layer 0)."""
@@ -304,7 +261,7 @@ class LlavaBackend(VlmBackend):
                 kept = [int(f.shape[0]) for f in feats]
                 ids, mask, positions, text_tokens = self._shorten(inputs["input_ids"], inputs["attention_mask"], kept)
             new_ids = self._generate(ids, mask, positions, feats, max_new_tokens, sw)
-        answers = [self.tokenizer.decode(row, skip_special_tokens=True).strip() for row in new_ids]
+        answers = decode_answers(self.tokenizer, new_ids)
         return VlmResult(
             answers=answers,
             selection=selection,
@@ -388,9 +345,6 @@ class LlavaBackend(VlmBackend):
         s = received_attention(self._heads(vis.q), self._heads(vis.k), scale=self._attn.scale)  # (B, L)
         return s[:, offset:], "received"
 
-    def _text_embeddings(self, questions: list[str]) -> Tensor:
-        return torch.stack([self.text_cache.get(q) for q in questions])  # (B, E)
-
     def _select(
         self, vis: _VisionOut, questions: list[str], atp: AtpConfig, notes: list[str]
     ) -> tuple[Selection, float]:
@@ -409,8 +363,7 @@ class LlavaBackend(VlmBackend):
         s_intra, used_signal = self._s_intra(vis, atp.intra_signal, notes)
         s_inter = None
         if self.joint is not None:
-            joint_patches = self.joint.patches_to_joint(vis.last[:, int(self.has_cls) :])  # (B, N, E)
-            s_inter = patch_text_cosine(joint_patches, self._text_embeddings(questions))  # (B, N)
+            s_inter = joint_text_cosine(self.joint, self.text_cache, vis.last[:, int(self.has_cls) :], questions)
         inputs = ScoreInputs(s_intra=s_intra, s_inter=s_inter, tokens=patches, grid=self.grid)
         sel = selector.select(inputs, atp.budget(n))
         sel.s_intra, sel.s_inter = s_intra, s_inter

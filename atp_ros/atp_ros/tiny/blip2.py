@@ -23,9 +23,9 @@ from pathlib import Path
 import torch
 from transformers import Blip2Config, Blip2ForConditionalGeneration, Blip2Processor, BlipImageProcessor
 
-from atp_ros.tiny.tokenizer import make_tiny_tokenizer
+from atp_ros.backends.loading import TEXT_TOWER_SUBDIR
+from atp_ros.tiny.common import seeded, set_special_ids, start_checkpoint
 
-TEXT_TOWER_SUBDIR = "atp_text_tower"
 IMAGE_TOKEN = "<image>"
 
 
@@ -51,8 +51,7 @@ def save_tiny_openclip_tower(path: str | Path, vision_width: int, seed: int = 0)
     from atp_ros.backends.openclip_tower import save_openclip_tower
 
     cfg = tiny_openclip_config(vision_width)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+    with seeded(seed):
         model = open_clip.model.CLIP(**cfg).eval()
     return save_openclip_tower(model, cfg, path)
 
@@ -77,12 +76,7 @@ def save_tiny_blip2(
     cross-attends in every layer and hands ``num_query_tokens`` tokens to a 2-layer OPT.
     ``with_text_tower=False`` leaves out ``atp_text_tower/`` (the CLS-only fallback path).
     """
-    if image_size % patch_size:
-        raise ValueError(f"image_size {image_size} is not a multiple of patch_size {patch_size}")
-    out = Path(path)
-    out.mkdir(parents=True, exist_ok=True)
-    tok = make_tiny_tokenizer([IMAGE_TOKEN])
-    tok.padding_side = "left"  # batched generation pads on the left
+    out, tok = start_checkpoint(path, image_size, patch_size, [IMAGE_TOKEN])
     tok.image_token = IMAGE_TOKEN  # Blip2Processor reads it instead of adding a new token
     config = Blip2Config(
         vision_config={
@@ -122,14 +116,13 @@ def save_tiny_blip2(
         image_token_index=tok.convert_tokens_to_ids(IMAGE_TOKEN),
         initializer_range=0.2,  # language projection: query embeddings on the scale of OPT's token embeddings
     )
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+    with seeded(seed):
         model = Blip2ForConditionalGeneration(config).eval()
         with torch.no_grad():
             # BLIP-2 initializes the learned queries to zeros; distinct queries make the test meaningful.
             model.query_tokens.normal_(std=1.0)
         for gen in (model.generation_config, model.language_model.generation_config):
-            gen.pad_token_id, gen.eos_token_id, gen.bos_token_id = tok.pad_token_id, tok.eos_token_id, tok.bos_token_id
+            set_special_ids(gen, tok)
         model.save_pretrained(out, safe_serialization=True)
     image_processor = BlipImageProcessor(size={"height": image_size, "width": image_size})
     Blip2Processor(image_processor=image_processor, tokenizer=tok, num_query_tokens=num_query_tokens).save_pretrained(

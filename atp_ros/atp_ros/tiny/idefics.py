@@ -22,13 +22,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
 from transformers import CLIPConfig, CLIPModel, IdeficsConfig, IdeficsForVisionText2Text, IdeficsProcessor
 from transformers.models.idefics.image_processing_idefics import IdeficsImageProcessor
 
+from atp_ros.backends.loading import TEXT_TOWER_SUBDIR
+from atp_ros.tiny.common import save_text_tower, seeded, set_special_ids, start_checkpoint, text_tower_text_config
 from atp_ros.tiny.tokenizer import make_tiny_tokenizer
 
-TEXT_TOWER_SUBDIR = "atp_text_tower"
 SPECIAL_TOKENS = ["<image>", "<fake_token_around_image>", "<end_of_utterance>"]
 
 
@@ -52,12 +52,7 @@ def save_tiny_idefics(
     compresses them to ``n_latents`` latents. ``with_text_tower=False`` leaves out
     ``atp_text_tower/`` (the CLS-only fallback path).
     """
-    if image_size % patch_size:
-        raise ValueError(f"image_size {image_size} is not a multiple of patch_size {patch_size}")
-    out = Path(path)
-    out.mkdir(parents=True, exist_ok=True)
-    tok = make_tiny_tokenizer(SPECIAL_TOKENS)
-    tok.padding_side = "left"
+    out, tok = start_checkpoint(path, image_size, patch_size, SPECIAL_TOKENS)
     vision = {
         "embed_dim": vision_hidden,
         "image_size": image_size,
@@ -89,11 +84,9 @@ def save_tiny_idefics(
         },
         initializer_range=0.05,  # 0.02 drowns the image signal in this tiny model, 0.2 saturates it
     )
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+    with seeded(seed):
         model = IdeficsForVisionText2Text(config).eval()
-        gen = model.generation_config
-        gen.pad_token_id, gen.eos_token_id, gen.bos_token_id = tok.pad_token_id, tok.eos_token_id, tok.bos_token_id
+        set_special_ids(model.generation_config, tok)
         model.save_pretrained(out, safe_serialization=True)
         if with_text_tower:
             _save_clip_tower(out / TEXT_TOWER_SUBDIR, vision, model)
@@ -105,17 +98,7 @@ def save_tiny_idefics(
 def _save_clip_tower(path: Path, vision: dict, vlm: IdeficsForVisionText2Text) -> None:
     """A CLIPModel whose vision side is the IDEFICS tower, plus a tiny tokenizer."""
     tok = make_tiny_tokenizer()
-    text = {
-        "vocab_size": len(tok),
-        "hidden_size": 32,
-        "intermediate_size": 64,
-        "num_hidden_layers": 1,
-        "num_attention_heads": 4,
-        "max_position_embeddings": 32,
-        "pad_token_id": tok.pad_token_id,
-        "bos_token_id": tok.bos_token_id,
-        "eos_token_id": tok.eos_token_id,
-    }
+    text = text_tower_text_config(tok, layers=1, max_positions=32)
     vis = {
         "hidden_size": vision["embed_dim"],
         "image_size": vision["image_size"],
@@ -125,12 +108,8 @@ def _save_clip_tower(path: Path, vision: dict, vlm: IdeficsForVisionText2Text) -
         "num_attention_heads": vision["num_attention_heads"],
     }
     model = CLIPModel(CLIPConfig(text_config=text, vision_config=vis, projection_dim=16)).eval()
-    # IdeficsVisionTransformer uses CLIP's parameter names: copy it so the patch states match.
-    missing, unexpected = model.vision_model.load_state_dict(vlm.model.vision_model.state_dict(), strict=False)
-    if missing or unexpected:
-        raise RuntimeError(f"vision tower copy mismatch: missing={missing} unexpected={unexpected}")
-    model.save_pretrained(path, safe_serialization=True)
-    tok.save_pretrained(path)
+    # IdeficsVisionTransformer uses CLIP's parameter names, so its weights load as they are.
+    save_text_tower(path, model, vlm.model.vision_model.state_dict(), tok)
 
 
 __all__ = ["SPECIAL_TOKENS", "TEXT_TOWER_SUBDIR", "save_tiny_idefics"]

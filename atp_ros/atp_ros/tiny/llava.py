@@ -26,7 +26,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-import torch
 from transformers import (
     CLIPConfig,
     CLIPImageProcessor,
@@ -39,7 +38,8 @@ from transformers import (
     SiglipModel,
 )
 
-from atp_ros.backends.base import TEXT_TOWER_SUBDIR
+from atp_ros.backends.loading import TEXT_TOWER_SUBDIR
+from atp_ros.tiny.common import save_text_tower, seeded, set_special_ids, start_checkpoint, text_tower_text_config
 from atp_ros.tiny.tokenizer import make_tiny_tokenizer
 
 IMAGE_TOKEN = "<image>"
@@ -111,12 +111,7 @@ def save_tiny_llava(
     if tower not in ("clip", "siglip"):
         raise ValueError(f"tower must be 'clip' or 'siglip', got {tower!r}")
     text_model = text_model or ("llama" if tower == "clip" else "qwen2")
-    if image_size % patch_size:
-        raise ValueError(f"image_size {image_size} is not a multiple of patch_size {patch_size}")
-    out = Path(path)
-    out.mkdir(parents=True, exist_ok=True)
-    tok = make_tiny_tokenizer([IMAGE_TOKEN])
-    tok.padding_side = "left"  # batched generation pads on the left
+    out, tok = start_checkpoint(path, image_size, patch_size, [IMAGE_TOKEN])
     vocab_size = len(tok)
     image_token_id = tok.convert_tokens_to_ids(IMAGE_TOKEN)
     vis = _vision_kwargs(image_size, patch_size, vision_hidden, vision_layers, heads=4)
@@ -146,12 +141,9 @@ def save_tiny_llava(
     )
     config.pad_token_id = tok.pad_token_id
 
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+    with seeded(seed):
         model = LlavaForConditionalGeneration(config).eval()
-        model.generation_config.pad_token_id = tok.pad_token_id
-        model.generation_config.eos_token_id = tok.eos_token_id
-        model.generation_config.bos_token_id = tok.bos_token_id
+        set_special_ids(model.generation_config, tok)
         model.save_pretrained(out, safe_serialization=True)
         processor = LlavaProcessor(
             image_processor=image_processor,
@@ -164,24 +156,14 @@ def save_tiny_llava(
         )
         processor.save_pretrained(out)
         if with_text_tower:
-            _save_text_tower(out / TEXT_TOWER_SUBDIR, tower, vis, model, vocab_size)
+            _save_text_tower(out / TEXT_TOWER_SUBDIR, tower, vis, model)
     return out
 
 
-def _save_text_tower(path: Path, tower: str, vis: dict, vlm: LlavaForConditionalGeneration, vocab_size: int) -> None:
+def _save_text_tower(path: Path, tower: str, vis: dict, vlm: LlavaForConditionalGeneration) -> None:
     """A CLIPModel/SiglipModel whose vision side is the VLM's tower, plus the tiny tokenizer."""
-    tok = make_tiny_tokenizer([IMAGE_TOKEN])
-    text = {
-        "vocab_size": vocab_size,
-        "hidden_size": 32,
-        "intermediate_size": 64,
-        "num_hidden_layers": 2,
-        "num_attention_heads": 4,
-        "max_position_embeddings": 64,
-        "pad_token_id": tok.pad_token_id,
-        "bos_token_id": tok.bos_token_id,
-        "eos_token_id": tok.eos_token_id,  # CLIP pools at the first EOS (not the legacy argmax when eos=2)
-    }
+    tok = make_tiny_tokenizer([IMAGE_TOKEN])  # the VLM's vocabulary
+    text = text_tower_text_config(tok, layers=2, max_positions=64)
     if tower == "clip":
         config = CLIPConfig(text_config=text, vision_config=dict(vis), projection_dim=vis["hidden_size"])
         model = CLIPModel(config).eval()
@@ -189,13 +171,8 @@ def _save_text_tower(path: Path, tower: str, vis: dict, vlm: LlavaForConditional
         text["projection_size"] = vis["hidden_size"]  # SigLIP's joint space is the vision width
         config = SiglipConfig(text_config=text, vision_config={**vis, "vision_use_head": True})
         model = SiglipModel(config).eval()
-    # Same vision weights as the VLM, so the VLM's patch states live in this joint space.
-    missing, unexpected = model.vision_model.load_state_dict(vlm.model.vision_tower.state_dict(), strict=False)
     allowed = ("head.",) if tower == "siglip" else ()  # the VLM tower was saved without the head
-    if unexpected or any(not k.startswith(allowed) for k in missing):
-        raise RuntimeError(f"vision tower copy mismatch: missing={missing} unexpected={unexpected}")
-    model.save_pretrained(path, safe_serialization=True)
-    tok.save_pretrained(path)
+    save_text_tower(path, model, vlm.model.vision_tower.state_dict(), tok, allowed_missing=allowed)
 
 
 __all__ = ["CHAT_TEMPLATE", "IMAGE_TOKEN", "TEXT_TOWER_SUBDIR", "save_tiny_llava"]
