@@ -15,6 +15,7 @@ setup(
         ("share/" + package_name + "/config", glob("config/*.yaml")),
     ],
     install_requires=["setuptools"],
+    extras_require={"test": ["pytest"]},  # colcon test picks pytest from this
     zip_safe=True,
     maintainer="atp_ros maintainers",
     maintainer_email="atp_ros@example.com",
