@@ -8,6 +8,7 @@ must pass; each test file adds what is particular to its family.
 from __future__ import annotations
 
 import shutil
+import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -178,3 +179,30 @@ def check_cuda_auto_dtype_exact(ckpt: Path, images: list[np.ndarray]) -> VlmBack
     assert all(int(result.keep_mask(b).sum()) == k for b, k in enumerate(result.visual_tokens_kept))
     assert result.timings.prefill > 0 and result.timings.decode > 0
     return backend
+
+
+def check_concurrent_calls_match_sequential(backend: VlmBackend, images: list[np.ndarray]) -> None:
+    """Calls from several threads at once (the node's service and worker) give what the same calls give
+    one after another: the capture hooks of one call never see another call's tensors."""
+    jobs = [([images[i]], QUESTIONS[i], AtpConfig(keep_tokens=4 + 3 * i)) for i in range(len(images))] * 3
+    expected = [backend.answer(imgs, q, atp, max_new_tokens=3) for imgs, q, atp in jobs]
+    got: list[VlmResult | None] = [None] * len(jobs)
+    errors: list[BaseException] = []
+
+    def run(j: int) -> None:
+        try:
+            imgs, q, atp = jobs[j]
+            got[j] = backend.answer(imgs, q, atp, max_new_tokens=3)
+        except BaseException as err:  # reported below
+            errors.append(err)
+
+    threads = [threading.Thread(target=run, args=(j,)) for j in range(len(jobs))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    for want, have in zip(expected, got, strict=True):
+        assert have is not None
+        assert have.generated_ids == want.generated_ids
+        assert have.selection.indices.tolist() == want.selection.indices.tolist()

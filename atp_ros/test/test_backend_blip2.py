@@ -21,6 +21,7 @@ from backend_checks import (
     QUESTIONS,
     Hooks,
     assert_cls_plus_kept,
+    check_concurrent_calls_match_sequential,
     check_cuda_auto_dtype_exact,
     check_each_alone_matches_batch,
     check_keep_all_matches_stock,
@@ -136,6 +137,10 @@ def test_selectors_and_intra_signals(backend, images):
         backend.answer(images, QUESTIONS, AtpConfig(intra_signal="bogus"), max_new_tokens=1)
     with pytest.raises(ValueError):
         backend.answer(images, QUESTIONS[:2], AtpConfig(), max_new_tokens=1)
+
+
+def test_concurrent_calls_match_sequential(backend, images):
+    check_concurrent_calls_match_sequential(backend, images)
 
 
 def test_missing_text_tower_notes_and_cls_only(ckpt, images, tmp_path_factory):

@@ -17,6 +17,7 @@ from backend_checks import (
     QUESTIONS,
     ForwardInputs,
     assert_cls_plus_kept,
+    check_concurrent_calls_match_sequential,
     check_cuda_auto_dtype_exact,
     check_each_alone_matches_batch,
     check_keep_all_matches_stock,
@@ -116,6 +117,10 @@ def test_result_timings_flops_and_text_cache(backend, images):
     check_pruned_result(backend, images)  # llm_prefill: the LLM reads n_latents latents whatever K is
     received = backend.answer(images, QUESTIONS, AtpConfig(intra_signal="received", keep_tokens=6), max_new_tokens=1)
     assert received.visual_tokens_kept == [6] * 3
+
+
+def test_concurrent_calls_match_sequential(backend, images):
+    check_concurrent_calls_match_sequential(backend, images)
 
 
 def test_missing_text_tower_notes_and_cls_only(ckpt, images, tmp_path_factory):

@@ -12,6 +12,7 @@ from atp_ros.backends import AtpConfig, ModelLoadError, load_backend
 from atp_ros.backends.llava import LlavaBackend
 from atp_ros.backends.text_towers import head_probe_attention, head_value_readout, load_joint_space
 from atp_ros.tiny.llava import TEXT_TOWER_SUBDIR, save_tiny_llava
+from backend_checks import check_concurrent_calls_match_sequential
 from PIL import Image
 from transformers import LlavaForConditionalGeneration
 
@@ -181,8 +182,12 @@ def test_result_contents(backends: dict, images: list) -> None:
     assert set(res.timings.as_dict()) >= {"preprocess", "vision", "scoring", "projector", "prefill", "decode"}
     assert all(v >= 0 for v in res.timings.as_dict().values()) and res.timings.prefill > 0 and res.timings.decode > 0
     assert 0 < res.flops["llm_prefill"] < res.flops["llm_prefill_unpruned"]
-    parts = res.flops["vision"] + res.flops["projector"] + res.flops["llm_prefill"]
+    assert res.flops["scoring"] > 0  # CLS row + joint read-out: part of the pipeline, not hidden
+    parts = res.flops["vision"] + res.flops["scoring"] + res.flops["projector"] + res.flops["llm_prefill"]
     assert res.flops["pipeline"] == pytest.approx(parts)
+    off = be.answer(images, QUESTIONS, AtpConfig(enabled=False), max_new_tokens=1)
+    cls_only = be.answer(images, QUESTIONS, AtpConfig(alpha=0.0, keep_tokens=12), max_new_tokens=1)
+    assert off.flops["scoring"] == 0.0 < cls_only.flops["scoring"] < res.flops["scoring"]
     assert res.keep_mask(1).dtype == np.uint8 and res.keep_mask(1).sum() == 12
 
 
@@ -231,6 +236,20 @@ def test_missing_text_tower_runs_cls_only_with_note(backends: dict, images: list
     # Same tower weights as "clip": CLS-only picks the same patches there.
     ref = be.answer(images, QUESTIONS, AtpConfig(alpha=0.0, keep_tokens=8), max_new_tokens=2)
     assert res.selection.indices.tolist() == ref.selection.indices.tolist() and ref.notes == []
+
+
+def test_cls_only_skips_text_tower_and_joint_space(backends: dict, images: list) -> None:
+    """A selector that does not use S_inter runs neither the text tower nor the joint read-out per frame."""
+    be = backends["clip"]
+    misses = be.text_cache.misses
+    for atp in (AtpConfig(alpha=0.0, keep_tokens=8), AtpConfig(selector="uniform", keep_tokens=8)):
+        res = be.answer(images, ["a question asked only here", "and another one"], atp, max_new_tokens=1)
+        assert res.selection.s_inter is None and res.alpha_used == 0.0
+    assert be.text_cache.misses == misses
+
+
+def test_concurrent_calls_match_sequential(backends: dict, images: list) -> None:
+    check_concurrent_calls_match_sequential(backends["clip"], images)
 
 
 def test_text_embedding_cache_hits_on_repeated_question(backends: dict, images: list) -> None:

@@ -9,6 +9,7 @@ patch tokens, feeds only those to the rest of the VLM and returns a
 from __future__ import annotations
 
 import abc
+import functools
 import json
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -248,6 +249,21 @@ class VlmBackend(abc.ABC):
         return json.dumps(
             {"model": self.model_id, "grid": self.grid, "score_layer": self.score_layer, "text_tower": tower}
         )
+
+
+def serialized(method: Callable) -> Callable:
+    """Run a backend method under ``self._lock`` (a ``threading.Lock`` the backend creates).
+
+    The capture hooks of :func:`record_outputs` sit on modules shared by every call; two
+    calls at once would each read the other's tensors, so a backend runs one call at a time.
+    """
+
+    @functools.wraps(method)
+    def locked(self, *args, **kwargs):
+        with self._lock:
+            return method(self, *args, **kwargs)
+
+    return locked
 
 
 # --------------------------------------------------------------------------- shared helpers

@@ -28,6 +28,7 @@ side is that open_clip model's text tower (:mod:`atp_ros.backends.openclip_tower
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Sequence
 from functools import partial
 
@@ -54,6 +55,7 @@ from atp_ros.backends.base import (
     record_outputs,
     scoring_flops,
     select_patches,
+    serialized,
     trim_after_eos,
     vit_flops,
 )
@@ -96,6 +98,20 @@ class Blip2Backend(VlmBackend):
         self._last_block = layers[-1]
         # Batched decoder-only generation needs left padding; reference and ATP paths share it.
         self.processor.tokenizer.padding_side = "left"
+        # One call at a time: the capture hooks sit on shared modules (see base.serialized).
+        self._lock = threading.Lock()
+        # Per-frame constants of the cost model.
+        v = vcfg
+        self._vision_flops = vit_flops(
+            self.num_visual_tokens + 1,
+            v.hidden_size,
+            v.intermediate_size,
+            v.num_hidden_layers,
+            v.num_attention_heads,
+            v.patch_size,
+        )
+        self._qformer_keep_all_flops = self.qformer_flops(self.num_visual_tokens + 1)
+        self._lm_dims = lm_dims(model.config.text_config)
 
     @classmethod
     def from_pretrained(
@@ -144,6 +160,7 @@ class Blip2Backend(VlmBackend):
         new = out[:, 1:] if lm_cfg.is_encoder_decoder else out[:, input_len:]  # enc-dec: drop decoder start
         return trim_after_eos(new, self.model.language_model.generation_config.eos_token_id)
 
+    @serialized
     @torch.inference_mode()
     def reference_generate(
         self, images: Sequence[np.ndarray], questions: Sequence[str] | str, max_new_tokens: int = 32
@@ -155,6 +172,7 @@ class Blip2Backend(VlmBackend):
 
     # ------------------------------------------------------------------ ATP path
 
+    @serialized
     @torch.inference_mode()
     def answer(
         self,
@@ -251,20 +269,16 @@ class Blip2Backend(VlmBackend):
         Q-Former cross-attention is the only stage pruning shrinks; ``llm_prefill`` is the
         same with and without ATP because the LLM always gets ``num_query_tokens`` tokens.
         """
-        v = self.model.config.vision_config
-        n = self.num_visual_tokens
-        vision = vit_flops(
-            n + 1, v.hidden_size, v.intermediate_size, v.num_hidden_layers, v.num_attention_heads, v.patch_size
-        )
-        scoring = scoring_flops(n, v.hidden_size, atp, self.joint if used_text else None)
+        vision = self._vision_flops
+        hidden = self.model.config.vision_config.hidden_size
+        scoring = scoring_flops(self.num_visual_tokens, hidden, atp, self.joint if used_text else None)
         projector = float(np.mean([self.qformer_flops(k + 1) for k in kept]))
-        lm = lm_dims(self.model.config.text_config)
-        prefill = float(np.mean([decoder_prefill_flops(t, **lm) for t in seq_lens]))
+        prefill = float(np.mean([decoder_prefill_flops(t, **self._lm_dims) for t in seq_lens]))
         return {
             "vision": vision,
             "scoring": scoring,
             "projector": projector,
-            "projector_keep_all": self.qformer_flops(n + 1),
+            "projector_keep_all": self._qformer_keep_all_flops,
             "llm_prefill": prefill,
             "pipeline": vision + scoring + projector + prefill,
         }

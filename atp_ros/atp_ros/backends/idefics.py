@@ -29,6 +29,7 @@ to the kept tokens directly, so there the cross-attention keys do shrink.)
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Sequence
 from functools import partial
 
@@ -54,6 +55,7 @@ from atp_ros.backends.base import (
     record_outputs,
     scoring_flops,
     select_patches,
+    serialized,
     trim_after_eos,
     vit_flops,
 )
@@ -133,8 +135,20 @@ class IdeficsBackend(VlmBackend):
         layers = model.model.vision_model.encoder.layers
         self.score_layer = score_layer % len(layers)
         self._score_attn = layers[self.score_layer].self_attn
-        self._last_block = layers[-1]
         self.processor.tokenizer.padding_side = "left"  # batched generation; reference and ATP paths share it
+        self._image_token_id = self.processor.tokenizer.convert_tokens_to_ids("<image>")
+        # One call at a time: the capture hooks sit on shared modules (see base.serialized).
+        self._lock = threading.Lock()
+        v = vcfg  # per-frame constants of the cost model
+        self._vision_flops = vit_flops(
+            self.num_visual_tokens + 1,
+            v.embed_dim,
+            v.intermediate_size,
+            v.num_hidden_layers,
+            v.num_attention_heads,
+            v.patch_size,
+        )
+        self._resampler_keep_all_flops = self.resampler_flops(self.num_visual_tokens + 1)
 
     @classmethod
     def from_pretrained(
@@ -179,6 +193,7 @@ class IdeficsBackend(VlmBackend):
         out["pixel_values"] = out["pixel_values"].to(self.dtype)
         return out
 
+    @serialized
     @torch.inference_mode()
     def reference_generate(
         self, images: Sequence[np.ndarray], questions: Sequence[str] | str, max_new_tokens: int = 32
@@ -190,6 +205,7 @@ class IdeficsBackend(VlmBackend):
 
     # ------------------------------------------------------------------ ATP path
 
+    @serialized
     @torch.inference_mode()
     def answer(
         self,
@@ -245,8 +261,7 @@ class IdeficsBackend(VlmBackend):
         ids = trim_after_eos(out[:, input_len:], self.model.generation_config.eos_token_id)
         answers = decode_answers(self.processor.tokenizer, ids)
         seq_lens = [int(n) for n in inputs["attention_mask"].sum(dim=1).tolist()]
-        image_token = self.processor.tokenizer.convert_tokens_to_ids("<image>")
-        n_image_tokens = (inputs["input_ids"] == image_token).sum(dim=1).tolist()
+        n_image_tokens = (inputs["input_ids"] == self._image_token_id).sum(dim=1).tolist()
         kept_counts = [int(k) for k in selection.lengths.tolist()]
         selection.extras.update(
             cls_kept=True, resampler_context=[k + 1 for k in kept_counts], score_layer=self.score_layer
@@ -294,12 +309,9 @@ class IdeficsBackend(VlmBackend):
         not change with ATP.
         """
         cfg = self.model.config
-        v = cfg.vision_config
-        n = self.num_visual_tokens
-        vision = vit_flops(
-            n + 1, v.embed_dim, v.intermediate_size, v.num_hidden_layers, v.num_attention_heads, v.patch_size
-        )
-        scoring = scoring_flops(n, v.embed_dim, atp, self.joint if used_text else None)
+        vision = self._vision_flops
+        joint = self.joint if used_text else None
+        scoring = scoring_flops(self.num_visual_tokens, cfg.vision_config.embed_dim, atp, joint)
         projector = float(np.mean([self.resampler_flops(k + 1) for k in kept]))
 
         def keys(k: int) -> int:
@@ -310,7 +322,7 @@ class IdeficsBackend(VlmBackend):
             "vision": vision,
             "scoring": scoring,
             "projector": projector,
-            "projector_keep_all": self.resampler_flops(n + 1),
+            "projector_keep_all": self._resampler_keep_all_flops,
             "llm_prefill": prefill,
             "pipeline": vision + scoring + projector + prefill,
         }

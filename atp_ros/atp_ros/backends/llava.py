@@ -74,6 +74,7 @@ from atp_ros.backends.base import (
     decode_answers,
     decoder_prefill_flops,
     generate_timed,
+    intra_flops,
     joint_text_cosine,
     lm_dims,
     patch_grid,
@@ -269,7 +270,7 @@ class LlavaBackend(VlmBackend):
             visual_tokens_kept=kept,
             text_tokens=text_tokens,
             timings=sw.timings,
-            flops=self._flops(text_tokens, kept),
+            flops=self._flops(text_tokens, kept, self._scoring_flops(atp, selection)),
             generated_ids=new_ids,
             alpha_used=alpha_used,
             notes=notes,
@@ -281,7 +282,7 @@ class LlavaBackend(VlmBackend):
         """Stock ``model.generate(**processor(...), do_sample=False)``: new ids per image up to and including EOS."""
         qs = self._questions(images, questions)
         with self._lock, torch.inference_mode():
-            inputs = self._preprocess(images, qs)
+            inputs = {k: v.to(self.device) for k, v in self._preprocess(images, qs).items()}
             out = self.model.generate(**inputs, do_sample=False, max_new_tokens=max_new_tokens)
         return self._trim(out[:, inputs["input_ids"].shape[1] :])
 
@@ -307,9 +308,10 @@ class LlavaBackend(VlmBackend):
                 raise ValueError(f"image {i}: expected an HxWx3 RGB array, got shape {arr.shape}")
             pil.append(Image.fromarray(arr.astype(np.uint8, copy=False)))
         enc = self.processor(images=pil, text=[self._prompt(q) for q in questions], return_tensors="pt", padding=True)
+        # input_ids / attention_mask stay on the CPU: _shorten edits them there without a GPU sync per sample.
         return {
-            "input_ids": enc["input_ids"].to(self.device),
-            "attention_mask": enc["attention_mask"].to(self.device),
+            "input_ids": enc["input_ids"],
+            "attention_mask": enc["attention_mask"],
             "pixel_values": enc["pixel_values"].to(self.device, self.dtype),
         }
 
@@ -362,7 +364,7 @@ class LlavaBackend(VlmBackend):
             alpha_used = 0.0
         s_intra, used_signal = self._s_intra(vis, atp.intra_signal, notes)
         s_inter = None
-        if self.joint is not None:
+        if self.joint is not None and selector.needs_text:  # no joint read-out / text tower when unused
             s_inter = joint_text_cosine(self.joint, self.text_cache, vis.last[:, int(self.has_cls) :], questions)
         inputs = ScoreInputs(s_intra=s_intra, s_inter=s_inter, tokens=patches, grid=self.grid)
         sel = selector.select(inputs, atp.budget(n))
@@ -378,14 +380,20 @@ class LlavaBackend(VlmBackend):
             # Batched like stock get_image_features, so K = N is bit-identical to it.
             kept = patches if sel.indices.shape[1] == patches.shape[1] else sel.gather(patches)  # (B, K, D_feat)
             return list(self.projector(torch.cat([cls_tok, kept], dim=1)))
-        rows = [torch.cat([cls_tok[b], patches[b, sel.kept(b).to(patches.device)]]) for b in range(len(patches))]
+        lengths = sel.lengths.tolist()  # one device->host copy, not one per sample
+        idx = sel.indices.to(patches.device)
+        rows = [torch.cat([cls_tok[b], patches[b, idx[b, :k]]]) for b, k in enumerate(lengths)]
         projected = self.projector(torch.cat(rows))  # (sum K_b, D_llm): position-wise, one call
         return list(projected.split([len(r) for r in rows]))
 
     def _shorten(
         self, input_ids: Tensor, attention_mask: Tensor, kept: list[int]
     ) -> tuple[Tensor, Tensor, Tensor, list[int]]:
-        """Replace each sample's run of N_feat placeholders by ``kept[b]``; left-pad; positions from the mask."""
+        """Replace each sample's run of N_feat placeholders by ``kept[b]``; left-pad; positions from the mask.
+
+        Works on the processor's CPU tensors (no GPU sync per sample); returns them on the device.
+        """
+        input_ids, attention_mask = input_ids.cpu(), attention_mask.cpu()
         rows, text_tokens = [], []
         for b in range(input_ids.shape[0]):
             row = input_ids[b][attention_mask[b].bool()]  # unpadded prompt
@@ -406,7 +414,7 @@ class LlavaBackend(VlmBackend):
             mask[b, length - len(r) :] = 1
         # What generate derives from a left-padded mask; explicit so ids, mask and positions move together.
         positions = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)  # (B, T)
-        return ids, mask, positions, text_tokens
+        return ids.to(self.device), mask.to(self.device), positions.to(self.device), text_tokens
 
     def _generate(
         self, ids: Tensor, mask: Tensor, positions: Tensor, feats: list[Tensor], max_new_tokens: int, sw: Stopwatch
@@ -439,7 +447,22 @@ class LlavaBackend(VlmBackend):
         )
         return patch_embed + layers
 
-    def _flops(self, text_tokens: list[int], kept: list[int]) -> dict[str, float]:
+    def _scoring_flops(self, atp: AtpConfig, sel: Selection) -> float:
+        """ATP scoring FLOPs for one image: S_intra from the captured q/k (or the SigLIP probe) and,
+        when it was used, the joint-space read-out and cosine; the text tower is cached, so not counted."""
+        if not atp.enabled:
+            return 0.0
+        n, d = self.num_visual_tokens, int(self.model.config.vision_config.hidden_size)
+        signal = sel.extras.get("intra_signal", "cls")
+        if signal == "probe":
+            scoring = 2.0 * n * d * d + 4.0 * n * d  # probe keys of every patch + one query row
+        else:
+            scoring = intra_flops(n + int(self.has_cls), d, "cls" if signal == "cls" else "received")
+        if sel.s_inter is not None and self.joint is not None:
+            scoring += self.joint.joint_flops(n) + 2.0 * n * self.joint.embed_dim
+        return scoring
+
+    def _flops(self, text_tokens: list[int], kept: list[int], scoring: float = 0.0) -> dict[str, float]:
         """Per-image FLOPs, averaged over the batch (rows differ only with per-sample budgets)."""
         dims = lm_dims(self.model.config.text_config)
 
@@ -457,8 +480,9 @@ class LlavaBackend(VlmBackend):
             "llm_prefill": llm,
             "llm_prefill_unpruned": full,
             "vision": self._vision_flops,
+            "scoring": scoring,
             "projector": projector,
-            "pipeline": self._vision_flops + projector + llm,
+            "pipeline": self._vision_flops + scoring + projector + llm,
         }
 
 
