@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from atp_ros.atp import NORMALIZATIONS
+from atp_ros.atp import NORMALIZATIONS, SELECTORS
 from atp_ros.backends.base import INTRA_SIGNALS, AtpConfig
 
 
@@ -80,6 +80,14 @@ PARAMS: tuple[Param, ...] = (
         runtime=True,
     ),
     Param(
+        "atp.selector",
+        "atp",
+        "token selector: atp (the paper) or a baseline for comparisons (cls_only, text_only, random, uniform, "
+        "divprune, keep_all)",
+        choices=tuple(SELECTORS),
+        runtime=True,
+    ),
+    Param(
         "processing.max_rate_hz",
         0.0,
         "upper bound on inferences per second (0 = as fast as frames allow)",
@@ -127,4 +135,5 @@ def atp_config(values: dict[str, Any]) -> AtpConfig:
         mass=float(values["atp.mass"]),
         intra_signal=str(values["atp.intra_signal"]),
         normalization=str(values["atp.normalization"]),
+        selector=str(values["atp.selector"]),
     )

@@ -129,6 +129,13 @@ def test_parameters_change_at_run_time_and_bad_values_are_rejected(running) -> N
     answer = publish_until_answer(probe, frame(8, 2_100_000_000))
     assert answer.visual_tokens_kept == math.ceil(0.5 * N_TOKENS)  # rejected changes left nothing behind
     assert abs(answer.alpha - 0.5) < 1e-6
+    ok, reason = probe.set_parameter("atp.selector", "uniform")
+    assert ok, reason
+    answer = publish_until_answer(probe, frame(10, 2_150_000_000))
+    kept = [i for i, m in enumerate(answer.keep_mask) if m]
+    assert kept == [i * N_TOKENS // 32 for i in range(32)]  # every 2nd patch at keep_ratio 0.5
+    assert probe.set_parameter("atp.selector", "atp")[0]
+    assert not probe.set_parameter("atp.selector", "magic")[0]
     ok, reason = probe.set_parameter("atp.enabled", False)
     assert ok, reason
     answer = publish_until_answer(probe, frame(9, 2_200_000_000))
