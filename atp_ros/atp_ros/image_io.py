@@ -11,11 +11,14 @@ No rclpy import here: messages are duck-typed (``encoding``, ``height``, ``width
 
 from __future__ import annotations
 
+import io
+import warnings
 from dataclasses import dataclass
 from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
+from PIL import Image as PILImage
 from rosbags.image import ImageError, message_to_cvimage
 from rosbags.image.image import ENCODINGMAP
 
@@ -82,6 +85,9 @@ def compressed_to_rgb(msg: Any, limits: ImageLimits = ImageLimits()) -> np.ndarr
         raise BadImage("corrupt", "empty compressed image")
     if len(msg.data) > limits.max_bytes:
         raise BadImage("too_large", f"compressed image of {len(msg.data)} bytes exceeds the limit {limits.max_bytes}")
+    size = _declared_size(msg.data)  # before decoding: a few hundred bytes of JPEG can declare 20000x20000
+    if size is not None and size[0] * size[1] > limits.max_pixels:
+        raise BadImage("too_large", f"compressed image of {size[0]}x{size[1]} exceeds max_image_pixels")
     try:
         rgb = message_to_cvimage(msg, "rgb8")
     except (AssertionError, ImageError, ValueError) as err:  # rosbags asserts on undecodable data
@@ -89,6 +95,19 @@ def compressed_to_rgb(msg: Any, limits: ImageLimits = ImageLimits()) -> np.ndarr
     if rgb.shape[0] * rgb.shape[1] > limits.max_pixels:
         raise BadImage("too_large", f"decoded image {rgb.shape[1]}x{rgb.shape[0]} exceeds max_image_pixels")
     return _as_rgb_u8(rgb)
+
+
+def _declared_size(data: Any) -> tuple[int, int] | None:
+    """``(width, height)`` from a compressed image's header (nothing decoded); None if unreadable."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", PILImage.DecompressionBombWarning)
+            with PILImage.open(io.BytesIO(data)) as img:
+                return img.size
+    except PILImage.DecompressionBombError as err:  # beyond Pillow's own limit (~179 Mpixel)
+        raise BadImage("too_large", f"compressed image exceeds max_image_pixels ({err})") from err
+    except Exception:  # not a format Pillow knows, or a broken header: OpenCV decides
+        return None
 
 
 def _as_rgb_u8(img: np.ndarray) -> np.ndarray:

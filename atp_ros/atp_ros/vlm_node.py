@@ -25,6 +25,7 @@ import rclpy
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
 from rcl_interfaces.msg import FloatingPointRange, IntegerRange, ParameterDescriptor, SetParametersResult
 from rclpy.callback_groups import MutuallyExclusiveCallbackGroup
+from rclpy.exceptions import ParameterException
 from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor
 from rclpy.node import Node
 from rclpy.parameter import Parameter
@@ -96,11 +97,17 @@ class VlmNode(Node):
         super().__init__("atp_vlm", **kwargs)
         for spec in params.PARAMS:
             self.declare_parameter(spec.name, spec.default, _descriptor(spec))
-        self.add_on_set_parameters_callback(self._on_set_parameters)
         for spec in params.PARAMS:  # values from a YAML file / command line get the same checks
             reason = params.check(spec.name, self.get_parameter(spec.name).value)
             if reason:
                 raise ValueError(reason)
+        # Run-time parameters as one snapshot, replaced whole by _on_set_parameters: the worker
+        # and ~/ask never see half of a multi-parameter change (rclpy stores the new values one
+        # by one after the callback) and do not read ~10 parameters per frame.
+        self._state_lock = threading.Lock()
+        self._runtime: dict[str, Any] = {p.name: self._param(p.name) for p in params.PARAMS if p.runtime}
+        self._atp = params.atp_config(self._runtime)
+        self.add_on_set_parameters_callback(self._on_set_parameters)
 
         self.model_id = self._param("model_id")
         if not self.model_id:
@@ -116,11 +123,12 @@ class VlmNode(Node):
         )
 
         self.limits = image_io.ImageLimits(max_pixels=self._param("limits.max_image_pixels"))
+        self._max_new_tokens = self._param("max_new_tokens")  # read-only
+        self._max_query_chars = self._param("limits.max_query_chars")  # read-only
         self.counters = Counters()
         self.latency = LatencyWindow(self._param("diagnostics.window"))
         self.slot = LatestFrame()
         self._model_lock = threading.Lock()
-        self._state_lock = threading.Lock()
         self._query: str | None = None
         self._latest: Frame | None = None  # newest frame, for ~/ask
         self._problems: dict[str, tuple[float, int, str]] = {}  # cause -> (when, level, message)
@@ -168,7 +176,16 @@ class VlmNode(Node):
             reason = params.check(change.name, change.value)
             if reason:
                 return SetParametersResult(successful=False, reason=reason)
+        # rclpy checked types and descriptor ranges before calling us, so the change is applied now.
+        with self._state_lock:
+            runtime = self._runtime | {c.name: c.value for c in changes if c.name in self._runtime}
+            self._runtime, self._atp = runtime, params.atp_config(runtime)
         return SetParametersResult(successful=True)
+
+    def _runtime_config(self) -> tuple[dict[str, Any], Any]:
+        """The run-time parameters and their AtpConfig, from one consistent snapshot."""
+        with self._state_lock:
+            return self._runtime, self._atp
 
     # ------------------------------------------------------------------ inputs
 
@@ -192,7 +209,7 @@ class VlmNode(Node):
     def _check_question(self, text: str) -> str | None:
         if not text.strip():
             return "empty question"
-        limit = self._param("limits.max_query_chars")
+        limit = self._max_query_chars
         if len(text) > limit:
             return f"question of {len(text)} characters exceeds limits.max_query_chars={limit}"
         return None
@@ -222,9 +239,9 @@ class VlmNode(Node):
     def _infer(self, frame: Frame, question: str):
         """Convert + answer one frame; returns ``(rgb, result)`` or raises BadImage / model errors."""
         rgb = self._to_rgb(frame.msg)
-        atp = params.atp_config({p.name: self._param(p.name) for p in params.PARAMS if p.runtime})
+        _, atp = self._runtime_config()
         with self._model_lock:
-            result = self.backend.answer([rgb], [question], atp, max_new_tokens=self._param("max_new_tokens"))
+            result = self.backend.answer([rgb], [question], atp, max_new_tokens=self._max_new_tokens)
         return rgb, result
 
     def _answer_msg(self, header: Header, question: str, result, received: float) -> VlmAnswer:
@@ -247,7 +264,7 @@ class VlmNode(Node):
         last_start = 0.0
         waiting_logged = False
         while not self._stop.is_set() and self.context.ok():
-            rate = self._param("processing.max_rate_hz")
+            rate = self._runtime_config()[0]["processing.max_rate_hz"]
             if rate > 0:  # wait out the interval, then take whatever frame is newest
                 pause = last_start + 1.0 / rate - time.monotonic()
                 if pause > 0 and self._stop.wait(pause):
@@ -401,7 +418,7 @@ def run(args: list[str] | None = None) -> int:
     try:
         try:
             node = VlmNode()
-        except (ModelLoadError, ValueError) as err:
+        except (ModelLoadError, ValueError, ParameterException) as err:  # rclpy: wrong type / out of range
             print(f"[atp_vlm] FATAL: cannot start: {err}", file=sys.stderr, flush=True)
             return 1
         executor = MultiThreadedExecutor(num_threads=3)

@@ -4,27 +4,49 @@ import os
 
 from ament_index_python.packages import get_package_share_directory
 from launch import LaunchDescription
-from launch.actions import DeclareLaunchArgument
+from launch.actions import DeclareLaunchArgument, OpaqueFunction
 from launch.substitutions import LaunchConfiguration
 from launch_ros.actions import Node
 
 
+def _node(context, *args, **kwargs):
+    # model_id / device override the parameters file only when given: an always-passed
+    # default would silently win over the value in a user's params_file.
+    overrides = {}
+    for name in ("model_id", "device"):
+        value = LaunchConfiguration(name).perform(context)
+        if value:
+            overrides[name] = value
+    parameters = [LaunchConfiguration("params_file")]
+    if overrides:
+        parameters.append(overrides)  # later entries win over the file
+    image_topic = LaunchConfiguration("image_topic")
+    return [
+        Node(
+            package="atp_ros",
+            executable="vlm_node",
+            name="atp_vlm",
+            namespace=LaunchConfiguration("namespace"),
+            output="screen",
+            emulate_tty=True,
+            parameters=parameters,
+            remappings=[
+                ("image", image_topic),
+                ("image/compressed", [image_topic, "/compressed"]),  # image_transport naming
+                ("query", LaunchConfiguration("query_topic")),
+            ],
+        )
+    ]
+
+
 def generate_launch_description() -> LaunchDescription:
     default_params = os.path.join(get_package_share_directory("atp_ros"), "config", "vlm.yaml")
-
-    model_id = LaunchConfiguration("model_id")
-    params_file = LaunchConfiguration("params_file")
-    image_topic = LaunchConfiguration("image_topic")
-    query_topic = LaunchConfiguration("query_topic")
-    namespace = LaunchConfiguration("namespace")
-    device = LaunchConfiguration("device")
-
     return LaunchDescription(
         [
             DeclareLaunchArgument(
                 "model_id",
-                default_value="llava-hf/llava-1.5-7b-hf",
-                description="VLM checkpoint: hub id (cached) or local directory",
+                default_value="",
+                description="VLM checkpoint: hub id (cached) or local directory (empty: model_id of params_file)",
             ),
             DeclareLaunchArgument(
                 "params_file", default_value=default_params, description="YAML file with the node's parameters"
@@ -32,28 +54,18 @@ def generate_launch_description() -> LaunchDescription:
             DeclareLaunchArgument(
                 "image_topic",
                 default_value="/camera/image_raw",
-                description="camera topic remapped onto the node's 'image' input",
+                description="camera topic remapped onto the node's 'image' input ('<image_topic>/compressed' "
+                "with image_transport: compressed)",
             ),
             DeclareLaunchArgument(
                 "query_topic",
-                default_value="/atp_vlm/query",
-                description="std_msgs/String topic with the standing question",
+                default_value="atp_vlm/query",
+                description="std_msgs/String topic with the standing question (relative: inside 'namespace')",
             ),
             DeclareLaunchArgument("namespace", default_value="", description="namespace of the node"),
-            DeclareLaunchArgument("device", default_value="auto", description="auto | cpu | cuda | cuda:N"),
-            Node(
-                package="atp_ros",
-                executable="vlm_node",
-                name="atp_vlm",
-                namespace=namespace,
-                output="screen",
-                emulate_tty=True,
-                parameters=[params_file, {"model_id": model_id, "device": device}],
-                remappings=[
-                    ("image", image_topic),
-                    ("image/compressed", [image_topic, "/compressed"]),
-                    ("query", query_topic),
-                ],
+            DeclareLaunchArgument(
+                "device", default_value="", description="auto | cpu | cuda | cuda:N (empty: device of params_file)"
             ),
+            OpaqueFunction(function=_node),
         ]
     )

@@ -74,6 +74,26 @@ def test_compressed_roundtrip_and_corrupt_data(rgb) -> None:
         assert err.value.cause == "corrupt"
 
 
+def test_compressed_size_is_checked_before_decoding(monkeypatch) -> None:
+    """A 631-byte JPEG declaring 20000x20000 would make OpenCV allocate 1.2 GB and spend seconds."""
+    import cv2
+
+    ok, jpeg = cv2.imencode(".jpg", np.zeros((8, 8, 3), np.uint8))
+    assert image_io.compressed_to_rgb(CompressedImage(format="jpeg", data=jpeg.tobytes())).shape == (8, 8, 3)
+
+    def no_decoding(*args, **kwargs):
+        raise AssertionError("decoded an image whose header already exceeds the limit")
+
+    monkeypatch.setattr(image_io, "message_to_cvimage", no_decoding)
+    data = bytearray(jpeg.tobytes())
+    sof = data.find(b"\xff\xc0")  # baseline start-of-frame: height, width at +5, +7
+    for side in (20000, 5000):  # beyond Pillow's own bomb limit; beyond only ours (16.7 Mpixel)
+        data[sof + 5 : sof + 9] = side.to_bytes(2, "big") * 2
+        with pytest.raises(image_io.BadImage, match="exceeds max_image_pixels") as err:
+            image_io.compressed_to_rgb(CompressedImage(format="jpeg", data=bytes(data)))
+        assert err.value.cause == "too_large"
+
+
 def test_rgb_fields_roundtrip(rgb) -> None:
     msg = Image(**image_io.rgb_fields(rgb))
     assert (msg.encoding, msg.step) == ("rgb8", 15)

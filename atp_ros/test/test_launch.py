@@ -19,21 +19,30 @@ from launch.actions import IncludeLaunchDescription  # noqa: E402
 from launch.launch_description_sources import PythonLaunchDescriptionSource  # noqa: E402
 
 MODEL_DIR = os.path.join(os.environ.get("TMPDIR", "/tmp"), f"atp_launch_test_{os.getpid()}")
+PARAMS_FILE = MODEL_DIR + ".yaml"
 
 
 @launch_pytest.fixture
 def launch_description():
     save_tiny_llava(MODEL_DIR)
+    # model_id and device come only from the params file (no launch arguments for them): the
+    # launch file must not override them with defaults. A namespace: the file must still apply.
+    with open(PARAMS_FILE, "w") as f:
+        f.write(f'/**/atp_vlm:\n  ros__parameters:\n    model_id: "{MODEL_DIR}"\n    device: "cpu"\n')
     launch_file = os.path.join(get_package_share_directory("atp_ros"), "launch", "vlm.launch.py")
     include = IncludeLaunchDescription(
         PythonLaunchDescriptionSource(launch_file),
-        launch_arguments={"model_id": MODEL_DIR, "device": "cpu", "image_topic": "/launch_test/image"}.items(),
+        launch_arguments={
+            "params_file": PARAMS_FILE,
+            "namespace": "/launch_ns",
+            "image_topic": "/launch_test/image",
+        }.items(),
     )
     return LaunchDescription([include, launch_pytest.actions.ReadyToTest()])
 
 
 @pytest.mark.launch(fixture=launch_description)
-def test_node_starts_and_subscribes_to_the_remapped_camera():
+def test_node_starts_from_params_file_in_a_namespace_with_remapped_topics():
     import time
 
     import rclpy
@@ -44,11 +53,12 @@ def test_node_starts_and_subscribes_to_the_remapped_camera():
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
             rclpy.spin_once(probe, timeout_sec=0.2)
-            if "atp_vlm" in probe.get_node_names() and probe.count_subscribers("/launch_test/image") > 0:
+            if probe.count_publishers("/launch_ns/atp_vlm/answer") > 0:  # model loaded
                 break
-        assert "atp_vlm" in probe.get_node_names()
-        assert probe.count_subscribers("/launch_test/image") > 0
-        assert probe.count_publishers("/atp_vlm/answer") > 0
+        assert ("atp_vlm", "/launch_ns") in probe.get_node_names_and_namespaces()
+        assert probe.count_publishers("/launch_ns/atp_vlm/answer") > 0
+        assert probe.count_subscribers("/launch_test/image") > 0  # absolute image_topic: as given
+        assert probe.count_subscribers("/launch_ns/atp_vlm/query") > 0  # relative query_topic: in the namespace
     finally:
         probe.destroy_node()
         rclpy.shutdown()

@@ -54,10 +54,6 @@ def frame(seed: int, stamp: int, h: int = 120, w: int = 160) -> Image:
     return image_msg(render_scene(seed, h, w).rgb, stamp)
 
 
-def ask_and_wait(probe: Probe, question: str) -> None:
-    probe.pub_query.publish(String(data=question))
-
-
 def publish_until_answer(probe: Probe, msg, timeout: float = 30.0):
     """Publish ``msg`` (best effort) until an answer with its stamp arrives; returns that answer."""
     want = stamp_ns(msg.header)
@@ -272,9 +268,13 @@ def test_compressed_transport_and_corrupt_data(tiny_llava, ros_ctx, tmp_path) ->
         good.header.stamp.sec = 9
         corrupt = CompressedImage(format="jpeg", data=b"\xff\xd8 definitely not a jpeg")
         corrupt.header.stamp.sec = 8
-        for _ in range(3):
+        # Until counted: a few fixed sends could all arrive before the query (skipped, never decoded).
+        probe.wait_for(lambda: probe.node.count_subscribers(f"{ns}/image/compressed") > 0, 10, "node subscribed")
+        deadline = time.monotonic() + 15
+        while "errors.corrupt" not in probe.status_values() and time.monotonic() < deadline:
             probe.pub_compressed.publish(corrupt)
-            time.sleep(0.05)
+            time.sleep(0.2)
+        assert "errors.corrupt" in probe.status_values()
         deadline = time.monotonic() + 30
         while not probe.snapshot(probe.answers) and time.monotonic() < deadline:
             probe.pub_compressed.publish(good)
@@ -367,9 +367,11 @@ def test_failing_model_step_is_reported_and_the_next_frame_answered(tiny_llava, 
         probe.wait_for(lambda: node._query is not None, 10, "query received")
         doomed = frame(70, 11_000_000_000)
         probe.wait_for(lambda: node.count_subscribers(f"{ns}/image") > 0, 5, "subscription")
-        while not calls:
+        deadline = time.monotonic() + 30
+        while not calls and time.monotonic() < deadline:
             probe.pub_image.publish(doomed)
             time.sleep(0.1)
+        assert calls, "the node never ran the model"
         answer = publish_until_answer(probe, frame(71, 11_100_000_000))
         assert answer.answer is not None and len(calls) >= 2
         probe.wait_for(lambda: "errors.model" in probe.status_values(), 5, "model error in diagnostics")
@@ -381,3 +383,82 @@ def test_failing_model_step_is_reported_and_the_next_frame_answered(tiny_llava, 
         executor.shutdown()
         node.destroy_node()
         probe.close()
+
+
+@pytest.mark.parametrize(
+    ("override", "words"),
+    [
+        ("atp.alpha:=2.0", ("atp.alpha", "range")),  # outside the descriptor range: rclpy raises
+        ("processing.max_rate_hz:=4", ("processing.max_rate_hz", "DOUBLE")),  # integer for a double
+        ("atp.keep_ratio:=0.0", ("keep_ratio",)),  # our own check (open low end)
+    ],
+)
+def test_bad_parameter_at_startup_exits_nonzero_with_one_line(tmp_path, override, words) -> None:
+    import subprocess
+
+    from node_harness import node_executable
+
+    result = subprocess.run(
+        [str(node_executable()), "--ros-args", "-p", f"model_id:={tmp_path}", "-p", override],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    lines = [line for line in (result.stdout + result.stderr).splitlines() if line.strip()]
+    assert result.returncode == 1 and len(lines) == 1, lines
+    assert all(word in lines[0] for word in words), lines
+
+
+def test_shipped_params_file_applies_in_a_namespace(ros_ctx) -> None:
+    """config/vlm.yaml reaches the node in the root namespace and in any other (launch `namespace`)."""
+    import os
+
+    from ament_index_python.packages import get_package_share_directory
+
+    from atp_ros import params
+
+    path = os.path.join(get_package_share_directory("atp_ros"), "config", "vlm.yaml")
+    for ns in ("/", "/robot1", "/fleet/robot2"):
+        node = rclpy.create_node(
+            "atp_vlm",
+            namespace=ns,
+            context=ros_ctx,
+            cli_args=["--ros-args", "--params-file", path],
+            automatically_declare_parameters_from_overrides=True,
+        )
+        try:
+            values = {name: p.value for name, p in node.get_parameters_by_prefix("").items()}
+        finally:
+            node.destroy_node()
+        assert values.get("model_id") == "llava-hf/llava-1.5-7b-hf", (ns, values)
+        assert set(params.BY_NAME) <= set(values), set(params.BY_NAME) - set(values)
+        assert all(params.check(name, values[name]) is None for name in params.BY_NAME)
+
+
+def test_multi_parameter_change_is_all_or_nothing_for_inference(tiny_llava, ros_ctx) -> None:
+    """The worker reads one snapshot of atp.*/processing.*: a rejected set leaves it untouched,
+    an accepted one replaces it whole (never a mix of old and new values)."""
+    from atp_ros.vlm_node import VlmNode
+    from rclpy.parameter import Parameter
+
+    node = VlmNode(
+        context=ros_ctx, namespace=new_namespace(), parameter_overrides=[Parameter("model_id", value=str(tiny_llava))]
+    )
+    try:
+        before = node._runtime_config()
+        result = node.set_parameters_atomically(
+            [Parameter("atp.keep_ratio", value=0.5), Parameter("atp.selector", value="magic")]
+        )
+        assert not result.successful and "selector" in result.reason
+        assert node._runtime_config() == before and node.get_parameter("atp.keep_ratio").value == 0.25
+        result = node.set_parameters_atomically(
+            [Parameter("atp.keep_ratio", value=0.5), Parameter("processing.max_rate_hz", value=2.0)]
+        )
+        assert result.successful, result.reason
+        runtime, atp = node._runtime_config()
+        assert atp.keep_ratio == 0.5 and runtime["processing.max_rate_hz"] == 2.0
+        assert runtime == {name: node.get_parameter(name).value for name in runtime}
+        assert node.set_parameters([Parameter("use_sim_time", value=True)])[0].successful  # not ours: passes
+    finally:
+        node.stop()
+        node.destroy_node()
