@@ -244,8 +244,10 @@ class VlmNode(Node):
             result = self.backend.answer([rgb], [question], atp, max_new_tokens=self._max_new_tokens)
         return rgb, result
 
-    def _answer_msg(self, header: Header, question: str, result, received: float) -> VlmAnswer:
+    def _answer_msg(self, header: Header, question: str, result, received: float, mask=None) -> VlmAnswer:
+        """The VlmAnswer of image 0 of ``result``; ``mask`` is its ``(h, w)`` keep mask when already at hand."""
         h, w = result.grid
+        mask = result.keep_mask(0) if mask is None else mask
         msg = VlmAnswer()
         msg.header = header
         msg.query = question
@@ -254,7 +256,7 @@ class VlmNode(Node):
         msg.visual_tokens_total = int(result.visual_tokens_total)
         msg.visual_tokens_kept = int(result.visual_tokens_kept[0])
         msg.grid_height, msg.grid_width = int(h), int(w)
-        msg.keep_mask = result.keep_mask(0).reshape(-1).tobytes()
+        msg.keep_mask = mask.reshape(-1).tobytes()
         msg.alpha = float(result.alpha_used)
         msg.inference_ms = float(result.timings.total)
         msg.latency_ms = float((time.monotonic() - received) * 1e3)
@@ -302,10 +304,10 @@ class VlmNode(Node):
 
     def _publish(self, frame: Frame, question: str, rgb, result) -> None:
         header = frame.msg.header
-        answer = self._answer_msg(header, question, result, frame.received)
+        mask = result.keep_mask(0)  # (h, w) uint8, shared by the answer, the mask image and the overlay
+        answer = self._answer_msg(header, question, result, frame.received, mask)
         self.pub_answer.publish(answer)
         self.pub_text.publish(String(data=answer.answer))
-        mask = result.keep_mask(0)
         if self.pub_mask.get_subscription_count():
             self.pub_mask.publish(Image(header=header, **image_io.rgb_fields(overlay.mask_image(mask))))
         if self.pub_overlay.get_subscription_count():  # the overlay costs a full-frame pass: only when watched
