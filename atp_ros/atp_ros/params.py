@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from atp_ros.atp import NORMALIZATIONS, SELECTORS
-from atp_ros.backends.base import INTRA_SIGNALS, AtpConfig
+from atp_ros.backends.base import INTER_READOUTS, INTRA_SIGNALS, POSITION_MODES, AtpConfig
 
 
 @dataclass(frozen=True)
@@ -88,6 +88,21 @@ PARAMS: tuple[Param, ...] = (
         runtime=True,
     ),
     Param(
+        "atp.positions",
+        AtpConfig.positions,
+        "LLM position ids of kept visual tokens: original (as among all N) or compact (renumbered 0..K)",
+        choices=POSITION_MODES,
+        runtime=True,
+    ),
+    Param(
+        "atp.inter_readout",
+        AtpConfig.inter_readout,
+        "how patches reach the joint space for S_inter: naive (post-layernorm + projection), "
+        "maskclip (last layer's value path), clearclip (query-query attention, no residual/MLP)",
+        choices=INTER_READOUTS,
+        runtime=True,
+    ),
+    Param(
         "processing.max_rate_hz",
         0.0,
         "upper bound on inferences per second (0 = as fast as frames allow)",
@@ -136,4 +151,6 @@ def atp_config(values: dict[str, Any]) -> AtpConfig:
         intra_signal=str(values["atp.intra_signal"]),
         normalization=str(values["atp.normalization"]),
         selector=str(values["atp.selector"]),
+        positions=str(values["atp.positions"]),
+        inter_readout=str(values["atp.inter_readout"]),
     )

@@ -97,6 +97,8 @@ def test_disabled_and_keep_all_match_stock_generate(backends: dict, images: list
     assert batch == 1 or ref[0] != ref[1]  # the inputs matter: a degenerate model would prove nothing
     off = be.answer(imgs, qs, AtpConfig(enabled=False), max_new_tokens=MAX_NEW)
     assert off.generated_ids == ref
+    compact = be.answer(imgs, qs, AtpConfig(keep_ratio=1.0, positions="compact"), max_new_tokens=MAX_NEW)
+    assert compact.generated_ids == ref
     assert off.visual_tokens_kept == [N] * batch and off.selection.method == "keep_all"
     full = be.answer(imgs, qs, AtpConfig(keep_ratio=1.0), max_new_tokens=MAX_NEW)  # ATP on, K = N
     assert full.generated_ids == ref
@@ -111,7 +113,7 @@ def test_prefill_holds_text_plus_k_image_positions(backends: dict, images: list,
     be = backends[tower]
     calls, handle = _record_prefill(be)
     try:
-        res = be.answer(images, QUESTIONS, AtpConfig(keep_tokens=10), max_new_tokens=MAX_NEW)
+        res = be.answer(images, QUESTIONS, AtpConfig(keep_tokens=10, positions="compact"), max_new_tokens=MAX_NEW)
     finally:
         handle.remove()
     assert res.visual_tokens_kept == [10, 10]
@@ -123,6 +125,91 @@ def test_prefill_holds_text_plus_k_image_positions(backends: dict, images: list,
         assert mask[b, -length:].all() and not mask[b, :-length].any()
         assert positions[b, -length:].tolist() == list(range(length))
     assert res.text_tokens[0] != res.text_tokens[1]  # the questions differ in length: padding was exercised
+
+
+def _record_positions(be: LlavaBackend) -> tuple[list, object]:
+    """Forward pre-hook on the LLM's rotary embedding: the position ids of every forward (prefill, then decode)."""
+    seen: list = []
+
+    def hook(_module, args, kwargs):
+        seen.append((kwargs.get("position_ids") if "position_ids" in kwargs else args[1]).clone())
+
+    return seen, be.model.model.language_model.rotary_emb.register_forward_pre_hook(hook, with_kwargs=True)
+
+
+@pytest.mark.parametrize("budget", [{"keep_tokens": 10}, {"mass": 0.4}])
+def test_original_positions_reach_rope_and_decoding(backends: dict, images: list, budget: dict) -> None:
+    """RoPE sees each kept token's unpruned position, the text after it its unpruned positions, and
+    decoding continues from the unpruned length -- with left padding and per-sample budgets."""
+    be = backends["clip"]
+    seen, handle = _record_positions(be)
+    try:
+        res = be.answer(images, QUESTIONS, AtpConfig(positions="original", **budget), max_new_tokens=MAX_NEW)
+    finally:
+        handle.remove()
+    prefill = seen[0]  # (B, T)
+    ids = be._preprocess(images, be._questions(images, QUESTIONS))["input_ids"]  # unpruned prompts
+    mask = be._preprocess(images, be._questions(images, QUESTIONS))["attention_mask"]
+    for b in range(len(images)):
+        row = ids[b][mask[b].bool()]
+        where = (row == be.image_token_id).nonzero().flatten()
+        start, end = int(where[0]), int(where[-1]) + 1
+        kept = res.selection.kept(b).tolist()
+        expected = list(range(start)) + [start + i for i in kept] + list(range(end, len(row)))
+        assert len(kept) == res.visual_tokens_kept[b] < N
+        assert prefill[b, -len(expected) :].tolist() == expected
+        if len(res.generated_ids[b]) > 1:  # the first decode step sits right after the unpruned prompt
+            assert int(seen[1][b, -1]) == len(row)
+    if "mass" in budget:
+        assert res.visual_tokens_kept[0] != res.visual_tokens_kept[1]
+
+
+def test_positions_change_answers_only_through_rope(backends: dict, images: list) -> None:
+    """Same kept tokens, same sequence length; only the position ids differ between the modes."""
+    be = backends["clip"]
+    calls, handle = _record_prefill(be)
+    try:
+        be.answer(images, QUESTIONS, AtpConfig(keep_tokens=10, positions="compact"), max_new_tokens=1)
+        first = dict(calls[0])
+        calls.clear()
+        be.answer(images, QUESTIONS, AtpConfig(keep_tokens=10, positions="original"), max_new_tokens=1)
+    finally:
+        handle.remove()
+    torch.testing.assert_close(calls[0]["inputs_embeds"], first["inputs_embeds"])
+    assert torch.equal(calls[0]["attention_mask"], first["attention_mask"])
+    assert not torch.equal(calls[0]["position_ids"], first["position_ids"])
+
+
+@pytest.mark.parametrize("tower", ["clip", "siglip"])
+def test_dense_readouts(backends: dict, images: list, tower: str) -> None:
+    be = backends[tower]
+    inter = {}
+    for readout in ("naive", "maskclip", "clearclip"):
+        res = be.answer(images, QUESTIONS, AtpConfig(alpha=1.0, inter_readout=readout), max_new_tokens=1)
+        assert res.selection.extras["inter_readout"] == readout
+        inter[readout] = res.selection.s_inter
+        assert inter[readout].shape == (2, N) and torch.isfinite(inter[readout]).all()
+    assert not torch.allclose(inter["naive"], inter["maskclip"])
+    assert not torch.allclose(inter["maskclip"], inter["clearclip"])
+    # MaskCLIP keeps each token's own content: changing token j leaves token i's state unchanged.
+    from atp_ros.backends.text_towers import dense_states
+
+    layer = be.tower.encoder.layers[-1]
+    x = torch.randn(1, 5, layer.self_attn.embed_dim)
+    y = x.clone()
+    y[0, 3] = torch.randn(layer.self_attn.embed_dim)  # (a constant shift would vanish in layer_norm1)
+    with torch.no_grad():
+        a, b = dense_states(layer, x, "maskclip"), dense_states(layer, y, "maskclip")
+        assert torch.allclose(a[0, :3], b[0, :3]) and not torch.allclose(a[0, 3], b[0, 3])
+        c, d = dense_states(layer, x, "clearclip"), dense_states(layer, y, "clearclip")
+        assert not torch.allclose(c[0, 0], d[0, 0])  # query-query attention mixes tokens
+
+
+def test_bad_atp_choices_are_rejected(backends: dict, images: list) -> None:
+    be = backends["clip"]
+    for bad in ({"positions": "sideways"}, {"inter_readout": "magic"}, {"intra_signal": "x"}):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            be.answer(images[:1], QUESTIONS[0], AtpConfig(**bad))
 
 
 def test_per_sample_budget_left_pads(backends: dict, images: list) -> None:

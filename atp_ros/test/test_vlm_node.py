@@ -132,6 +132,14 @@ def test_parameters_change_at_run_time_and_bad_values_are_rejected(running) -> N
     assert kept == [i * N_TOKENS // 32 for i in range(32)]  # every 2nd patch at keep_ratio 0.5
     assert probe.set_parameter("atp.selector", "atp")[0]
     assert not probe.set_parameter("atp.selector", "magic")[0]
+    for name, good, bad in (("atp.positions", "compact", "sideways"), ("atp.inter_readout", "maskclip", "magic")):
+        ok, reason = probe.set_parameter(name, good)
+        assert ok, reason
+        ok, reason = probe.set_parameter(name, bad)
+        assert not ok and name in reason
+    answer = publish_until_answer(probe, frame(11, 2_170_000_000))  # answers with compact + maskclip
+    assert answer.visual_tokens_kept == math.ceil(0.5 * N_TOKENS)
+    assert probe.set_parameter("atp.positions", "original")[0] and probe.set_parameter("atp.inter_readout", "naive")[0]
     ok, reason = probe.set_parameter("atp.enabled", False)
     assert ok, reason
     answer = publish_until_answer(probe, frame(9, 2_200_000_000))

@@ -26,6 +26,8 @@ if TYPE_CHECKING:
     from atp_ros.backends.text_towers import JointSpace
 
 INTRA_SIGNALS = ("cls", "received")
+POSITION_MODES = ("original", "compact")
+INTER_READOUTS = ("naive", "maskclip", "clearclip")
 STAGES = ("preprocess", "vision", "scoring", "projector", "prefill", "decode")
 
 
@@ -45,6 +47,21 @@ class AtpConfig:
     intra_signal: str = "cls"  # "cls" | "received"
     selector: str = "atp"  # any name of atp.make_selector
     seed: int = 0  # for the random baseline
+    # Position ids of the kept visual tokens in the LLM (LLaVA): "original" keeps the id each had
+    # among all N (text after the image keeps its unpruned ids); "compact" renumbers them 0..K.
+    positions: str = "original"
+    # How last-layer patches reach the joint space for S_inter (text_towers.INTER_READOUTS).
+    inter_readout: str = "naive"
+
+    def check(self) -> None:
+        """ValueError naming the first invalid choice (string options only; numbers are checked by Budget)."""
+        for name, value, allowed in (
+            ("intra_signal", self.intra_signal, INTRA_SIGNALS),
+            ("positions", self.positions, POSITION_MODES),
+            ("inter_readout", self.inter_readout, INTER_READOUTS),
+        ):
+            if value not in allowed:
+                raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
 
     def budget(self, num_tokens: int) -> Budget:
         """The token budget for ``num_tokens`` patches (all of them when disabled)."""

@@ -66,7 +66,6 @@ from atp_ros.atp import (
 )
 from atp_ros.backends import ModelLoadError
 from atp_ros.backends.base import (
-    INTRA_SIGNALS,
     AtpConfig,
     Stopwatch,
     VlmBackend,
@@ -83,7 +82,7 @@ from atp_ros.backends.base import (
     trim_after_eos,
 )
 from atp_ros.backends.loading import TEXT_TOWER_SUBDIR, load_checkpoint, load_text_tower
-from atp_ros.backends.text_towers import JointSpace, head_probe_attention, load_joint_space
+from atp_ros.backends.text_towers import JointSpace, dense_states, head_probe_attention, load_joint_space
 
 logger = logging.getLogger(__name__)
 
@@ -103,6 +102,7 @@ class _VisionOut:
 
     features: Tensor  # (B, N_feat, D_feat) feature layer(s), select strategy applied: projector input
     last: Tensor  # (B, L, D) raw last-layer states (CLS first on CLIP), for S_inter / the SigLIP probe
+    last_input: Tensor  # (B, L, D) input of the last layer, for the dense S_inter read-outs
     q: Tensor | None  # (B, L, D) score layer q_proj output (captured by hook)
     k: Tensor | None  # (B, L, D) score layer k_proj output
 
@@ -246,8 +246,7 @@ class LlavaBackend(VlmBackend):
         qs = self._questions(images, questions)
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-        if atp.intra_signal not in INTRA_SIGNALS:
-            raise ValueError(f"intra_signal must be one of {INTRA_SIGNALS}, got {atp.intra_signal!r}")
+        atp.check()
         sw = Stopwatch(self.device)
         notes: list[str] = []
         with self._lock, torch.inference_mode():
@@ -260,7 +259,10 @@ class LlavaBackend(VlmBackend):
             with sw.stage("projector"):
                 feats = self._project(vis.features, selection)  # B x (K_b + cls, D_llm)
                 kept = [int(f.shape[0]) for f in feats]
-                ids, mask, positions, text_tokens = self._shorten(inputs["input_ids"], inputs["attention_mask"], kept)
+                original = selection if atp.positions == "original" else None
+                ids, mask, positions, text_tokens = self._shorten(
+                    inputs["input_ids"], inputs["attention_mask"], kept, original
+                )
             new_ids = self._generate(ids, mask, positions, feats, max_new_tokens, sw)
         answers = decode_answers(self.tokenizer, new_ids)
         return VlmResult(
@@ -320,12 +322,14 @@ class LlavaBackend(VlmBackend):
         layers = [self.feature_layer] if isinstance(self.feature_layer, int) else list(self.feature_layer)
         hooked = {"q": self._attn.q_proj, "k": self._attn.k_proj} if capture_qk else {}
         with record_outputs(hooked) as captured:  # (B, L, D) each; the tower's SDPA forward is untouched
-            out = self.tower(pixel_values, output_hidden_states=[*layers, -1], return_dict=True)
+            out = self.tower(pixel_values, output_hidden_states=[*layers, -2, -1], return_dict=True)
         hs = out.hidden_states
         # Exactly LlavaModel.get_image_features' selection, so K = N reproduces stock features.
         pool = [hs[i][:, 1:] if self.select_strategy == "default" else hs[i] for i in layers]
         features = pool[0] if len(pool) == 1 else torch.cat(pool, dim=-1)  # (B, N_feat, D_feat)
-        return _VisionOut(features=features, last=hs[-1], q=captured.get("q"), k=captured.get("k"))
+        return _VisionOut(
+            features=features, last=hs[-1], last_input=hs[-2], q=captured.get("q"), k=captured.get("k")
+        )
 
     def _heads(self, x: Tensor) -> Tensor:
         b, length, _ = x.shape
@@ -365,11 +369,23 @@ class LlavaBackend(VlmBackend):
         s_intra, used_signal = self._s_intra(vis, atp.intra_signal, notes)
         s_inter = None
         if self.joint is not None and selector.needs_text:  # no joint read-out / text tower when unused
-            s_inter = joint_text_cosine(self.joint, self.text_cache, vis.last[:, int(self.has_cls) :], questions)
+            states = vis.last  # (B, L, D) naive: the raw last-layer states
+            if atp.inter_readout != "naive":
+                # The joint space's vision tower is the VLM's (llava-1.5 / CLIP-L-336, warehouse-tiny),
+                # so the VLM tower's last layer is the one the read-out modifies.
+                states = dense_states(self.tower.encoder.layers[-1], vis.last_input, atp.inter_readout)
+            s_inter = joint_text_cosine(self.joint, self.text_cache, states[:, int(self.has_cls) :], questions)
         inputs = ScoreInputs(s_intra=s_intra, s_inter=s_inter, tokens=patches, grid=self.grid)
         sel = selector.select(inputs, atp.budget(n))
         sel.s_intra, sel.s_inter = s_intra, s_inter
-        sel.extras.update({"intra_signal": used_signal, "score_layer": self.score_layer, "alpha": alpha_used})
+        sel.extras.update(
+            {
+                "intra_signal": used_signal,
+                "score_layer": self.score_layer,
+                "alpha": alpha_used,
+                "inter_readout": atp.inter_readout if s_inter is not None else "",
+            }
+        )
         return sel, alpha_used
 
     def _project(self, features: Tensor, sel: Selection) -> list[Tensor]:
@@ -387,14 +403,18 @@ class LlavaBackend(VlmBackend):
         return list(projected.split([len(r) for r in rows]))
 
     def _shorten(
-        self, input_ids: Tensor, attention_mask: Tensor, kept: list[int]
+        self, input_ids: Tensor, attention_mask: Tensor, kept: list[int], original: Selection | None = None
     ) -> tuple[Tensor, Tensor, Tensor, list[int]]:
-        """Replace each sample's run of N_feat placeholders by ``kept[b]``; left-pad; positions from the mask.
+        """Replace each sample's run of N_feat placeholders by ``kept[b]``; left-pad; position ids.
 
+        ``original=None`` ("compact"): positions count the shortened sequence, as generate would
+        derive them from the mask. With the selection ("original"): each kept visual token keeps
+        the position it had among all N_feat (CLS, when fed, is 0 of the run) and the text after
+        the image keeps its unpruned positions; generate continues decoding from the last one + 1.
         Works on the processor's CPU tensors (no GPU sync per sample); returns them on the device.
         """
         input_ids, attention_mask = input_ids.cpu(), attention_mask.cpu()
-        rows, text_tokens = [], []
+        rows, text_tokens, pos_rows = [], [], []
         for b in range(input_ids.shape[0]):
             row = input_ids[b][attention_mask[b].bool()]  # unpadded prompt
             where = (row == self.image_token_id).nonzero().flatten()
@@ -405,6 +425,10 @@ class LlavaBackend(VlmBackend):
             start, end = int(where[0]), int(where[-1]) + 1
             rows.append(torch.cat([row[:start], row.new_full((kept[b],), self.image_token_id), row[end:]]))
             text_tokens.append(len(row) - len(where))
+            if original is not None:
+                patches = original.kept(b).cpu() + self.cls_fed  # offsets inside the unpruned run
+                run = torch.cat([torch.arange(self.cls_fed), patches]) + start
+                pos_rows.append(torch.cat([torch.arange(start), run, torch.arange(end, len(row))]))
         length = max(len(r) for r in rows)
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         ids = input_ids.new_full((len(rows), length), pad)  # (B, T)
@@ -414,6 +438,8 @@ class LlavaBackend(VlmBackend):
             mask[b, length - len(r) :] = 1
         # What generate derives from a left-padded mask; explicit so ids, mask and positions move together.
         positions = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)  # (B, T)
+        for b, p in enumerate(pos_rows):  # "original": the unpruned positions of the kept tokens
+            positions[b, length - len(p) :] = p
         return ids.to(self.device), mask.to(self.device), positions.to(self.device), text_tokens
 
     def _generate(

@@ -215,6 +215,33 @@ def head_probe_attention(head: nn.Module, x: Tensor) -> Tensor:
     return cls_attention(q, k)  # (B, N)
 
 
+def dense_states(layer: nn.Module, x: Tensor, readout: str) -> Tensor:
+    """Last-layer token states for a dense ``S_inter`` read-out, before the joint space's own map.
+
+    ``layer``: the tower's last encoder layer (HF CLIP/SigLIP: ``layer_norm1``, ``self_attn`` with
+    ``q_proj``/``v_proj``/``out_proj``); ``x``: ``(B, L, D)`` its *input* hidden states. The result
+    ``(B, L, D)`` goes through :meth:`JointSpace.patches_to_joint` like the raw last-layer states.
+
+    * ``maskclip`` (Zhou et al., ECCV 2022): the value path only, ``out_proj(v_proj(ln1(x)))``:
+      no query-key mixing, no residual, no MLP -- each token keeps its own content.
+    * ``clearclip`` (Lan et al., ECCV 2024): self-self (query-query) attention in the last layer,
+      no residual, no MLP: ``out_proj(softmax(q q^T * scale) v)``.
+    """
+    attn = layer.self_attn
+    y = layer.layer_norm1(x)
+    v = attn.v_proj(y)  # (B, L, D)
+    if readout == "maskclip":
+        return attn.out_proj(v)
+    if readout == "clearclip":
+        b, length, d = v.shape
+        heads = attn.num_heads
+        q = attn.q_proj(y).view(b, length, heads, -1).transpose(1, 2)  # (B, H, L, Dh)
+        vh = v.view(b, length, heads, -1).transpose(1, 2)
+        o = nn.functional.scaled_dot_product_attention(q, q, vh, scale=attn.scale)  # (B, H, L, Dh)
+        return attn.out_proj(o.transpose(1, 2).reshape(b, length, d))
+    raise ValueError(f"dense read-out must be 'maskclip' or 'clearclip', got {readout!r}")
+
+
 def joint_space_type(model_id: str) -> str:
     """``clip`` or ``siglip`` from the checkpoint's config; ValueError for anything else."""
     cfg = AutoConfig.from_pretrained(model_id, trust_remote_code=False)
@@ -242,6 +269,7 @@ def load_joint_space(model_id: str | Path, device: torch.device, dtype: torch.dt
 __all__ = [
     "ClipJointSpace",
     "JointSpace",
+    "dense_states",
     "SiglipJointSpace",
     "head_probe_attention",
     "head_value_readout",

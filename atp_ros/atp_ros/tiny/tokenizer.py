@@ -20,15 +20,15 @@ SPECIAL = ["<pad>", "<unk>", "<s>", "</s>"]
 
 
 def make_tiny_tokenizer(
-    extra_special_tokens: list[str] | None = None, vocab_size: int = 256
+    extra_special_tokens: list[str] | None = None, vocab_size: int = 256, words: list[str] | tuple[str, ...] = WORDS
 ) -> PreTrainedTokenizerFast:
-    """Word-level tokenizer: specials, ``extra_special_tokens`` (e.g. ``<image>``), words, filler.
+    """Word-level tokenizer: specials, ``extra_special_tokens`` (e.g. ``<image>``), ``words``, filler.
 
     The vocabulary is padded with ``<w{i}>`` tokens to ``vocab_size`` so the LM head of a
-    tiny model can emit any id and decoding still returns text.
+    tiny model can emit any id and decoding still returns text (``vocab_size=0``: no filler).
     """
     extra = list(extra_special_tokens or [])
-    tokens = SPECIAL + extra + WORDS + PUNCT
+    tokens = SPECIAL + extra + list(words) + PUNCT
     tokens += [f"<w{i}>" for i in range(max(0, vocab_size - len(tokens)))]
     vocab = {tok: i for i, tok in enumerate(dict.fromkeys(tokens))}
     backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
