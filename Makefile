@@ -7,13 +7,15 @@ VENV := .venv
 ENV := . $(VENV)/bin/activate && source install/setup.bash &&
 PYTEST_ARGS ?=
 
-.PHONY: help setup demo test bench lint format clean
+.PHONY: help setup demo test bench lint format clean train-tiny model-card
 
 help:
 	@echo "make demo   - set up if needed, then run the node on a camera stream over DDS and print its answers"
 	@echo "make test   - set up if needed, then run every test against the colcon install space"
 	@echo "make bench  - micro- and end-to-end benchmarks (tables + PNG plots in out/bench/)"
 	@echo "make lint   - ruff check + format check"
+	@echo "make train-tiny - retrain warehouse-tiny from nothing (CPU, resumable; out/warehouse-tiny)"
+	@echo "make model-card - validation-chosen defaults + test tables of a warehouse model (out/model_card)"
 	@echo "make setup  - .venv with pinned deps (+ ROS 2 wheels when no ROS is sourced), colcon build"
 
 # Idempotent: skips pip when requirements are unchanged; colcon build is incremental.
@@ -28,6 +30,14 @@ test: setup
 
 bench: setup
 	@$(ENV) python bench/run_all.py $(BENCH_ARGS)
+
+# Resumable: rerun after an interruption and it continues from out/train-tiny/state.pt.
+train-tiny: setup
+	@$(ENV) python -m atp_ros.train_tiny --out out/warehouse-tiny --work out/train-tiny $(TRAIN_ARGS)
+
+MODEL ?= warehouse-tiny
+model-card: setup
+	@$(ENV) python -m atp_ros.model_card --model $(MODEL) --out out/model_card $(CARD_ARGS)
 
 lint: setup
 	@. $(VENV)/bin/activate && ruff check . && ruff format --check .

@@ -8,6 +8,8 @@ setup(
     name=package_name,
     version="0.1.0",
     packages=find_packages(exclude=["test"]),
+    # The bundled warehouse-tiny checkpoint (safetensors, configs, tokenizer) ships inside the package.
+    package_data={"atp_ros": ["models/*/*", "models/*/*/*"]},
     data_files=[
         ("share/ament_index/resource_index/packages", ["resource/" + package_name]),
         ("share/" + package_name, ["package.xml"]),
@@ -16,7 +18,7 @@ setup(
     ],
     install_requires=["setuptools"],
     extras_require={"test": ["pytest"]},  # colcon test picks pytest from this
-    zip_safe=True,
+    zip_safe=False,  # the bundled model is read from the installed files
     maintainer="atp_ros maintainers",
     maintainer_email="atp_ros@example.com",
     description="ROS 2 node answering questions about a camera stream with an ATP-pruned VLM.",
@@ -24,6 +26,8 @@ setup(
     entry_points={
         "console_scripts": [
             "vlm_node = atp_ros.vlm_node:main",
+            "warehouse = atp_ros.warehouse:main",
+            "train_tiny = atp_ros.train_tiny:main",
         ],
     },
 )

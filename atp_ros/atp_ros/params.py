@@ -27,7 +27,11 @@ class Param:
 
 
 PARAMS: tuple[Param, ...] = (
-    Param("model_id", "", "VLM checkpoint: hub id or local directory (LLaVA, BLIP-2, IDEFICS)"),
+    Param(
+        "model_id",
+        "warehouse-tiny",
+        "VLM checkpoint: warehouse-tiny (bundled), hub id or local directory (LLaVA, BLIP-2, IDEFICS)",
+    ),
     Param("text_encoder_id", "", "CLIP/SigLIP text tower for S_inter; empty = derived from the model"),
     Param("device", "auto", "auto (CUDA if present, else CPU), cpu, cuda, cuda:N"),
     Param("dtype", "auto", "auto (fp16/bf16 on CUDA, fp32 on CPU), float32, float16, bfloat16"),

@@ -328,24 +328,14 @@ def _ask(scene: Scene, kind: str, rng: np.random.Generator) -> Question | None: 
         q = f"what letter is on the box on the {LEVELS[o.level]} shelf in slot {SLOTS[o.slot]}?"
         return Question(q, o.label, kind, (px(o.box),))
     if kind == "count":
-        color = pick(colors)
-        hits = [o for o in shelf if o.color == color]
-        if len(hits) >= len(COUNT_WORDS):
-            return None
-        q = f"how many {color} objects are on the shelves?"
-        return Question(q, COUNT_WORDS[len(hits)], kind, tuple(px(o.box) for o in hits))
+        return standing_question(scene, kind, color=pick(colors))
     if kind == "exists":
-        want = rng.random() < 0.5
-        if want:
+        if rng.random() < 0.5:
             o = pick(shelf)
             if o is None:
                 return None
-            color, okind = o.color, o.kind
-        else:
-            color, okind = pick(colors), ("box", "tote")[int(rng.integers(2))]
-        hits = [o for o in shelf if o.color == color and o.kind == okind]
-        q = f"is there a {color} {okind} on the shelves?"
-        return Question(q, "yes" if hits else "no", kind, tuple(px(o.box) for o in hits))
+            return standing_question(scene, kind, color=o.color, object_kind=o.kind)
+        return standing_question(scene, kind, color=pick(colors), object_kind=("box", "tote")[int(rng.integers(2))])
     unique = [o for o in shelf if sum(p.color == o.color and p.kind == o.kind for p in shelf) == 1]
     if kind == "which_level":
         o = pick(unique)
@@ -362,6 +352,34 @@ def _ask(scene: Scene, kind: str, rng: np.random.Generator) -> Question | None: 
             return None
         q = f"is {_describe(a)} left or right of {_describe(b)}?"
         return Question(q, "left" if a.slot < b.slot else "right", kind, (px(a.box), px(b.box)))
+    if kind in ("gripper", "aisle"):
+        return standing_question(scene, kind)
+    raise ValueError(f"unknown question kind {kind!r} (known: {', '.join(KINDS)})")
+
+
+STANDING_KINDS = ("count", "exists", "gripper", "aisle")
+
+
+def standing_question(
+    scene: Scene, kind: str, color: str = "red", object_kind: str = "box"
+) -> Question | None:
+    """A question that every scene can answer (a robot's standing query), answered for ``scene``.
+
+    ``kind`` is one of :data:`STANDING_KINDS`; ``color``/``object_kind`` fill the templates that
+    name an object. None when the answer is outside the vocabulary (more than five of a color).
+    """
+    px = scene.pixel_box
+    shelf = scene.shelf_objects
+    if kind == "count":
+        hits = [o for o in shelf if o.color == color]
+        if len(hits) >= len(COUNT_WORDS):
+            return None
+        q = f"how many {color} objects are on the shelves?"
+        return Question(q, COUNT_WORDS[len(hits)], kind, tuple(px(o.box) for o in hits))
+    if kind == "exists":
+        hits = [o for o in shelf if o.color == color and o.kind == object_kind]
+        q = f"is there a {color} {object_kind} on the shelves?"
+        return Question(q, "yes" if hits else "no", kind, tuple(px(o.box) for o in hits))
     if kind == "gripper":
         g = next(o for o in scene.objects if o.kind == "gripper")
         return Question("what is the gripper holding?", scene.holding, kind, (px(g.box),))
@@ -370,7 +388,7 @@ def _ask(scene: Scene, kind: str, rng: np.random.Generator) -> Question | None: 
         blockers = [o for o in scene.objects if o.kind in ("cone", "pallet") and _overlaps(o.box, aisle)]
         evidence = tuple(px(o.box) for o in blockers) if blockers else (px(aisle),)
         return Question("is the aisle clear?", "yes" if scene.aisle_clear else "no", kind, evidence)
-    raise ValueError(f"unknown question kind {kind!r} (known: {', '.join(KINDS)})")
+    raise ValueError(f"{kind!r} is not a standing question kind ({', '.join(STANDING_KINDS)})")
 
 
 def captions_for_scene(scene: Scene, rng: np.random.Generator, facts: int = 3) -> list[tuple[str, tuple]]:

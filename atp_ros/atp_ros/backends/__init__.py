@@ -39,11 +39,29 @@ def _model_type(model_id: str) -> str:
         raise ModelLoadError(f"{model_id}: cannot read its config ({type(err).__name__}: {err})") from err
 
 
+BUNDLED_MODELS_DIR = Path(__file__).resolve().parent.parent / "models"
+BUNDLED_MODELS = ("warehouse-tiny",)  # shipped inside the package (trained by `make train-tiny`)
+
+
+def resolve_model_id(model_id: str) -> str:
+    """A bundled model's name (``warehouse-tiny``) -> its directory; anything else unchanged.
+
+    A local directory of the same name wins over the bundled one.
+    """
+    if model_id in BUNDLED_MODELS and not Path(model_id).is_dir():
+        path = BUNDLED_MODELS_DIR / model_id
+        if not (path / "config.json").is_file():
+            raise ModelLoadError(f"{model_id}: the bundled model is missing from {path} (reinstall atp_ros)")
+        return str(path)
+    return model_id
+
+
 def load_backend(model_id: str, text_encoder_id: str = "", device: str = "auto", dtype: str = "auto") -> VlmBackend:
-    """Load the ATP-gated backend for ``model_id`` (hub id or local directory).
+    """Load the ATP-gated backend for ``model_id``: ``warehouse-tiny`` (bundled), a hub id or a local directory.
 
     Raises :class:`ModelLoadError` with one readable line on any failure.
     """
+    model_id = resolve_model_id(str(model_id))
     model_type = _model_type(model_id)
     if model_type not in FAMILIES:
         raise ModelLoadError(
@@ -59,4 +77,4 @@ def load_backend(model_id: str, text_encoder_id: str = "", device: str = "auto",
         raise ModelLoadError(f"{model_id}: {type(err).__name__}: {err}") from err
 
 
-__all__ = ["AtpConfig", "ModelLoadError", "StageTimings", "VlmBackend", "VlmResult", "load_backend"]
+__all__ = ["BUNDLED_MODELS", "AtpConfig", "ModelLoadError", "resolve_model_id", "StageTimings", "VlmBackend", "VlmResult", "load_backend"]

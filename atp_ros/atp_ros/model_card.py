@@ -1,0 +1,250 @@
+"""``make model-card``: measure a warehouse VLM on a split, choose ATP's defaults on validation, report on test.
+
+    python -m atp_ros.model_card --model warehouse-tiny --out out/model_card [--images 600] [--quick]
+
+1. **validation**: ATP (alpha x S_inter read-out x position mode) at keep 0.4 / 0.25 / 0.11;
+   the defaults are the setting with the best mean accuracy over those budgets (evidence
+   recall breaks ties). The test split is never used for a choice.
+2. **test**: full-model accuracy per question kind; accuracy and evidence recall of every
+   selector (ATP at the chosen defaults, cls_only, text_only, random, uniform, divprune) at
+   keep {1.0, 0.6, 0.4, 0.25, 0.11}; ATP across alpha; position modes x read-outs x selectors.
+
+Evidence recall = share of a question's evidence patches (``scenes.evidence_mask``) that
+the selection kept (questions without evidence, e.g. a count of zero, are left out).
+Writes ``model_card.json``, ``model_card.md`` (tables) and PNG plots to ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import sys
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from atp_ros.backends import AtpConfig, load_backend
+from atp_ros.scenes import KINDS, evidence_mask, questions_for_scene, render_scene, split_seed
+
+KEEPS = (1.0, 0.6, 0.4, 0.25, 0.11)
+SELECTORS = ("atp", "cls_only", "text_only", "random", "uniform", "divprune")
+ALPHAS = (0.0, 0.25, 0.5, 0.75, 1.0)
+READOUTS = ("naive", "maskclip", "clearclip")
+POSITIONS = ("original", "compact")
+
+
+@dataclass
+class Sample:
+    image: np.ndarray
+    question: str
+    answers: tuple[str, ...]
+    kind: str
+    evidence: np.ndarray  # (h, w) bool on the patch grid
+
+
+def normalize_answer(text: str) -> str:
+    return " ".join(text.lower().replace("?", " ").replace(".", " ").split())
+
+
+def make_samples(split: str, images: int, per_image: int, size: tuple[int, int], grid: tuple[int, int]) -> list:
+    out = []
+    for i in tqdm(range(images), desc=f"render {split}", unit="img", leave=False):
+        seed = split_seed(split, i)
+        scene = render_scene(seed, height=size[0], width=size[1])
+        rng = np.random.default_rng([seed, 7])
+        asked: set[str] = set()
+        for q in questions_for_scene(scene, rng, count=4 * per_image):
+            if q.question in asked or len(asked) >= per_image:
+                continue
+            asked.add(q.question)
+            ev = evidence_mask(q.evidence, scene.rgb.shape[:2], grid)
+            out.append(Sample(scene.rgb, q.question, tuple(q.answers or (q.answer,)), q.kind, ev))
+    return out
+
+
+def run(backend, samples: list[Sample], atp: AtpConfig, batch: int = 32) -> dict:
+    """Accuracy (overall and per kind), evidence recall, tokens kept and ms per frame for one setting."""
+    correct, recall, kept, by_kind = [], [], [], {k: [] for k in KINDS}
+    start = time.perf_counter()
+    for s in range(0, len(samples), batch):
+        chunk = samples[s : s + batch]
+        cfg = replace(atp, seed=s) if atp.selector == "random" else atp
+        res = backend.answer([c.image for c in chunk], [c.question for c in chunk], cfg, max_new_tokens=3)
+        masks = res.selection.mask.cpu().numpy()
+        for b, c in enumerate(chunk):
+            ok = normalize_answer(res.answers[b]) in {normalize_answer(a) for a in c.answers}
+            correct.append(ok)
+            by_kind[c.kind].append(ok)
+            if c.evidence.any():
+                recall.append(float((masks[b] & c.evidence).sum() / c.evidence.sum()))
+            kept.append(res.visual_tokens_kept[b])
+    elapsed = (time.perf_counter() - start) * 1e3 / max(len(samples), 1)
+    return {
+        "accuracy": float(np.mean(correct)),
+        "per_kind": {k: float(np.mean(v)) for k, v in by_kind.items() if v},
+        "evidence_recall": float(np.mean(recall)) if recall else float("nan"),
+        "tokens_kept": float(np.mean(kept)),
+        "ms_per_sample": elapsed,
+        "n": len(samples),
+    }
+
+
+def choose_defaults(backend, samples: list[Sample], quick: bool) -> tuple[dict, list[dict]]:
+    """Grid on validation; returns (chosen setting, every row)."""
+    rows = []
+    grid = list(itertools.product(ALPHAS, READOUTS, POSITIONS))
+    keeps = (0.4, 0.25, 0.11)
+    for alpha, readout, positions in tqdm(grid, desc="validation grid"):
+        accs, recs = [], []
+        for keep in keeps:
+            cfg = AtpConfig(alpha=alpha, inter_readout=readout, positions=positions, keep_ratio=keep)
+            r = run(backend, samples, cfg)
+            accs.append(r["accuracy"])
+            recs.append(r["evidence_recall"])
+            rows.append({"alpha": alpha, "inter_readout": readout, "positions": positions, "keep": keep, **r})
+        rows[-1]["mean_accuracy"] = float(np.mean(accs))
+        rows[-1]["mean_recall"] = float(np.mean(recs))
+    finals = [r for r in rows if "mean_accuracy" in r]
+    best = max(finals, key=lambda r: (round(r["mean_accuracy"], 4), r["mean_recall"]))
+    return {k: best[k] for k in ("alpha", "inter_readout", "positions")}, rows
+
+
+def test_report(backend, samples: list[Sample], chosen: dict) -> dict:
+    base = AtpConfig(alpha=chosen["alpha"], inter_readout=chosen["inter_readout"], positions=chosen["positions"])
+    report: dict = {"chosen": chosen}
+    report["full"] = run(backend, samples, AtpConfig(enabled=False))
+    sel = {}
+    for name, keep in tqdm(list(itertools.product(SELECTORS, KEEPS)), desc="test: selectors"):
+        sel[f"{name}@{keep}"] = run(backend, samples, replace(base, selector=name, keep_ratio=keep))
+    report["selectors"] = sel
+    alphas = {}
+    for alpha, keep in tqdm(list(itertools.product(ALPHAS, KEEPS[1:])), desc="test: alpha"):
+        alphas[f"{alpha}@{keep}"] = run(backend, samples, replace(base, alpha=alpha, keep_ratio=keep))
+    report["alphas"] = alphas
+    variants = {}
+    combos = list(itertools.product(POSITIONS, READOUTS, ("atp", "cls_only", "text_only", "random"), KEEPS[2:]))
+    for positions, readout, name, keep in tqdm(combos, desc="test: positions x read-outs"):
+        if name in ("cls_only", "random") and readout != "naive":
+            continue  # no S_inter: the read-out does not change them
+        cfg = replace(base, positions=positions, inter_readout=readout, selector=name, keep_ratio=keep)
+        variants[f"{positions}/{readout}/{name}@{keep}"] = run(backend, samples, cfg)
+    report["variants"] = variants
+    return report
+
+
+def markdown(report: dict, val_rows: list[dict]) -> str:
+    c = report["chosen"]
+    full = report["full"]
+    lines = [
+        f"Defaults chosen on validation: alpha={c['alpha']}, inter_readout={c['inter_readout']}, "
+        f"positions={c['positions']}.",
+        "",
+        f"**Full model (all 144 tokens), test: {full['accuracy']:.3f}** on {full['n']} questions",
+        "",
+        "| kind | " + " | ".join(full["per_kind"]) + " |",
+        "|---|" + "---|" * len(full["per_kind"]),
+        "| accuracy | " + " | ".join(f"{v:.3f}" for v in full["per_kind"].values()) + " |",
+        "",
+        "Accuracy / evidence recall per selector and keep ratio (test):",
+        "",
+        "| selector | " + " | ".join(f"keep {k}" for k in KEEPS) + " |",
+        "|---|" + "---|" * len(KEEPS),
+    ]
+    for name in SELECTORS:
+        cells = []
+        for k in KEEPS:
+            r = report["selectors"][f"{name}@{k}"]
+            cells.append(f"{r['accuracy']:.3f} / {r['evidence_recall']:.2f}")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    lines += ["", "ATP across alpha (accuracy / evidence recall, test):", ""]
+    lines += ["| alpha | " + " | ".join(f"keep {k}" for k in KEEPS[1:]) + " |", "|---|" + "---|" * len(KEEPS[1:])]
+    for a in ALPHAS:
+        cells = [
+            f"{report['alphas'][f'{a}@{k}']['accuracy']:.3f} / {report['alphas'][f'{a}@{k}']['evidence_recall']:.2f}"
+            for k in KEEPS[1:]
+        ]
+        lines.append(f"| {a} | " + " | ".join(cells) + " |")
+    lines += ["", "Position ids x S_inter read-out x selector (accuracy / evidence recall, test):", ""]
+    lines += ["| positions | read-out | selector | " + " | ".join(f"keep {k}" for k in KEEPS[2:]) + " |"]
+    lines += ["|---|---|---|" + "---|" * len(KEEPS[2:])]
+    seen = []
+    for key in report["variants"]:
+        head = key.split("@")[0]
+        if head not in seen:
+            seen.append(head)
+    for head in seen:
+        p, ro, name = head.split("/")
+        cells = [
+            f"{report['variants'][f'{head}@{k}']['accuracy']:.3f} / "
+            f"{report['variants'][f'{head}@{k}']['evidence_recall']:.2f}"
+            for k in KEEPS[2:]
+        ]
+        ro_cell = ro if name in ("atp", "text_only") else "-"
+        lines.append(f"| {p} | {ro_cell} | {name} | " + " | ".join(cells) + " |")
+    lines += ["", "Validation grid (mean accuracy over keep 0.4 / 0.25 / 0.11, mean evidence recall):", ""]
+    lines += ["| alpha | read-out | positions | mean accuracy | mean recall |", "|---|---|---|---|---|"]
+    for r in val_rows:
+        if "mean_accuracy" in r:
+            lines.append(
+                f"| {r['alpha']} | {r['inter_readout']} | {r['positions']} | {r['mean_accuracy']:.3f} | "
+                f"{r['mean_recall']:.3f} |"
+            )
+    return "\n".join(lines) + "\n"
+
+
+def plot(report: dict, out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(1, 2, figsize=(11, 4))
+    for name in SELECTORS:
+        acc = [report["selectors"][f"{name}@{k}"]["accuracy"] for k in KEEPS]
+        rec = [report["selectors"][f"{name}@{k}"]["evidence_recall"] for k in KEEPS]
+        ax[0].plot(KEEPS, acc, "o-", label=name)
+        ax[1].plot(KEEPS, rec, "o-", label=name)
+    ax[0].axhline(report["full"]["accuracy"], color="k", ls="--", lw=1, label="full")
+    ax[0].set(xlabel="keep ratio", ylabel="answer accuracy (test)", title="warehouse-tiny: accuracy", xscale="log")
+    ax[1].set(xlabel="keep ratio", ylabel="evidence recall", title="evidence patches kept", xscale="log")
+    for a in ax:
+        a.set_xticks(KEEPS, [str(k) for k in KEEPS])
+        a.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "selectors.png", dpi=100)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="model_card", description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="warehouse-tiny")
+    ap.add_argument("--out", type=Path, default=Path("out/model_card"))
+    ap.add_argument("--images", type=int, default=600, help="images per split (2 questions each)")
+    ap.add_argument("--size", type=int, default=336, help="square frame size of the rendered splits")
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--quick", action="store_true", help="a small smoke run (60 images)")
+    args = ap.parse_args(argv)
+    images = 60 if args.quick else args.images
+    backend = load_backend(args.model, device=args.device)
+    args.out.mkdir(parents=True, exist_ok=True)
+    size = (args.size, args.size)
+    val = make_samples("validation", images, 2, size, backend.grid)
+    chosen, val_rows = choose_defaults(backend, val, args.quick)
+    print(f"chosen on validation: {chosen}")
+    test = make_samples("test", images, 2, size, backend.grid)
+    report = test_report(backend, test, chosen)
+    report["validation"] = val_rows
+    (args.out / "model_card.json").write_text(json.dumps(report, indent=1) + "\n")
+    md = markdown(report, val_rows)
+    (args.out / "model_card.md").write_text(md)
+    plot(report, args.out)
+    print(md)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
