@@ -9,7 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-BENCHES = ("bench_atp.py", "bench_pipeline.py")
+BENCHES = ("bench_atp.py", "bench_pipeline.py", "bench_warehouse.py")
 
 
 def main() -> int:

@@ -82,7 +82,9 @@ def save_overlays(out: Path, shots: list[tuple[VlmAnswer, Image, str]]) -> Path 
     for ax, (a, ov, truth) in zip(axes.flat, pick, strict=False):
         ax.imshow(_rgb(ov))
         mark = "ok" if a.answer.strip() == truth else f"truth: {truth}"
-        ax.set_title(f"{a.query}\n-> {a.answer!r} ({mark}), {a.visual_tokens_kept}/{a.visual_tokens_total} tokens", fontsize=8)
+        ax.set_title(
+            f"{a.query}\n-> {a.answer!r} ({mark}), {a.visual_tokens_kept}/{a.visual_tokens_total} tokens", fontsize=8
+        )
     fig.tight_layout()
     path = out / "overlays.png"
     fig.savefig(path, dpi=90)

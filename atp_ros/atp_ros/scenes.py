@@ -246,8 +246,10 @@ def render_scene(seed: int, height: int = 240, width: int = 320, max_objects: in
                 x0 = rng.uniform(AISLE_X[0] + 0.02, AISLE_X[1] - w - 0.02)
             else:  # beside the aisle: between conveyor and left line, or right of the right line
                 left = rng.random() < 0.4
-                x0 = rng.uniform(CONVEYOR_X[1] + 0.005, AISLE_X[0] - w - 0.015) if left else rng.uniform(
-                    AISLE_X[1] + 0.015, 0.99 - w
+                x0 = (
+                    rng.uniform(CONVEYOR_X[1] + 0.005, AISLE_X[0] - w - 0.015)
+                    if left
+                    else rng.uniform(AISLE_X[1] + 0.015, 0.99 - w)
                 )
                 if blocked and rng.random() < 0.5:  # more obstacles may stand in the aisle too
                     x0 = rng.uniform(AISLE_X[0] + 0.02, AISLE_X[1] - w - 0.02)
@@ -307,7 +309,7 @@ def questions_for_scene(scene: Scene, rng: np.random.Generator, count: int = 1, 
     return out
 
 
-def _ask(scene: Scene, kind: str, rng: np.random.Generator) -> Question | None:  # noqa: C901, PLR0911
+def _ask(scene: Scene, kind: str, rng: np.random.Generator) -> Question | None:
     px = scene.pixel_box
     shelf = scene.shelf_objects
     colors = list(COLORS)
@@ -360,9 +362,7 @@ def _ask(scene: Scene, kind: str, rng: np.random.Generator) -> Question | None: 
 STANDING_KINDS = ("count", "exists", "gripper", "aisle")
 
 
-def standing_question(
-    scene: Scene, kind: str, color: str = "red", object_kind: str = "box"
-) -> Question | None:
+def standing_question(scene: Scene, kind: str, color: str = "red", object_kind: str = "box") -> Question | None:
     """A question that every scene can answer (a robot's standing query), answered for ``scene``.
 
     ``kind`` is one of :data:`STANDING_KINDS`; ``color``/``object_kind`` fill the templates that
@@ -432,9 +432,7 @@ def question_words() -> list[str]:
     return sorted(words)
 
 
-def evidence_mask(
-    boxes, image_hw: tuple[int, int], grid: tuple[int, int], min_cover: float = 0.25
-) -> np.ndarray:
+def evidence_mask(boxes, image_hw: tuple[int, int], grid: tuple[int, int], min_cover: float = 0.25) -> np.ndarray:
     """Patches of a ``grid`` (rows, cols) laid over an image of ``image_hw`` that show evidence.
 
     A patch counts when any box covers at least ``min_cover`` of it; a box too small to

@@ -194,7 +194,7 @@ def llava_config(r: Recipe, tok, vision_config):
 
 def encode_texts(tok, texts: list[str], max_len: int = 40) -> tuple[Tensor, Tensor]:
     """Right-padded ids with EOS appended (CLIP pools there) and the attention mask."""
-    rows = [tok(t, add_special_tokens=False)["input_ids"][: max_len - 1] + [tok.eos_token_id] for t in texts]
+    rows = [[*tok(t, add_special_tokens=False)["input_ids"][: max_len - 1], tok.eos_token_id] for t in texts]
     length = max(len(r) for r in rows)
     ids = torch.full((len(rows), length), tok.pad_token_id, dtype=torch.long)
     mask = torch.zeros((len(rows), length), dtype=torch.long)
@@ -226,7 +226,9 @@ def clip_batch(scenes: list[Scene], idx: np.ndarray, rng: np.random.Generator):
 def clip_losses(model, tok, px: Tensor, captions, region_texts, region_img, region_masks, dense_scale):
     vis = model.vision_model(pixel_values=px)
     img = F.normalize(model.visual_projection(vis.pooler_output), dim=-1)  # (B, E)
-    patches = F.normalize(model.visual_projection(model.vision_model.post_layernorm(vis.last_hidden_state[:, 1:])), dim=-1)
+    patches = F.normalize(
+        model.visual_projection(model.vision_model.post_layernorm(vis.last_hidden_state[:, 1:])), dim=-1
+    )
     ids, mask = encode_texts(tok, captions + region_texts)
     txt = model.text_model(input_ids=ids, attention_mask=mask).pooler_output
     txt = F.normalize(model.text_projection(txt), dim=-1)  # (B + R, E)
@@ -249,7 +251,7 @@ def turn_ids(tok, q: Question, first: bool) -> tuple[list[int], int, int]:
     text = ("user : " if not first else "") + q.question + " assistant :"
     ids = tok(text, add_special_tokens=False)["input_ids"]
     ans = tok.convert_tokens_to_ids(q.answer)
-    return ids + [ans, tok.eos_token_id], ans, len(ids)
+    return [*ids, ans, tok.eos_token_id], ans, len(ids)
 
 
 def llava_batch(tok, scenes, idx, rng: np.random.Generator, r: Recipe, image_token_id: int):
@@ -265,7 +267,7 @@ def llava_batch(tok, scenes, idx, rng: np.random.Generator, r: Recipe, image_tok
                 qs.append(q)
         keep = np.arange(NUM_PATCHES)
         if rng.random() < r.drop_share:
-            k = max(1, int(round(NUM_PATCHES * rng.uniform(0.1, 1.0))))
+            k = max(1, round(NUM_PATCHES * rng.uniform(0.1, 1.0)))
             keep = np.sort(rng.choice(NUM_PATCHES, size=k, replace=False))
         ids = head + [image_token_id] * len(keep)
         pos = list(range(len(head))) + [len(head) + int(j) for j in keep]
@@ -352,8 +354,14 @@ class Trainer:
         from transformers import CLIPModel, LlavaForConditionalGeneration
 
         r = self.r
-        cols = (TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-                TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TimeRemainingColumn())
+        cols = (
+            TextColumn("{task.description}"),
+            BarColumn(),
+            TextColumn("{task.completed}/{task.total}"),
+            TextColumn("{task.fields[info]}"),
+            TimeElapsedColumn(),
+            TimeRemainingColumn(),
+        )
         with Progress(*cols, refresh_per_second=1) as progress:
             scenes, px = render_pool("train", r.train_images, r.wide_share, r.seed, "render train", progress)
             val_scenes, val_px = render_pool("validation", 300, r.wide_share, r.seed + 1, "render val", progress)

@@ -89,7 +89,7 @@ def write_bag(
     Str = ts.types["std_msgs/msg/String"]
     rng = np.random.default_rng([split_seed(split, seed), 11])
     start_ns = 1_700_000_000 * 10**9
-    period_ns = int(round(1e9 / rate))
+    period_ns = round(1e9 / rate)
     truth_lines = []
     with Writer(out, version=9, storage_plugin=StoragePlugin.MCAP) as writer:
         img_conn = writer.add_connection(IMAGE_TOPIC, Img.__msgtype__, typestore=ts)
@@ -109,10 +109,18 @@ def write_bag(
                 q = standing_question(scene, **params)
                 writer.write(q_conn, stamp - 1_000_000, ts.serialize_cdr(Str(data=q.question), Str.__msgtype__))
             q = standing_question(scene, **params)
-            header = Header(stamp=Time(sec=stamp // 10**9, nanosec=stamp % 10**9), frame_id="camera_color_optical_frame")
+            header = Header(
+                stamp=Time(sec=stamp // 10**9, nanosec=stamp % 10**9), frame_id="camera_color_optical_frame"
+            )
             h, w = scene.rgb.shape[:2]
             msg = Img(
-                header=header, height=h, width=w, encoding="rgb8", is_bigendian=0, step=w * 3, data=scene.rgb.reshape(-1)
+                header=header,
+                height=h,
+                width=w,
+                encoding="rgb8",
+                is_bigendian=0,
+                step=w * 3,
+                data=scene.rgb.reshape(-1),
             )
             writer.write(img_conn, stamp, ts.serialize_cdr(msg, Img.__msgtype__))
             truth = {"stamp": stamp, "sec": stamp // 10**9, "nanosec": stamp % 10**9, "seed": scene_seed}

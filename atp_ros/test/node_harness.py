@@ -175,3 +175,17 @@ class Probe:
     def close(self) -> None:
         self.executor.shutdown()
         self.node.destroy_node()
+
+
+def publish_until_answer(probe: Probe, msg, timeout: float = 30.0):
+    """Publish ``msg`` (best effort) until an answer with its stamp arrives; returns that answer."""
+    want = stamp_ns(msg.header)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        probe.pub_image.publish(msg)
+        for _ in range(10):
+            for answer in probe.snapshot(probe.answers):
+                if stamp_ns(answer.header) == want:
+                    return answer
+            time.sleep(0.05)
+    raise AssertionError(f"no answer for frame stamped {want} within {timeout} s")

@@ -200,3 +200,12 @@ def test_bad_inputs_raise_model_load_error(tmp_path, ckpt):
 def test_cuda_auto_dtype_exact(ckpt, images):
     backend = check_cuda_auto_dtype_exact(ckpt, images)
     assert backend.model.qformer.layernorm.weight.dtype == torch.float32  # BLIP-2 keeps the Q-Former in fp32
+
+
+def test_dense_readout_request_is_noted_not_silent(backend, images):
+    """The dense S_inter read-outs are LLaVA-only: BLIP-2 reads out naively and says so."""
+    res = backend.answer(images[:1], "where is the red box?", AtpConfig(alpha=0.5, inter_readout="maskclip"))
+    assert any("inter_readout 'maskclip'" in n for n in res.notes)
+    assert not backend.answer(images[:1], "where is the red box?", AtpConfig(alpha=0.5)).notes
+    with pytest.raises(ValueError, match="inter_readout"):
+        backend.answer(images[:1], "where is the red box?", AtpConfig(inter_readout="magic"))

@@ -14,7 +14,15 @@ pytest.importorskip("atp_ros_msgs.msg")
 
 from atp_ros.scenes import render_scene  # noqa: E402
 from atp_ros.tiny.llava import save_tiny_llava  # noqa: E402
-from node_harness import Probe, image_msg, new_namespace, stamp_ns, start_node, stop_node  # noqa: E402
+from node_harness import (  # noqa: E402
+    Probe,
+    image_msg,
+    new_namespace,
+    publish_until_answer,
+    stamp_ns,
+    start_node,
+    stop_node,
+)
 from sensor_msgs.msg import CompressedImage, Image  # noqa: E402
 from std_msgs.msg import String  # noqa: E402
 
@@ -52,20 +60,6 @@ def running(tiny_llava, ros_ctx, tmp_path_factory):
 
 def frame(seed: int, stamp: int, h: int = 120, w: int = 160) -> Image:
     return image_msg(render_scene(seed, h, w).rgb, stamp)
-
-
-def publish_until_answer(probe: Probe, msg, timeout: float = 30.0):
-    """Publish ``msg`` (best effort) until an answer with its stamp arrives; returns that answer."""
-    want = stamp_ns(msg.header)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        probe.pub_image.publish(msg)
-        for _ in range(10):
-            for answer in probe.snapshot(probe.answers):
-                if stamp_ns(answer.header) == want:
-                    return answer
-            time.sleep(0.05)
-    raise AssertionError(f"no answer for frame stamped {want} within {timeout} s")
 
 
 def test_end_to_end_answers_masks_overlays_diagnostics(running) -> None:

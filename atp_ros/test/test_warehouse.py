@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import subprocess
@@ -45,7 +46,7 @@ def test_same_scene_at_any_size() -> None:
 
 def test_splits_are_disjoint_seed_ranges() -> None:
     ranges = sorted((start, start + SPLIT_SIZE) for start in SPLITS.values())
-    assert all(a[1] <= b[0] for a, b in zip(ranges, ranges[1:], strict=False))
+    assert all(a[1] <= b[0] for a, b in itertools.pairwise(ranges))
     assert split_seed("test", 0) == SPLITS["test"]
     with pytest.raises(ValueError, match="unknown split"):
         split_seed("holdout", 0)
@@ -112,7 +113,9 @@ def _run(*args: str, cwd: Path) -> subprocess.CompletedProcess:
 
 def test_generate_cli_writes_images_and_samples(tmp_path: Path) -> None:
     out = tmp_path / "ds"
-    proc = _run("generate", "--split", "test", "--count", "3", "--seed", "5", "--out", str(out), "--size", "96", cwd=tmp_path)
+    proc = _run(
+        "generate", "--split", "test", "--count", "3", "--seed", "5", "--out", str(out), "--size", "96", cwd=tmp_path
+    )
     assert proc.returncode == 0, proc.stderr
     rows = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
     assert len(rows) == 6  # 2 questions per image by default
@@ -121,7 +124,10 @@ def test_generate_cli_writes_images_and_samples(tmp_path: Path) -> None:
         assert (out / r["image"]).is_file() and r["answer"] in r["answers"]
         assert SPLITS["test"] + 5 <= r["seed"] < SPLITS["test"] + 8
     again = tmp_path / "again"
-    assert _run("generate", "--count", "3", "--seed", "5", "--out", str(again), "--size", "96", cwd=tmp_path).returncode == 0
+    assert (
+        _run("generate", "--count", "3", "--seed", "5", "--out", str(again), "--size", "96", cwd=tmp_path).returncode
+        == 0
+    )
     assert (again / "samples.jsonl").read_text() == (out / "samples.jsonl").read_text()
 
 
@@ -129,9 +135,24 @@ def test_bag_cli_writes_a_readable_rosbag_with_truth_keyed_by_stamp(tmp_path: Pa
     from rosbags.highlevel import AnyReader
 
     bag = tmp_path / "bag"
-    proc = _run("bag", "--count", "7", "--rate", "10", "--out", str(bag), "--size", "64x48", "--question-every", "3", cwd=tmp_path)
+    proc = _run(
+        "bag",
+        "--count",
+        "7",
+        "--rate",
+        "10",
+        "--out",
+        str(bag),
+        "--size",
+        "64x48",
+        "--question-every",
+        "3",
+        cwd=tmp_path,
+    )
     assert proc.returncode == 0, proc.stderr
-    truth = {json.loads(line)["stamp"]: json.loads(line) for line in (bag / "ground_truth.jsonl").read_text().splitlines()}
+    truth = {
+        json.loads(line)["stamp"]: json.loads(line) for line in (bag / "ground_truth.jsonl").read_text().splitlines()
+    }
     images, queries = [], []
     with AnyReader([bag]) as reader:
         assert {c.topic: c.msgtype for c in reader.connections} == {

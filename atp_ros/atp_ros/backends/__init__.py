@@ -77,4 +77,13 @@ def load_backend(model_id: str, text_encoder_id: str = "", device: str = "auto",
         raise ModelLoadError(f"{model_id}: {type(err).__name__}: {err}") from err
 
 
-__all__ = ["BUNDLED_MODELS", "AtpConfig", "ModelLoadError", "resolve_model_id", "StageTimings", "VlmBackend", "VlmResult", "load_backend"]
+__all__ = [
+    "BUNDLED_MODELS",
+    "AtpConfig",
+    "ModelLoadError",
+    "StageTimings",
+    "VlmBackend",
+    "VlmResult",
+    "load_backend",
+    "resolve_model_id",
+]

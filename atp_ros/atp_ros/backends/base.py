@@ -349,8 +349,12 @@ def select_patches(
     """
     from atp_ros.atp import ScoreInputs, make_selector
 
+    atp.check()
     notes: list[str] = []
     selector = atp.make_selector()
+    if atp.inter_readout != "naive" and getattr(selector, "needs_text", False) and s_inter is not None:
+        # The dense read-outs edit a CLIP/SigLIP tower's last layer (LLaVA); these families read out naively.
+        notes.append(f"inter_readout {atp.inter_readout!r} is implemented for LLaVA towers only: naive used")
     if getattr(selector, "needs_text", False) and s_inter is None:
         notes.append(
             f"no joint-space text tower: selector {atp.selector!r} (alpha={atp.alpha}) fell back to CLS-only "

@@ -327,9 +327,7 @@ class LlavaBackend(VlmBackend):
         # Exactly LlavaModel.get_image_features' selection, so K = N reproduces stock features.
         pool = [hs[i][:, 1:] if self.select_strategy == "default" else hs[i] for i in layers]
         features = pool[0] if len(pool) == 1 else torch.cat(pool, dim=-1)  # (B, N_feat, D_feat)
-        return _VisionOut(
-            features=features, last=hs[-1], last_input=hs[-2], q=captured.get("q"), k=captured.get("k")
-        )
+        return _VisionOut(features=features, last=hs[-1], last_input=hs[-2], q=captured.get("q"), k=captured.get("k"))
 
     def _heads(self, x: Tensor) -> Tensor:
         b, length, _ = x.shape

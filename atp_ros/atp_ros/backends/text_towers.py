@@ -269,8 +269,8 @@ def load_joint_space(model_id: str | Path, device: torch.device, dtype: torch.dt
 __all__ = [
     "ClipJointSpace",
     "JointSpace",
-    "dense_states",
     "SiglipJointSpace",
+    "dense_states",
     "head_probe_attention",
     "head_value_readout",
     "joint_space_type",

@@ -1,0 +1,80 @@
+"""The bundled warehouse-tiny model, loaded from the installed package like users load it.
+
+It must answer fixed test-split samples (the generator's own ground truth) with all tokens
+and with ATP pruning, and the node must answer with it by default over DDS.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from atp_ros.backends import BUNDLED_MODELS, AtpConfig, load_backend, resolve_model_id
+from atp_ros.scenes import questions_for_scene, render_scene, split_seed
+
+# The first 12 test-split scenes at 336 px, two questions each (the `warehouse generate` recipe).
+SCENES = 12
+
+
+@pytest.fixture(scope="module")
+def model():
+    return load_backend("warehouse-tiny", device="cpu")
+
+
+@pytest.fixture(scope="module")
+def samples():
+    out = []
+    for i in range(SCENES):
+        seed = split_seed("test", i)
+        scene = render_scene(seed, 336, 336)
+        rng = np.random.default_rng([seed, 7])
+        asked: set[str] = set()
+        for q in questions_for_scene(scene, rng, count=8):
+            if q.question not in asked and len(asked) < 2:
+                asked.add(q.question)
+                out.append((scene.rgb, q))
+    return out
+
+
+def test_bundled_model_is_installed_with_its_text_tower(model) -> None:
+    assert "warehouse-tiny" in BUNDLED_MODELS
+    path = resolve_model_id("warehouse-tiny")
+    assert path.endswith("atp_ros/models/warehouse-tiny")
+    assert model.family == "llava" and model.grid == (12, 12) and model.num_visual_tokens == 144
+    assert model.has_text_tower  # ATP runs with both signals
+
+
+def _accuracy(model, samples, atp: AtpConfig) -> float:
+    res = model.answer([s[0] for s in samples], [s[1].question for s in samples], atp, max_new_tokens=3)
+    return float(np.mean([a == q.answer for a, (_, q) in zip(res.answers, samples, strict=True)]))
+
+
+def test_answers_fixed_test_samples(model, samples) -> None:
+    assert len(samples) == 2 * SCENES
+    assert _accuracy(model, samples, AtpConfig(enabled=False)) >= 0.9
+    assert _accuracy(model, samples, AtpConfig(keep_ratio=0.4)) >= 0.85  # ATP, the shipped defaults
+
+
+@pytest.mark.ros
+def test_node_answers_with_the_bundled_model(tmp_path) -> None:
+    """The installed node, started with ``model_id:=warehouse-tiny``, answers a camera frame correctly."""
+    rclpy = pytest.importorskip("rclpy")
+    from node_harness import Probe, image_msg, new_namespace, publish_until_answer, start_node, stop_node
+    from std_msgs.msg import String
+
+    scene = render_scene(split_seed("test", 3), 480, 640)
+    ctx = rclpy.context.Context()
+    rclpy.init(context=ctx)
+    ns = new_namespace()
+    log = tmp_path / "node.log"
+    proc = start_node("warehouse-tiny", ns, log, max_new_tokens=3)
+    probe = Probe(ctx, ns)
+    try:
+        probe.wait_ready(proc, log)
+        probe.pub_query.publish(String(data="what is the gripper holding?"))
+        answer = publish_until_answer(probe, image_msg(scene.rgb, 1_000_000_000), timeout=60.0)
+        assert answer.model_id == "warehouse-tiny" and answer.visual_tokens_total == 144
+        assert answer.answer == scene.holding
+    finally:
+        stop_node(proc)
+        probe.close()
+        rclpy.try_shutdown(context=ctx)
