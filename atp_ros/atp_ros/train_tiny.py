@@ -86,11 +86,16 @@ class Recipe:
     clip_steps: int = 700
     clip_batch: int = 64
     clip_lr: float = 1e-3
-    llava_steps: int = 2000
+    llava_steps: int = 1800
     llava_batch: int = 32
     llava_turns: int = 6
     llava_lr: float = 1e-3
     drop_share: float = 0.3  # sequences trained on a random subset of image tokens
+    # Attention supervision: in this LM layer, these heads of the answer-predicting position are
+    # taught to look at the question's evidence patches (the generator knows where they are).
+    sup_layer: int = 2
+    sup_heads: int = 2
+    sup_weight: float = 0.5
     vision_hidden: int = 128
     vision_layers: int = 4
     text_hidden: int = 128
@@ -98,6 +103,24 @@ class Recipe:
     lm_hidden: int = 256
     lm_layers: int = 4
     lm_intermediate: int = 640
+
+
+CLIP_FIELDS = (
+    "seed",
+    "train_images",
+    "wide_share",
+    "clip_steps",
+    "clip_batch",
+    "clip_lr",
+    "vision_hidden",
+    "vision_layers",
+    "text_hidden",
+    "text_layers",
+)
+
+
+def _clip_part(recipe: dict) -> dict:
+    return {k: recipe.get(k) for k in CLIP_FIELDS}
 
 
 def make_tokenizer():
@@ -255,8 +278,10 @@ def turn_ids(tok, q: Question, first: bool) -> tuple[list[int], int, int]:
 
 
 def llava_batch(tok, scenes, idx, rng: np.random.Generator, r: Recipe, image_token_id: int):
-    """Token ids, original position ids, image slots, targets for a batch of multi-turn sequences."""
-    rows, positions, image_keep, targets = [], [], [], []
+    """Token ids, original position ids, image slots, targets and evidence positions of a batch of
+    multi-turn sequences; ``evidence[b]`` lists ``(answer-predicting position, [sequence positions of
+    the kept evidence patches])`` per question that has evidence."""
+    rows, positions, image_keep, targets, evidence = [], [], [], [], []
     head = tok("user :", add_special_tokens=False)["input_ids"]
     for i in idx:
         sc = scenes[int(i)]
@@ -272,7 +297,8 @@ def llava_batch(tok, scenes, idx, rng: np.random.Generator, r: Recipe, image_tok
         ids = head + [image_token_id] * len(keep)
         pos = list(range(len(head))) + [len(head) + int(j) for j in keep]
         nxt = len(head) + NUM_PATCHES  # text after the image keeps its unpruned position
-        tgt = []
+        tgt, ev_rows = [], []
+        slot_of = {int(j): len(head) + n for n, j in enumerate(keep)}  # patch index -> sequence position
         for t, q in enumerate(qs):
             tids, ans, off = turn_ids(tok, q, first=(t == 0))
             start = len(ids)
@@ -281,10 +307,15 @@ def llava_batch(tok, scenes, idx, rng: np.random.Generator, r: Recipe, image_tok
             nxt += len(tids)
             tgt.append((start + off - 1, ans))  # ":" predicts the answer
             tgt.append((start + off, tok.eos_token_id))  # the answer predicts EOS
+            patches = np.flatnonzero(evidence_mask(q.evidence, sc.rgb.shape[:2], (GRID, GRID)))
+            seq = [slot_of[int(j)] for j in patches if int(j) in slot_of]
+            if seq:
+                ev_rows.append((start + off - 1, seq))
         rows.append(ids)
         positions.append(pos)
         image_keep.append(keep)
         targets.append(tgt)
+        evidence.append(ev_rows)
     length = max(len(x) for x in rows)
     ids_t = torch.full((len(rows), length), tok.pad_token_id, dtype=torch.long)
     pos_t = torch.zeros((len(rows), length), dtype=torch.long)
@@ -293,23 +324,50 @@ def llava_batch(tok, scenes, idx, rng: np.random.Generator, r: Recipe, image_tok
         ids_t[b, : len(ids)] = torch.tensor(ids)
         pos_t[b, : len(pos)] = torch.tensor(pos)
         mask_t[b, : len(ids)] = 1
-    return ids_t, pos_t, mask_t, image_keep, targets
+    return ids_t, pos_t, mask_t, image_keep, targets, evidence
 
 
-def llava_loss(model, feats: Tensor, ids, pos, mask, image_keep, targets, image_token_id):
-    """Cross-entropy on answer + EOS positions; image placeholders filled with the projected kept features."""
+def attention_to_evidence_loss(lm, hidden_in: Tensor, pos: Tensor, evidence, layer_idx: int, heads: int) -> Tensor:
+    """-log of the attention mass that ``heads`` of layer ``layer_idx`` put on the evidence patches,
+    from each answer-predicting position (computed from the layer's own q/k and RoPE)."""
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    layer = lm.layers[layer_idx]
+    attn = layer.self_attn
+    x = layer.input_layernorm(hidden_in)  # (B, T, D)
+    b, t, _ = x.shape
+    q = attn.q_proj(x).view(b, t, -1, attn.head_dim).transpose(1, 2)[:, :heads]  # (B, h, T, Dh)
+    k = attn.k_proj(x).view(b, t, -1, attn.head_dim).transpose(1, 2)[:, :heads]
+    cos, sin = lm.rotary_emb(x, pos)
+    q, k = apply_rotary_pos_emb(q, k, cos, sin)
+    losses = []
+    for row, items in enumerate(evidence):
+        for p, seq in items:
+            scores = (q[row, :, p : p + 1] @ k[row, :, : p + 1].transpose(-1, -2))[:, 0] * attn.scaling  # (h, p+1)
+            logp = scores.log_softmax(-1)
+            losses.append(-torch.logsumexp(logp.index_select(1, torch.as_tensor(seq)), dim=-1).mean())
+    return torch.stack(losses).mean() if losses else hidden_in.new_zeros(())
+
+
+def llava_loss(model, feats: Tensor, ids, pos, mask, image_keep, targets, evidence, image_token_id, r: Recipe):
+    """Cross-entropy on answer + EOS positions (+ attention supervision); image placeholders filled
+    with the projected kept features."""
     lm = model.model.language_model
     embeds = lm.embed_tokens(ids)  # (B, T, D)
     kept = torch.cat([feats[b, torch.as_tensor(k)] for b, k in enumerate(image_keep)])  # (sum K, D_vis)
     projected = model.model.multi_modal_projector(kept.float())
     embeds = embeds.masked_scatter((ids == image_token_id)[..., None].expand_as(embeds), projected)
-    hidden = lm(inputs_embeds=embeds, attention_mask=mask, position_ids=pos).last_hidden_state
+    out = lm(inputs_embeds=embeds, attention_mask=mask, position_ids=pos, output_hidden_states=r.sup_weight > 0)
+    hidden = out.last_hidden_state
     rows = torch.tensor([b for b, t in enumerate(targets) for _ in t])
     cols = torch.tensor([p for t in targets for p, _ in t])
     gold = torch.tensor([a for t in targets for _, a in t])
     logits = model.lm_head(hidden[rows, cols])
     loss = F.cross_entropy(logits, gold)
     acc = (logits.argmax(-1) == gold)[0::2].float().mean()  # answer tokens only (even entries)
+    if r.sup_weight > 0:
+        sup = attention_to_evidence_loss(lm, out.hidden_states[r.sup_layer], pos, evidence, r.sup_layer, r.sup_heads)
+        loss = loss + r.sup_weight * sup
     return loss, float(acc)
 
 
@@ -337,8 +395,14 @@ class Trainer:
         torch.manual_seed(recipe.seed)
         self.tok = make_tokenizer()
         self.state = torch.load(self.state_path, weights_only=False) if self.state_path.exists() else {}
-        if self.state and self.state.get("recipe") != recipe.__dict__:
+        saved = self.state.get("recipe", {})
+        if self.state and _clip_part(saved) != _clip_part(recipe.__dict__):
             raise SystemExit(f"{self.state_path} was trained with another recipe; rerun with --fresh")
+        if self.state and saved != recipe.__dict__ and "llava" in self.state:
+            # Only the LLaVA phase's settings changed: keep the finished CLIP, retrain the rest.
+            print("recipe changed after the CLIP phase: keeping CLIP, restarting the LLaVA phase")
+            for key in ("llava", "llava_opt", "llava_step"):
+                self.state.pop(key, None)
 
     def save_state(self, **kw) -> None:
         self.state.update(kw, recipe=self.r.__dict__)
@@ -418,6 +482,7 @@ class Trainer:
                     opt.load_state_dict(self.state["llava_opt"])
                 step = self.state.get("llava_step", r.llava_steps)
             image_token_id = model.config.image_token_id
+            self._truncate_log("llava", step)  # a restarted or resumed phase rewrites what came after
             task = progress.add_task("llava", total=r.llava_steps, completed=step, info="")
             rng = np.random.default_rng([r.seed, 3, step])
             model.train()
@@ -427,7 +492,7 @@ class Trainer:
                     g["lr"] = lr_at(step, r.llava_steps, r.llava_lr)
                 idx = rng.choice(len(scenes), size=r.llava_batch, replace=False)
                 batch = llava_batch(self.tok, scenes, idx, rng, r, image_token_id)
-                loss, acc = llava_loss(model, feats[torch.as_tensor(idx)], *batch, image_token_id)
+                loss, acc = llava_loss(model, feats[torch.as_tensor(idx)], *batch, image_token_id, r)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -449,6 +514,16 @@ class Trainer:
         plot_learning_curve(self.log_path, out / "learning_curve.png")
         self.print(f"saved {out}")
 
+    def _truncate_log(self, phase: str, step: int) -> None:
+        if not self.log_path.exists():
+            return
+        keep = [
+            line
+            for line in self.log_path.read_text().splitlines()
+            if line.strip() and not (json.loads(line)["phase"] == phase and json.loads(line)["step"] > step)
+        ]
+        self.log_path.write_text("".join(line + "\n" for line in keep))
+
     def _features(self, clip, px: np.ndarray, progress: Progress, desc: str) -> Tensor:
         """LLaVA feature layer (hidden_states[-2], CLS dropped) for every image, float16 (N, 144, D)."""
         out = torch.empty((len(px), NUM_PATCHES, self.r.vision_hidden), dtype=torch.float16)
@@ -469,7 +544,7 @@ class Trainer:
         correct = total = 0
         for s in range(0, len(scenes), 50):
             idx = np.arange(s, min(s + 50, len(scenes)))
-            ids, pos, mask, keep, targets = llava_batch(self.tok, scenes, idx, rng, r, image_token_id)
+            ids, pos, mask, keep, targets, _ = llava_batch(self.tok, scenes, idx, rng, r, image_token_id)
             lm = model.model.language_model
             embeds = lm.embed_tokens(ids)
             projected = model.model.multi_modal_projector(feats[torch.as_tensor(idx)].float().flatten(0, 1))
