@@ -14,11 +14,15 @@ resumes where it was (``--fresh`` starts over):
      its mass on the question's evidence patches. A global objective alone does not align
      patches with text (``shared/notes/embedded-model-probe.md``); this is the dense,
      region-caption training that makes ``S_inter`` a relevance signal.
-2. **features** -- the frozen tower's LLaVA feature layer (``hidden_states[-2]``, CLS
-   dropped) for every training image, cached once (float16).
+2. **features** -- the frozen tower's LLaVA feature layer (the last layer, CLS dropped: the
+   states the region loss aligned with the questions' words) for every training image,
+   cached once (float16).
 3. **llava** -- projector + Llama decoder (4 layers x 256) trained from scratch on the
    cached features, several question/answer turns per image in one sequence, loss on the
-   answer token and its end token only. A share of the sequences drops a random subset of
+   answer token and its end token only, plus attention supervision: two heads of one LM layer
+   are taught to look, from the answer-predicting position, at the question's evidence patches
+   (a first run without it stalled at chance on every slot-bound question). Slot-bound question
+   kinds are drawn twice as often. A share of the sequences drops a random subset of
    image tokens (keep 10-100%), keeping each kept token's original position id: the
    model learns to answer from a subset, as ``atp.positions: original`` feeds it.
 
@@ -46,6 +50,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, Ti
 from torch import Tensor
 
 from atp_ros.scenes import (
+    KINDS,
     Question,
     Scene,
     captions_for_scene,
@@ -95,7 +100,23 @@ class Recipe:
     # taught to look at the question's evidence patches (the generator knows where they are).
     sup_layer: int = 2
     sup_heads: int = 2
-    sup_weight: float = 0.5
+    sup_weight: float = 1.0
+    # The LLM reads the tower's last layer: the one the region loss aligned with the questions' words,
+    # so "top shelf, slot two" is a direction in the patch states, not only a position.
+    feature_layer: int = -1
+    # Question kinds drawn for the LLM (repeats weigh a kind up: slot-bound lookups are the hard part).
+    llava_kinds: tuple[str, ...] = (
+        "color_at",
+        "color_at",
+        "label_at",
+        "label_at",
+        "which_level",
+        "left_right",
+        "count",
+        "exists",
+        "gripper",
+        "aisle",
+    )
     vision_hidden: int = 128
     vision_layers: int = 4
     text_hidden: int = 128
@@ -207,7 +228,7 @@ def llava_config(r: Recipe, tok, vision_config):
         text_config=text,
         image_token_index=tok.convert_tokens_to_ids(IMAGE_TOKEN),
         image_seq_length=NUM_PATCHES,
-        vision_feature_layer=-2,
+        vision_feature_layer=r.feature_layer,
         vision_feature_select_strategy="default",
         projector_hidden_act="gelu",
     )
@@ -286,7 +307,7 @@ def llava_batch(tok, scenes, idx, rng: np.random.Generator, r: Recipe, image_tok
     for i in idx:
         sc = scenes[int(i)]
         qs, seen = [], set()
-        for q in questions_for_scene(sc, rng, r.llava_turns * 2):
+        for q in questions_for_scene(sc, rng, r.llava_turns * 2, kinds=r.llava_kinds):
             if q.question not in seen and len(qs) < r.llava_turns:
                 seen.add(q.question)
                 qs.append(q)
@@ -525,14 +546,14 @@ class Trainer:
         self.log_path.write_text("".join(line + "\n" for line in keep))
 
     def _features(self, clip, px: np.ndarray, progress: Progress, desc: str) -> Tensor:
-        """LLaVA feature layer (hidden_states[-2], CLS dropped) for every image, float16 (N, 144, D)."""
+        """LLaVA feature layer (``hidden_states[feature_layer]``, CLS dropped) for every image, float16 (N, 144, D)."""
         out = torch.empty((len(px), NUM_PATCHES, self.r.vision_hidden), dtype=torch.float16)
         task = progress.add_task(desc, total=len(px), info="")
         with torch.inference_mode():
             for s in range(0, len(px), 128):
                 x = torch.from_numpy(px[s : s + 128]).float()
                 hs = clip.vision_model(pixel_values=x, output_hidden_states=True).hidden_states
-                out[s : s + 128] = hs[-2][:, 1:].half()
+                out[s : s + 128] = hs[self.r.feature_layer][:, 1:].half()
                 progress.advance(task, len(x))
         return out
 
@@ -540,7 +561,7 @@ class Trainer:
     def _val_accuracy(self, model, scenes, feats, image_token_id) -> float:
         model.eval()
         rng = np.random.default_rng(12345)
-        r = Recipe(**{**self.r.__dict__, "llava_turns": 1, "drop_share": 0.0})
+        r = Recipe(**{**self.r.__dict__, "llava_turns": 1, "drop_share": 0.0, "llava_kinds": KINDS})
         correct = total = 0
         for s in range(0, len(scenes), 50):
             idx = np.arange(s, min(s + 50, len(scenes)))

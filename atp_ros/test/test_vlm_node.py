@@ -432,7 +432,7 @@ def test_shipped_params_file_applies_in_a_namespace(ros_ctx) -> None:
             values = {name: p.value for name, p in node.get_parameters_by_prefix("").items()}
         finally:
             node.destroy_node()
-        assert values.get("model_id") == "llava-hf/llava-1.5-7b-hf", (ns, values)
+        assert values.get("model_id") == "warehouse-tiny", (ns, values)
         assert set(params.BY_NAME) <= set(values), set(params.BY_NAME) - set(values)
         assert all(params.check(name, values[name]) is None for name in params.BY_NAME)
 

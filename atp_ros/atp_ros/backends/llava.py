@@ -213,6 +213,9 @@ class LlavaBackend(VlmBackend):
         if tower.joint is None:
             notes.append(f"no text tower for {model_id}: running CLS-only, alpha=0 ({tower.reason})")
             logger.warning(notes[0])
+        if score_layer is None:
+            # A checkpoint may name the S_intra layer chosen for it on validation data (warehouse-tiny does).
+            score_layer = getattr(model.config, "atp_score_layer", None)
         try:
             return cls(
                 model,
