@@ -29,7 +29,7 @@ from tqdm import tqdm
 
 from atp_ros.atp import NORMALIZATIONS
 from atp_ros.backends import AtpConfig, load_backend
-from atp_ros.scenes import KINDS, evidence_mask, questions_for_scene, render_scene, split_seed
+from atp_ros.scenes import KINDS, distinct_questions, evidence_mask, render_scene, split_seed
 
 KEEPS = (1.0, 0.6, 0.4, 0.25, 0.11)
 VAL_KEEPS = (0.4, 0.25, 0.11)
@@ -57,12 +57,7 @@ def make_samples(split: str, images: int, per_image: int, size: tuple[int, int],
     for i in tqdm(range(images), desc=f"render {split}", unit="img", leave=False):
         seed = split_seed(split, i)
         scene = render_scene(seed, height=size[0], width=size[1])
-        rng = np.random.default_rng([seed, 7])
-        asked: set[str] = set()
-        for q in questions_for_scene(scene, rng, count=4 * per_image):
-            if q.question in asked or len(asked) >= per_image:
-                continue
-            asked.add(q.question)
+        for q in distinct_questions(scene, per_image):
             ev = evidence_mask(q.evidence, scene.rgb.shape[:2], grid)
             out.append(Sample(scene.rgb, q.question, tuple(q.answers or (q.answer,)), q.kind, ev))
     return out

@@ -309,6 +309,15 @@ def questions_for_scene(scene: Scene, rng: np.random.Generator, count: int = 1, 
     return out
 
 
+def distinct_questions(scene: Scene, count: int) -> list[Question]:
+    """The ``count`` distinct questions the dataset tools ask about ``scene`` (seeded by the scene's seed)."""
+    asked: dict[str, Question] = {}
+    for q in questions_for_scene(scene, np.random.default_rng([scene.seed, 7]), count=4 * count):
+        if q.question not in asked and len(asked) < count:
+            asked[q.question] = q
+    return list(asked.values())
+
+
 def _ask(scene: Scene, kind: str, rng: np.random.Generator) -> Question | None:
     px = scene.pixel_box
     shelf = scene.shelf_objects

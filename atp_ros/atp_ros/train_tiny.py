@@ -60,25 +60,15 @@ from atp_ros.scenes import (
     render_scene,
     split_seed,
 )
+from atp_ros.tiny.llava import CHAT_TEMPLATE, IMAGE_TOKEN  # llava-1.5's prompt, reduced
 
 IMAGE_SIZE = 192
 PATCH = 16
 GRID = IMAGE_SIZE // PATCH  # 12
 NUM_PATCHES = GRID * GRID  # 144
-IMAGE_TOKEN = "<image>"
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 CHAT_WORDS = ["user", "assistant"]
-# "USER: <image>\n{question} ASSISTANT:" -- llava-1.5's prompt, reduced to the tiny vocabulary.
-CHAT_TEMPLATE = (
-    "{% for message in messages %}"
-    "{{ message['role'].upper() + ': ' }}"
-    "{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}{{ '<image>\n' }}{% endfor %}"
-    "{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}"
-    "{{ content['text'] + ' ' }}{% endfor %}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
-)
 
 
 @dataclass(frozen=True)

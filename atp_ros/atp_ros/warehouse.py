@@ -26,7 +26,7 @@ from atp_ros.scenes import (
     COLORS,
     SPLITS,
     STANDING_KINDS,
-    questions_for_scene,
+    distinct_questions,
     render_scene,
     split_seed,
     standing_question,
@@ -62,12 +62,7 @@ def generate(split: str, count: int, seed: int, out: Path, size: tuple[int, int]
             scene = render_scene(scene_seed, height=size[0], width=size[1])
             name = f"images/{split}_{seed + i:07d}.png"
             Image.fromarray(scene.rgb).save(out / name)
-            rng = np.random.default_rng([scene_seed, 7])
-            asked: set[str] = set()
-            for q in questions_for_scene(scene, rng, count=4 * questions):
-                if q.question in asked or len(asked) >= questions:
-                    continue
-                asked.add(q.question)
+            for q in distinct_questions(scene, questions):
                 f.write(json.dumps({"image": name, **q.as_dict(), "seed": scene_seed}) + "\n")
                 n += 1
     return n
