@@ -214,7 +214,7 @@ class LlavaBackend(VlmBackend):
             notes.append(f"no text tower for {model_id}: running CLS-only, alpha=0 ({tower.reason})")
             logger.warning(notes[0])
         if score_layer is None:
-            # A checkpoint may name the S_intra layer chosen for it on validation data (warehouse-tiny does).
+            # A checkpoint may name the S_intra layer chosen for it on validation data (config.json).
             score_layer = getattr(model.config, "atp_score_layer", None)
         try:
             return cls(
@@ -416,6 +416,8 @@ class LlavaBackend(VlmBackend):
         """
         input_ids, attention_mask = input_ids.cpu(), attention_mask.cpu()
         rows, text_tokens, pos_rows = [], [], []
+        if original is not None:  # one device->host copy for the batch, not one per sample
+            kept_idx, kept_len = original.indices.cpu(), original.lengths.cpu().tolist()
         for b in range(input_ids.shape[0]):
             row = input_ids[b][attention_mask[b].bool()]  # unpadded prompt
             where = (row == self.image_token_id).nonzero().flatten()
@@ -427,7 +429,7 @@ class LlavaBackend(VlmBackend):
             rows.append(torch.cat([row[:start], row.new_full((kept[b],), self.image_token_id), row[end:]]))
             text_tokens.append(len(row) - len(where))
             if original is not None:
-                patches = original.kept(b).cpu() + self.cls_fed  # offsets inside the unpruned run
+                patches = kept_idx[b, : kept_len[b]] + self.cls_fed  # offsets inside the unpruned run
                 run = torch.cat([torch.arange(self.cls_fed), patches]) + start
                 pos_rows.append(torch.cat([torch.arange(start), run, torch.arange(end, len(row))]))
         length = max(len(r) for r in rows)
