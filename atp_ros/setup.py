@@ -1,12 +1,16 @@
+import xml.etree.ElementTree as ET
 from glob import glob
+from pathlib import Path
 
 from setuptools import find_packages, setup
 
 package_name = "atp_ros"
+# The version is written once, in package.xml (what ROS tooling reads); atp_ros.__version__ reads it back.
+version = ET.parse(Path(__file__).resolve().parent / "package.xml").getroot().findtext("version")
 
 setup(
     name=package_name,
-    version="0.1.0",
+    version=version,
     packages=find_packages(exclude=["test"]),
     # The bundled warehouse-tiny checkpoint (safetensors, configs, tokenizer) ships inside the package.
     package_data={"atp_ros": ["models/*/*", "models/*/*/*"]},

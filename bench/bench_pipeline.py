@@ -21,7 +21,7 @@ import tempfile
 from pathlib import Path
 
 import torch
-from atp_ros.backends import AtpConfig, load_backend
+from atp_ros.backends import STAGES, AtpConfig, load_backend
 from atp_ros.scenes import render_scene
 from atp_ros.tiny.llava import save_tiny_llava
 from rich.console import Console
@@ -29,7 +29,6 @@ from rich.table import Table
 from tqdm import tqdm
 
 KEEP_RATIOS = (1.0, 0.5, 0.25, 0.1)
-STAGES = ("preprocess", "vision", "scoring", "projector", "prefill", "decode")
 
 
 def bench_device(model_dir: Path, device: str, repeats: int, max_new_tokens: int) -> list[dict]:

@@ -15,14 +15,13 @@ import json
 from pathlib import Path
 
 import numpy as np
-from atp_ros.backends import AtpConfig, load_backend
+from atp_ros.backends import STAGES, AtpConfig, load_backend
 from atp_ros.scenes import questions_for_scene, render_scene, split_seed
 from rich.console import Console
 from rich.table import Table
 from tqdm import tqdm
 
 KEEPS = (1.0, 0.4, 0.25, 0.11)
-STAGES = ("preprocess", "vision", "scoring", "projector", "prefill", "decode")
 
 
 def main() -> int:

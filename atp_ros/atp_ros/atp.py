@@ -30,7 +30,7 @@ import math
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Hashable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, replace
 from typing import Literal, Protocol
 
 import torch
@@ -137,14 +137,19 @@ def normalize(scores: Tensor, method: str = "minmax") -> Tensor:
         constant = s.amax(dim=1, keepdim=True) == s.amin(dim=1, keepdim=True)
         return ((s - mean) / std.clamp_min(_EPS)).masked_fill(constant, 0.0)
     if method == "rank":
-        # Stable descending sort so that, among equal scores, the lower index gets the
-        # higher rank: the same tie-break as select_top_k.
-        n = s.shape[1]
-        order = torch.sort(s, dim=1, descending=True, stable=True).indices
-        ranks = torch.empty_like(order)
-        ranks.scatter_(1, order, torch.arange(n - 1, -1, -1, device=s.device).expand_as(order))
-        return ranks.float() / max(n - 1, 1)
+        return _ranks(s).float() / max(s.shape[1] - 1, 1)
     raise ValueError(f"normalization must be one of {NORMALIZATIONS}, got {method!r}")
+
+
+def _ranks(scores: Tensor) -> Tensor:
+    """Integer ranks ``0..N-1`` per row (N-1 = highest score), ties broken by index (the lower index ranks higher)."""
+    # Stable descending sort: among equal scores the lower index comes first and gets the higher rank,
+    # the same tie-break as select_top_k.
+    n = scores.shape[1]
+    order = torch.sort(scores, dim=1, descending=True, stable=True).indices
+    ranks = torch.empty_like(order)
+    ranks.scatter_(1, order, torch.arange(n - 1, -1, -1, device=scores.device).expand_as(order))
+    return ranks
 
 
 def check_alpha(alpha: float) -> float:
@@ -171,6 +176,16 @@ def fuse_scores(s_inter: Tensor | None, s_intra: Tensor | None, alpha: float, no
         return normalize(s_inter, normalization)
     if s_inter is None or alpha == 0.0:
         return normalize(s_intra, normalization)
+    if normalization == "rank":
+        # Fuse the integer ranks in float64 and divide once: two patches whose weighted rank sums are
+        # equal get bit-equal scores, so select_top_k gives the tie to the lower index. (Fusing the
+        # float32 rank/(N-1) values rounds equal sums one ulp apart in ~3% of rows.) The snap to a
+        # 2^-20 grid absorbs float64 rounding of alpha * r for alphas like 0.3. Equal float64 values
+        # stay equal in float32, and distinct ones (at least ~1e-3 / (N-1) apart) stay distinct.
+        r_inter = _ranks(_check_scores("s_inter", s_inter)).double()
+        r_intra = _ranks(_check_scores("s_intra", s_intra)).double()
+        fused = torch.round((alpha * r_inter + (1.0 - alpha) * r_intra) * 2**20) / 2**20
+        return (fused / max(r_inter.shape[1] - 1, 1)).float()
     return alpha * normalize(s_inter, normalization) + (1.0 - alpha) * normalize(s_intra, normalization)
 
 
@@ -237,9 +252,9 @@ class Budget:
 # --------------------------------------------------------------------------- selection
 
 
-@dataclass
+@dataclass(frozen=True)
 class Selection:
-    """Which patch tokens survive, per image of a batch.
+    """Which patch tokens survive, per image of a batch. Frozen: built once by a selector.
 
     ``indices`` is ``(B, K_max)`` ascending; rows with fewer than ``K_max`` tokens
     (per-sample budgets) are padded with ``-1`` after ``lengths[b]`` entries.
@@ -253,7 +268,6 @@ class Selection:
     s_intra: Tensor | None = None  # (B, N) raw CLS attention (or received attention)
     s_inter: Tensor | None = None  # (B, N) raw patch/text cosine
     method: str = "atp"
-    extras: dict = field(default_factory=dict)
 
     @property
     def num_tokens(self) -> int:
@@ -398,8 +412,7 @@ class ATPSelector:
     def select(self, inputs: ScoreInputs, budget: Budget) -> Selection:
         fused = fuse_scores(inputs.s_inter, inputs.s_intra, self.alpha, self.normalization)
         sel = select_top_k(fused, budget.resolve(fused), inputs.grid, method=self.name)
-        sel.s_intra, sel.s_inter = inputs.s_intra, inputs.s_inter
-        return sel
+        return replace(sel, s_intra=inputs.s_intra, s_inter=inputs.s_inter)
 
 
 @dataclass
@@ -495,6 +508,77 @@ def make_selector(name: str, **kwargs) -> TokenSelector:
     if name not in SELECTORS:
         raise ValueError(f"unknown selector {name!r}; choose from {sorted(SELECTORS)}")
     return SELECTORS[name](**kwargs)
+
+
+# --------------------------------------------------------------------------- settings
+
+INTRA_SIGNALS: tuple[str, ...] = ("cls", "received")  # S_intra: attention from CLS, or received attention
+POSITION_MODES: tuple[str, ...] = ("original", "compact")  # LLaVA position ids of the kept tokens
+INTER_READOUTS: tuple[str, ...] = ("naive", "maskclip", "clearclip")  # how patches reach the joint space
+
+
+@dataclass(frozen=True)
+class AtpConfig:
+    """Pruning settings of one backend call. ``keep_tokens`` > 0 wins over ``keep_ratio``;
+    ``mass`` > 0 (tau) selects the adaptive budget and wins over both."""
+
+    enabled: bool = True
+    alpha: float = 0.5
+    keep_ratio: float = 0.25
+    keep_tokens: int = 0
+    mass: float = 0.0
+    k_min: int = 1
+    k_max: int = 0
+    normalization: str = "minmax"
+    intra_signal: str = "cls"  # one of INTRA_SIGNALS
+    selector: str = "atp"  # any name of make_selector
+    seed: int = 0  # for the random baseline
+    # Position ids of the kept visual tokens in the LLM (LLaVA): "original" keeps the id each had
+    # among all N (text after the image keeps its unpruned ids); "compact" renumbers them 0..K.
+    positions: str = "original"
+    # How last-layer patches reach the joint space for S_inter (one of INTER_READOUTS).
+    inter_readout: str = "naive"
+
+    def check(self) -> None:
+        """ValueError naming the first invalid choice (string options only; numbers are checked by Budget)."""
+        for name, value, allowed in (
+            ("intra_signal", self.intra_signal, INTRA_SIGNALS),
+            ("positions", self.positions, POSITION_MODES),
+            ("inter_readout", self.inter_readout, INTER_READOUTS),
+            ("normalization", self.normalization, NORMALIZATIONS),
+            ("selector", self.selector, tuple(sorted(SELECTORS))),
+        ):
+            if value not in allowed:
+                raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
+
+    @property
+    def requested_alpha(self) -> float:
+        """The text weight the chosen selector asks for (0 for selectors that ignore the question)."""
+        if not self.enabled:
+            return 0.0
+        return {"atp": self.alpha, "text_only": 1.0}.get(self.selector, 0.0)
+
+    def budget(self, num_tokens: int) -> Budget:
+        """The token budget for ``num_tokens`` patches (all of them when disabled)."""
+        if not self.enabled:
+            return Budget.all()
+        if self.mass > 0:
+            return Budget(mass=self.mass, k_min=self.k_min, k_max=self.k_max)
+        if self.keep_tokens > 0:
+            return Budget(keep_tokens=min(self.keep_tokens, num_tokens))
+        return Budget(keep_ratio=self.keep_ratio)
+
+    def make_selector(self) -> TokenSelector:
+        """The selector these settings name (``keep_all`` when disabled)."""
+        if not self.enabled:
+            return make_selector("keep_all")
+        if self.selector == "atp":
+            return make_selector("atp", alpha=self.alpha, normalization=self.normalization)
+        if self.selector in ("cls_only", "text_only"):
+            return make_selector(self.selector, normalization=self.normalization)
+        if self.selector == "random":
+            return make_selector("random", seed=self.seed)
+        return make_selector(self.selector)
 
 
 # --------------------------------------------------------------------------- text cache

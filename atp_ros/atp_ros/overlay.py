@@ -1,6 +1,14 @@
-"""Keep-mask images for people: mono8 masks and the paper's Figure-3 style overlay."""
+"""Keep-mask images for people: mono8 masks and the paper's Figure-3 style overlay.
+
+The patch grid covers the region of the frame the model saw (``VlmResult.views[b]``, a
+:class:`atp_ros.backends.results.PixelBox`): the whole frame for processors that stretch it,
+the middle square for CLIP's short-side resize + center crop (llava-1.5 on a 4:3 camera).
+Pixels outside that region never reached the model and are faded like pruned ones.
+"""
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -10,21 +18,35 @@ def mask_image(mask: np.ndarray) -> np.ndarray:
     return (np.asarray(mask) > 0).astype(np.uint8) * 255
 
 
-def upsample_mask(mask: np.ndarray, height: int, width: int) -> np.ndarray:
-    """Nearest-neighbour resize of a ``(h, w)`` patch mask to ``(height, width)`` bool."""
-    gh, gw = mask.shape
-    rows = np.minimum(np.arange(height) * gh // height, gh - 1)
-    cols = np.minimum(np.arange(width) * gw // width, gw - 1)
-    return np.asarray(mask, dtype=bool)[rows[:, None], cols[None, :]]
+def _cells(pixels: int, cells: int, lo: float, hi: float) -> np.ndarray:
+    """Cell index of each pixel centre along one axis when ``cells`` cells tile ``[lo, hi)``; -1 outside."""
+    idx = np.floor((np.arange(pixels) + 0.5 - lo) * cells / (hi - lo)).astype(np.int64)
+    return np.where((idx >= 0) & (idx < cells), idx, -1)
 
 
-def overlay(rgb: np.ndarray, mask: np.ndarray, dim: float = 0.35) -> np.ndarray:
-    """Camera image with pruned patches grayed out (kept patches untouched).
+def upsample_mask(mask: np.ndarray, height: int, width: int, box: Sequence[float] | object | None = None) -> np.ndarray:
+    """``(h, w)`` patch mask -> ``(height, width)`` bool frame mask.
 
-    The patch grid is stretched over the whole frame; for processors that
-    center-crop (CLIP's 336 px crop of a 4:3 frame) the edges are approximate.
+    ``box``: ``(x0, y0, x1, y1)`` (or a ``PixelBox``) of the frame region the grid covers;
+    None: the whole frame. Pixels outside the box are False.
     """
-    keep = upsample_mask(mask, rgb.shape[0], rgb.shape[1])  # (H, W)
+    if box is None:
+        box = (0.0, 0.0, float(width), float(height))
+    elif hasattr(box, "as_tuple"):
+        box = box.as_tuple()
+    x0, y0, x1, y1 = (float(v) for v in box)
+    gh, gw = np.asarray(mask).shape
+    rows, cols = _cells(height, gh, y0, y1), _cells(width, gw, x0, x1)
+    out = np.asarray(mask, dtype=bool)[np.maximum(rows, 0)[:, None], np.maximum(cols, 0)[None, :]]
+    return out & (rows >= 0)[:, None] & (cols >= 0)[None, :]
+
+
+def overlay(rgb: np.ndarray, mask: np.ndarray, box: Sequence[float] | object | None = None, dim: float = 0.35):
+    """Camera image with pruned patches grayed out (kept patches untouched), each cell on the pixels its token saw.
+
+    ``box``: the frame region the patch grid covers (``VlmResult.views[b]``); None: the whole frame.
+    """
+    keep = upsample_mask(mask, rgb.shape[0], rgb.shape[1], box)  # (H, W)
     gray = rgb.astype(np.float32).mean(axis=2, keepdims=True)  # (H, W, 1)
     faded = (gray * dim + 255.0 * (1.0 - dim) * 0.5).astype(np.uint8).repeat(3, axis=2)
     out = np.where(keep[:, :, None], rgb, faded)

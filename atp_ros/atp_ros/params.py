@@ -10,8 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from atp_ros.atp import NORMALIZATIONS, SELECTORS
-from atp_ros.backends.base import INTER_READOUTS, INTRA_SIGNALS, POSITION_MODES, AtpConfig
+from atp_ros.atp import INTER_READOUTS, INTRA_SIGNALS, NORMALIZATIONS, POSITION_MODES, SELECTORS, AtpConfig
 
 
 @dataclass(frozen=True)

@@ -33,7 +33,7 @@ from rclpy.qos import DurabilityPolicy, QoSProfile, ReliabilityPolicy, qos_profi
 from sensor_msgs.msg import CompressedImage, Image
 from std_msgs.msg import Header, String
 
-from atp_ros import image_io, overlay, params
+from atp_ros import __version__, image_io, overlay, params
 from atp_ros.backends import ModelLoadError, VlmBackend, load_backend
 from atp_ros.stats import Counters, LatencyWindow
 from atp_ros_msgs.msg import VlmAnswer
@@ -121,6 +121,10 @@ class VlmNode(Node):
             f"in {time.monotonic() - started:.1f} s: {self.backend.num_visual_tokens} visual tokens "
             f"on a {self.backend.grid[0]}x{self.backend.grid[1]} grid"
         )
+        # Backend notes (CLS-only fallback, approximations) reach /rosout once each and /diagnostics.
+        self._notes_logged: set[str] = set()
+        self._last_notes: list[str] = []
+        self._log_notes(self.backend.load_notes)
 
         self.limits = image_io.ImageLimits(max_pixels=self._param("limits.max_image_pixels"))
         self._max_new_tokens = self._param("max_new_tokens")  # read-only
@@ -128,7 +132,6 @@ class VlmNode(Node):
         self.counters = Counters()
         self.latency = LatencyWindow(self._param("diagnostics.window"))
         self.slot = LatestFrame()
-        self._model_lock = threading.Lock()
         self._query: str | None = None
         self._latest: Frame | None = None  # newest frame, for ~/ask
         self._problems: dict[str, tuple[float, int, str]] = {}  # cause -> (when, level, message)
@@ -240,9 +243,19 @@ class VlmNode(Node):
         """Convert + answer one frame; returns ``(rgb, result)`` or raises BadImage / model errors."""
         rgb = self._to_rgb(frame.msg)
         _, atp = self._runtime_config()
-        with self._model_lock:
-            result = self.backend.answer([rgb], [question], atp, max_new_tokens=self._max_new_tokens)
+        # The backend runs one call at a time (its own lock), so ~/ask and the worker simply queue.
+        result = self.backend.answer([rgb], [question], atp, max_new_tokens=self._max_new_tokens)
+        self._log_notes(result.notes)
+        with self._state_lock:
+            self._last_notes = list(result.notes)
         return rgb, result
+
+    def _log_notes(self, notes: list[str]) -> None:
+        """Log each distinct backend note once (they repeat every frame while the condition holds)."""
+        for note in notes:
+            if note not in self._notes_logged:
+                self._notes_logged.add(note)
+                self.get_logger().warning(f"backend: {note}")
 
     def _answer_msg(self, header: Header, question: str, result, received: float, mask=None) -> VlmAnswer:
         """The VlmAnswer of image 0 of ``result``; ``mask`` is its ``(h, w)`` keep mask when already at hand."""
@@ -311,7 +324,9 @@ class VlmNode(Node):
         if self.pub_mask.get_subscription_count():
             self.pub_mask.publish(Image(header=header, **image_io.rgb_fields(overlay.mask_image(mask))))
         if self.pub_overlay.get_subscription_count():  # the overlay costs a full-frame pass: only when watched
-            self.pub_overlay.publish(Image(header=header, **image_io.rgb_fields(overlay.overlay(rgb, mask))))
+            self.pub_overlay.publish(
+                Image(header=header, **image_io.rgb_fields(overlay.overlay(rgb, mask, result.views[0])))
+            )
         self.counters.inc("frames_processed")
         self._last_kept = (answer.visual_tokens_kept, answer.visual_tokens_total)
         self.latency.add(result.timings.as_dict() | {"latency": (time.monotonic() - frame.received) * 1e3})
@@ -348,12 +363,15 @@ class VlmNode(Node):
         with self._state_lock:
             recent = {c: p for c, p in self._problems.items() if now - p[0] < RECENT_PROBLEM_S}
             query = self._query
+            notes = list(self._last_notes)
         status = DiagnosticStatus(
             name=f"{self.get_fully_qualified_name()}: vlm pipeline", hardware_id=str(self.backend.device)
         )
         if recent:
             worst = max(recent.values(), key=lambda p: p[1])
             status.level, status.message = worst[1], worst[2]
+        elif notes:  # answering, but not the way the parameters asked (e.g. CLS-only without a text tower)
+            status.level, status.message = DiagnosticStatus.WARN, notes[0]
         elif query is None:
             status.level, status.message = DiagnosticStatus.OK, "waiting for a query"
         else:
@@ -367,6 +385,9 @@ class VlmNode(Node):
             "visual_tokens_total": str(self._last_kept[1]),
             "frames_dropped": str(self.slot.dropped),
             "memory_rss_mb": f"{_rss_mb():.0f}",
+            "atp_ros_version": __version__,
+            "load_notes": " | ".join(self.backend.load_notes),
+            "notes": " | ".join(notes),
         }
         values |= {k: str(v) for k, v in self.counters.snapshot().items()}
         for stage, (p50, p95, _count) in sorted(self.latency.summary().items()):

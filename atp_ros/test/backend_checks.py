@@ -17,13 +17,12 @@ import numpy as np
 import pytest
 import torch
 from atp_ros.atp import Selection
-from atp_ros.backends import AtpConfig, ModelLoadError, VlmBackend, VlmResult, load_backend
+from atp_ros.backends import STAGES, AtpConfig, ModelLoadError, VlmBackend, VlmResult, load_backend
 from atp_ros.backends.loading import TEXT_TOWER_SUBDIR
 
 MAX_NEW = 5
 QUESTIONS = ["where is the red box?", "how many pallets are on the shelf?", "is the aisle empty?"]
 N = 64  # patches per image: (32 px / patch 4) ** 2
-STAGES = ("preprocess", "vision", "scoring", "projector", "prefill", "decode")
 
 
 def frames() -> list[np.ndarray]:

@@ -11,6 +11,7 @@ import math
 import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from fractions import Fraction
 
 import pytest
 import torch
@@ -619,6 +620,35 @@ def test_rank_normalization_ties_favour_lower_index() -> None:
     """Equal raw scores get distinct ranks with the lower index ranked higher."""
     ranks = normalize(torch.tensor([[1.0, 1.0, 0.0, 0.0, 2.0]]), "rank")
     assert torch.allclose(ranks, torch.tensor([[0.75, 0.5, 0.25, 0.0, 1.0]]))
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    n=st.sampled_from([16, 64, 576]),
+    seed=st.integers(0, 2**31 - 1),
+    alpha=st.sampled_from([0.5, 0.25, 0.3, 0.7]),
+)
+def test_exact_fused_rank_ties_go_to_the_lower_index(n: int, seed: int, alpha: float) -> None:
+    """With rank normalization, patches whose weighted rank sums are exactly equal get bit-equal fused
+    scores, and the top-K cut gives such a tie to the lower index (float32 rounding decided it before)."""
+    gen = torch.Generator().manual_seed(seed)
+    s_inter, s_intra = torch.rand(1, n, generator=gen), torch.rand(1, n, generator=gen)
+    fused = fuse_scores(s_inter, s_intra, alpha, "rank")[0]
+    # Exact arithmetic: alpha = p/q, so q * (alpha r_inter + (1 - alpha) r_intra) is an integer.
+    a = Fraction(alpha).limit_denominator(100)
+    r_inter = (normalize(s_inter, "rank")[0] * (n - 1)).round().long()
+    r_intra = (normalize(s_intra, "rank")[0] * (n - 1)).round().long()
+    exact = a.numerator * r_inter + (a.denominator - a.numerator) * r_intra  # (N,) long
+    # Equal exact values <=> bit-equal fused scores, and distinct ones keep their order.
+    assert torch.equal(exact[:, None] == exact[None, :], fused[:, None] == fused[None, :])
+    assert torch.equal(exact[:, None] > exact[None, :], fused[:, None] > fused[None, :])
+    # At every cut, a tie straddling it keeps the lower index.
+    order = sorted(range(n), key=lambda i: (-int(exact[i]), i))
+    for k in (1, n // 4, n // 2):
+        sel = ATPSelector(alpha=alpha, normalization="rank").select(
+            ScoreInputs(s_intra, s_inter), Budget(keep_tokens=k)
+        )
+        assert sel.kept(0).tolist() == sorted(order[:k])
 
 
 # --------------------------------------------------------------------------- signals

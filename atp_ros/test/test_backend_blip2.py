@@ -98,7 +98,7 @@ def test_qformer_sees_only_kept_keys(backend, images):
         assert keys.shape == (3, 1 + k, 32)
     assert_cls_plus_kept(rec.inputs[0], states[-1], result.selection)  # states: (B, 1+N, Dv)
     assert result.visual_tokens_kept == [k] * 3
-    assert result.selection.extras["qformer_keys"] == [k + 1] * 3
+    assert result.consumer_tokens == [k + 1] * 3  # Q-Former keys: CLS + K
 
 
 def test_per_sample_budget_pads_and_masks_keys(backend, images):

@@ -67,11 +67,11 @@ def test_resampler_sees_only_kept_tokens(backend, images):
     first_block = inner.perceiver_resampler.blocks[0][0]
     with (
         ForwardInputs(
-            vit=inner.vision_model.post_layernorm,  # pooled CLS only; counts ViT passes
+            vit=inner.vision_model.embeddings,  # counts ViT passes
             context=first_block.context_layer_norm,
             cross_keys=inner.gated_cross_attn_layers[0].cross_attn.k_proj,
         ) as rec,
-        outputs_of(inner.vision_model, lambda out: out.last_hidden_state) as states,
+        outputs_of(inner.vision_model.encoder.layers[-1]) as states,  # the tower's last states (B, 1+N, D)
     ):
         result = backend.answer(images, QUESTIONS, AtpConfig(keep_tokens=k), max_new_tokens=MAX_NEW)
     assert len(rec.seen["vit"]) == 1  # generate reuses the resampled latents; the ViT ran once
@@ -80,7 +80,7 @@ def test_resampler_sees_only_kept_tokens(backend, images):
     assert_cls_plus_kept(context, states[-1], result.selection)  # states: (B, 1+N, D)
     # The LLM's gated cross-attention reads n_latents keys whatever K is (the honest part).
     assert all(keys.shape[:2] == (3, N_LATENTS) for keys in rec.seen["cross_keys"])
-    assert result.selection.extras["resampler_context"] == [k + 1] * 3
+    assert result.consumer_tokens == [k + 1] * 3  # resampler context: CLS + K
 
 
 def test_per_sample_budget_masks_padded_context(backend, images):

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 from atp_ros.atp import Selection
-from atp_ros.backends import AtpConfig, ModelLoadError, load_backend
+from atp_ros.backends import STAGES, AtpConfig, ModelLoadError, load_backend
 from atp_ros.backends.llava import LlavaBackend
 from atp_ros.backends.text_towers import head_probe_attention, head_value_readout, load_joint_space
 from atp_ros.tiny.llava import TEXT_TOWER_SUBDIR, save_tiny_llava
@@ -148,8 +148,8 @@ def test_original_positions_reach_rope_and_decoding(backends: dict, images: list
     finally:
         handle.remove()
     prefill = seen[0]  # (B, T)
-    ids = be._preprocess(images, be._questions(images, QUESTIONS))["input_ids"]  # unpruned prompts
-    mask = be._preprocess(images, be._questions(images, QUESTIONS))["attention_mask"]
+    unpruned = be.preprocess(images, be.questions(images, QUESTIONS)).inputs  # unpruned prompts
+    ids, mask = unpruned["input_ids"], unpruned["attention_mask"]
     for b in range(len(images)):
         row = ids[b][mask[b].bool()]
         where = (row == be.image_token_id).nonzero().flatten()
@@ -186,7 +186,7 @@ def test_dense_readouts(backends: dict, images: list, tower: str) -> None:
     inter = {}
     for readout in ("naive", "maskclip", "clearclip"):
         res = be.answer(images, QUESTIONS, AtpConfig(alpha=1.0, inter_readout=readout), max_new_tokens=1)
-        assert res.selection.extras["inter_readout"] == readout
+        assert res.scoring.inter_readout == readout
         inter[readout] = res.selection.s_inter
         assert inter[readout].shape == (2, N) and torch.isfinite(inter[readout]).all()
     assert not torch.allclose(inter["naive"], inter["maskclip"])
@@ -244,7 +244,8 @@ def test_full_strategy_keeps_cls_and_prunes_patches(backends: dict, images: list
         res = be.answer(images, QUESTIONS, AtpConfig(keep_tokens=7), max_new_tokens=MAX_NEW)
     finally:
         handle.remove()
-    assert res.visual_tokens_total == N + 1 and res.visual_tokens_kept == [8, 8]  # 7 patches + CLS
+    # Token counts are patches in every family; CLS rides along to the LLM and shows in consumer_tokens.
+    assert res.visual_tokens_total == N and res.visual_tokens_kept == [7, 7] and res.consumer_tokens == [8, 8]
     assert res.selection.mask.sum(dim=(1, 2)).tolist() == [7, 7]
     assert calls[0]["attention_mask"].sum(dim=1).tolist() == [t + 8 for t in res.text_tokens]
 
@@ -266,7 +267,7 @@ def test_result_contents(backends: dict, images: list) -> None:
         assert sel.mask[b].flatten().nonzero().flatten().tolist() == idx.tolist()
     assert sel.s_intra.shape == sel.s_inter.shape == (2, N)
     assert res.alpha_used == 0.5 and res.notes == []
-    assert set(res.timings.as_dict()) >= {"preprocess", "vision", "scoring", "projector", "prefill", "decode"}
+    assert set(res.timings.as_dict()) >= set(STAGES)
     assert all(v >= 0 for v in res.timings.as_dict().values()) and res.timings.prefill > 0 and res.timings.decode > 0
     assert 0 < res.flops["llm_prefill"] < res.flops["llm_prefill_unpruned"]
     assert res.flops["scoring"] > 0  # CLS row + joint read-out: part of the pipeline, not hidden
@@ -297,7 +298,7 @@ def test_cls_only_matches_eager_cls_attention(backends: dict, ckpts: dict, image
 def test_siglip_probe_attention_matches_pooling_head(backends: dict, images: list) -> None:
     be = backends["siglip"]
     res = be.answer(images, QUESTIONS, AtpConfig(alpha=0.0, keep_tokens=8), max_new_tokens=2)
-    assert res.selection.extras["intra_signal"] == "probe"
+    assert res.scoring.intra_signal == "probe"
     head = be.joint.head
     with torch.inference_mode():
         states = be.tower(_pixel_values(be, images)).last_hidden_state  # post_layernorm applied
@@ -310,6 +311,17 @@ def test_siglip_probe_attention_matches_pooling_head(backends: dict, images: lis
         pooled = head.attention(probe[:1], one, one)[0]
         pooled = pooled + head.mlp(head.layernorm(pooled))
         torch.testing.assert_close(head_value_readout(head, states)[:1, 5:6], pooled)
+
+
+def test_result_reports_the_frame_region_each_grid_covers(backends: dict, images: list) -> None:
+    """The tiny CLIP processor resizes the short side and center-crops: the 48x80 frame becomes 64x106
+    (transformers rounds the long side down) and loses 21 resized pixels on the left, so the grid covers
+    x in [21, 85) * 80/106 of the frame; the square frame is covered whole. SigLIP's stretches every frame."""
+    res = backends["clip"].answer(images, QUESTIONS, AtpConfig(keep_tokens=8), max_new_tokens=1)
+    crop = pytest.approx((21 * 80 / 106, 0.0, 85 * 80 / 106, 48.0))
+    assert [v.as_tuple() for v in res.views] == [crop, (0.0, 0.0, 96.0, 96.0)]
+    res = backends["siglip"].answer(images, QUESTIONS, AtpConfig(keep_tokens=8), max_new_tokens=1)
+    assert [v.as_tuple() for v in res.views] == [(0.0, 0.0, 80.0, 48.0), (0.0, 0.0, 96.0, 96.0)]
 
 
 def test_missing_text_tower_runs_cls_only_with_note(backends: dict, images: list) -> None:
@@ -352,7 +364,7 @@ def test_text_embedding_cache_hits_on_repeated_question(backends: dict, images: 
 def test_received_signal(backends: dict, images: list, tower: str) -> None:
     be = backends[tower]
     res = be.answer(images, QUESTIONS, AtpConfig(intra_signal="received", alpha=0.0, keep_tokens=8), max_new_tokens=2)
-    assert res.selection.extras["intra_signal"] == "received"
+    assert res.scoring.intra_signal == "received"
     s = res.selection.s_intra
     assert s.shape == (2, N) and torch.all(s > 0)
     cls = be.answer(images, QUESTIONS, AtpConfig(alpha=0.0, keep_tokens=8), max_new_tokens=2)

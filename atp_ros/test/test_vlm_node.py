@@ -12,6 +12,7 @@ import pytest
 rclpy = pytest.importorskip("rclpy")
 pytest.importorskip("atp_ros_msgs.msg")
 
+from atp_ros.backends.results import STAGES  # noqa: E402
 from atp_ros.scenes import render_scene  # noqa: E402
 from atp_ros.tiny.llava import save_tiny_llava  # noqa: E402
 from node_harness import (  # noqa: E402
@@ -97,7 +98,7 @@ def test_end_to_end_answers_masks_overlays_diagnostics(running) -> None:
     values = probe.status_values()
     assert values["device"] == "cpu" and values["visual_tokens_total"] == str(N_TOKENS)
     assert float(values["latency_ms_p95"]) >= float(values["latency_ms_p50"]) > 0
-    for stage in ("preprocess", "vision", "scoring", "projector", "prefill", "decode"):
+    for stage in STAGES:
         assert f"{stage}_ms_p50" in values
 
 
@@ -286,6 +287,35 @@ def test_compressed_transport_and_corrupt_data(tiny_llava, ros_ctx, tmp_path) ->
         assert "cannot decode compressed image" in log.read_text()
     finally:
         assert stop_node(proc) < 5
+        probe.close()
+
+
+def test_backend_notes_reach_the_node_log_once_and_diagnostics(ros_ctx, tmp_path) -> None:
+    """A checkpoint without a text tower runs CLS-only: the node says so once in its log (/rosout),
+    and /diagnostics carries the note (WARN while answering that way) until alpha is set to 0."""
+    ckpt = save_tiny_llava(tmp_path / "no_tower", with_text_tower=False)
+    ns = new_namespace()
+    log = tmp_path / "node.log"
+    proc = start_node(ckpt, ns, log, max_new_tokens=2, atp__alpha=0.5)
+    probe = Probe(ros_ctx, ns)
+    try:
+        probe.wait_ready(proc, log)
+        probe.pub_query.publish(String(data="is the aisle empty?"))
+        for i in range(3):
+            publish_until_answer(probe, frame(i, 2_000_000_000 + i))
+        probe.wait_for(lambda: "running CLS-only" in probe.status_values().get("notes", ""), 10, "notes in diagnostics")
+        values = probe.status_values()
+        assert "no text tower" in values["load_notes"] and values["_level"] == "1"  # WARN
+        assert "running CLS-only" in values["_message"]
+        text = log.read_text()
+        assert text.count("backend: no text tower") == 2  # the load note and the per-frame note, once each
+        assert text.count("instead of selector 'atp'") == 1  # the per-frame note: once for three frames
+        assert probe.set_parameter("atp.alpha", 0.0)[0]
+        publish_until_answer(probe, frame(9, 2_000_000_009))
+        probe.wait_for(lambda: probe.status_values().get("notes", "x") == "", 10, "notes cleared")
+        assert probe.status_values()["_level"] == "0"
+    finally:
+        stop_node(proc)
         probe.close()
 
 

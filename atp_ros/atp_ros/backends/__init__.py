@@ -10,7 +10,10 @@ import importlib
 import json
 from pathlib import Path
 
-from atp_ros.backends.base import AtpConfig, StageTimings, VlmBackend, VlmResult
+from atp_ros.atp import AtpConfig
+from atp_ros.backends.errors import ModelLoadError
+from atp_ros.backends.pipeline import VlmBackend
+from atp_ros.backends.results import STAGES, PixelBox, ScoringInfo, StageTimings, VlmResult
 
 # model_type in config.json -> (module, class)
 FAMILIES: dict[str, tuple[str, str]] = {
@@ -18,10 +21,6 @@ FAMILIES: dict[str, tuple[str, str]] = {
     "blip-2": ("atp_ros.backends.blip2", "Blip2Backend"),
     "idefics": ("atp_ros.backends.idefics", "IdeficsBackend"),
 }
-
-
-class ModelLoadError(RuntimeError):
-    """A model could not be loaded; the message names the model and the reason."""
 
 
 def _model_type(model_id: str) -> str:
@@ -79,8 +78,11 @@ def load_backend(model_id: str, text_encoder_id: str = "", device: str = "auto",
 
 __all__ = [
     "BUNDLED_MODELS",
+    "STAGES",
     "AtpConfig",
     "ModelLoadError",
+    "PixelBox",
+    "ScoringInfo",
     "StageTimings",
     "VlmBackend",
     "VlmResult",

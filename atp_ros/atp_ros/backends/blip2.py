@@ -3,8 +3,9 @@
 Pipeline per batch (``Salesforce/blip2-opt-2.7b`` and friends, HF transformers):
 
     frames + questions -> Blip2Processor -> ViT-g (once, SDPA)            [preprocess, vision]
-      -> S_intra: CLS attention of one ViT layer from that layer's own fused qkv projection
-         (one query row per head); S_inter: cosine of each patch, mapped into EVA-CLIP's
+      -> S_intra: CLS attention of one ViT layer, recomputed from that layer's input with its own
+         ``layer_norm1`` and the q/k rows of its fused qkv projection (one query row per head);
+         S_inter: cosine of each patch, mapped into EVA-CLIP's
          joint space, with the question's EVA-CLIP text embedding         [scoring]
       -> keep CLS + the K selected patches -> Q-Former cross-attends only to them
          (``encoder_attention_mask`` masks the padding of per-sample K)   [projector]
@@ -28,39 +29,22 @@ side is that open_clip model's text tower (:mod:`atp_ros.backends.openclip_tower
 
 from __future__ import annotations
 
-import threading
-from collections.abc import Sequence
 from functools import partial
 
 import numpy as np
-import torch
-from torch import Tensor
+from torch import Tensor, nn
 
-from atp_ros.backends.base import (
-    AtpConfig,
-    Stopwatch,
-    VlmBackend,
-    VlmResult,
-    attention_flops,
-    decode_answers,
-    decoder_prefill_flops,
-    gather_with_prefix,
-    generate_timed,
-    greedy,
-    intra_scores,
-    joint_text_cosine,
-    lm_dims,
-    patch_grid,
-    questions_for,
-    record_outputs,
-    scoring_flops,
-    select_patches,
-    serialized,
-    trim_after_eos,
-    vit_flops,
-)
+from atp_ros.atp import AtpConfig, Selection
+from atp_ros.backends.flops import attention_flops, decoder_prefill_flops, lm_dims, vit_flops
 from atp_ros.backends.loading import load_checkpoint, load_text_tower
-from atp_ros.backends.openclip_tower import EVA01_G14, OpenClipJointSpace, load_openclip_joint_space
+from atp_ros.backends.openclip_tower import load_openclip_joint_space
+from atp_ros.backends.pipeline import Batch, LmPrompt, VisionStates, VlmBackend, gather_with_prefix, trim_after_eos
+from atp_ros.backends.views import processor_view
+
+BLIP2_NOTE = (
+    "S_inter reads BLIP-2's last ViT block through EVA-CLIP's final norm and projection "
+    "(EVA's block 40 is skipped): an approximation of EVA-CLIP's own patch read-out"
+)
 
 
 class Blip2Backend(VlmBackend):
@@ -74,42 +58,19 @@ class Blip2Backend(VlmBackend):
     family = "blip-2"
     prompt_template = "Question: {question} Answer:"
 
-    def __init__(
-        self,
-        model,
-        processor,
-        joint: OpenClipJointSpace | None,
-        model_id: str,
-        score_layer: int = -1,
-        no_text_reason: str = "",
-    ) -> None:
-        self.model = model
-        self.processor = processor
-        self.model_id = model_id
-        self.device = model.device
-        self.dtype = model.vision_model.dtype
-        self._set_text_tower(joint, no_text_reason)
-        vcfg = model.config.vision_config
-        self.num_heads = int(vcfg.num_attention_heads)
-        self.grid, self.num_visual_tokens = patch_grid(vcfg)
+    def __init__(self, model, processor, model_id: str, text_tower, score_layer: int = -1) -> None:
         layers = model.vision_model.encoder.layers
-        self.score_layer = score_layer % len(layers)
-        self._score_qkv = layers[self.score_layer].self_attn.qkv  # fused q|k|v projection of the scored block
-        self._last_block = layers[-1]
-        # Batched decoder-only generation needs left padding; reference and ATP paths share it.
-        self.processor.tokenizer.padding_side = "left"
-        # One call at a time: the capture hooks sit on shared modules (see base.serialized).
-        self._lock = threading.Lock()
-        # Per-frame constants of the cost model.
-        v = vcfg
+        index = score_layer % len(layers)
+        notes = [BLIP2_NOTE] if text_tower.joint is not None else []
+        super().__init__(
+            model, processor, model_id, model.device, model.vision_model.dtype, model.config.vision_config,
+            layers[index], index, text_tower, has_cls=True, prefix=1, load_notes=notes,
+        )  # fmt: skip
+        v = model.config.vision_config  # per-frame constants of the cost model
         self._vision_flops = vit_flops(
-            self.num_visual_tokens + 1,
-            v.hidden_size,
-            v.intermediate_size,
-            v.num_hidden_layers,
-            v.num_attention_heads,
-            v.patch_size,
-        )
+            self.num_visual_tokens, True, v.hidden_size, v.intermediate_size, v.num_hidden_layers,
+            v.num_attention_heads, v.patch_size,
+        )  # fmt: skip
         self._qformer_keep_all_flops = self.qformer_flops(self.num_visual_tokens + 1)
         self._lm_dims = lm_dims(model.config.text_config)
 
@@ -124,10 +85,10 @@ class Blip2Backend(VlmBackend):
     ) -> Blip2Backend:
         """Load a BLIP-2 checkpoint (hub id or local dir; safetensors, SDPA, no remote code).
 
-        Text tower: ``text_encoder_id`` (see :mod:`openclip_tower` for accepted forms), else
-        ``<model_dir>/atp_text_tower``, else EVA01-g-14 for ViT-g checkpoints. A failing
-        explicit or bundled tower raises; a derived one that is not available (offline, not
-        cached) leaves the backend CLS-only and every result says so in its notes.
+        Text tower (an open_clip model, see :mod:`openclip_tower` for accepted forms): found by
+        :func:`atp_ros.backends.loading.find_text_tower`; published BLIP-2 checkpoints map to
+        EVA01-g-14. A failing explicit tower raises; a bundled or known one that is not available
+        (offline, not cached) leaves the backend CLS-only and says so in its notes.
         """
         from transformers import Blip2ForConditionalGeneration
 
@@ -137,116 +98,64 @@ class Blip2Backend(VlmBackend):
             raise ValueError(
                 "checkpoint predates BLIP-2 image tokens (processor num_query_tokens / config image_token_index unset)"
             )
-        vcfg = model.config.vision_config
-        derived = EVA01_G14 if (vcfg.hidden_size, vcfg.patch_size) == (1408, 14) else ""
         load = partial(load_openclip_joint_space, device=dev, dtype=dt)
-        tower = load_text_tower(model_id, text_encoder_id, derived, load, vision_hidden=vcfg.hidden_size)
-        return cls(model, processor, tower.joint, model_id, score_layer=score_layer, no_text_reason=tower.reason)
+        tower = load_text_tower(model_id, text_encoder_id, load, vision_hidden=model.config.vision_config.hidden_size)
+        return cls(model, processor, model_id, tower, score_layer=score_layer)
 
-    # ------------------------------------------------------------------ inputs
+    # ------------------------------------------------------------------ the seam
 
-    def _inputs(self, images: Sequence[np.ndarray], questions: Sequence[str] | str) -> dict[str, Tensor]:
-        """Processor output on the model's device: pixel_values, input_ids, attention_mask."""
-        qs = questions_for(images, questions)
-        prompts = [self.prompt_template.format(question=q) for q in qs]
-        enc = self.processor(images=list(images), text=prompts, return_tensors="pt", padding=True)
-        out = {k: v.to(self.device) for k, v in enc.items()}
-        out["pixel_values"] = out["pixel_values"].to(self.dtype)
-        return out
+    def preprocess(self, images: list[np.ndarray], questions: list[str]) -> Batch:
+        prompts = [self.prompt_template.format(question=q) for q in questions]
+        enc = self.processor(images=images, text=prompts, return_tensors="pt", padding=True)
+        inputs = {k: v.to(self.device) for k, v in enc.items()}
+        inputs["pixel_values"] = inputs["pixel_values"].to(self.dtype)
+        views = [processor_view(self.processor.image_processor, *img.shape[:2]) for img in images]
+        return Batch(inputs["pixel_values"], inputs, views)
 
-    def _new_tokens(self, out: Tensor, input_len: int) -> list[list[int]]:
-        """Strip the prompt (decoder-only LMs echo it) and padding after EOS."""
-        lm_cfg = self.model.language_model.config
-        new = out[:, 1:] if lm_cfg.is_encoder_decoder else out[:, input_len:]  # enc-dec: drop decoder start
-        return trim_after_eos(new, self.model.language_model.generation_config.eos_token_id)
+    def encode(self, pixel_values: Tensor) -> VisionStates:
+        out = self.model.vision_model(pixel_values=pixel_values, output_hidden_states=True)
+        hs = out.hidden_states  # hs[i]: input of block i; hs[-1]: last block before ln_vision
+        # The Q-Former reads last_hidden_state (after ln_vision); S_inter the raw last block (see module doc).
+        return VisionStates(tokens=out.last_hidden_state, score_input=hs[self.score_layer], last=hs[-1])
 
-    @serialized
-    @torch.inference_mode()
-    def reference_generate(
-        self, images: Sequence[np.ndarray], questions: Sequence[str] | str, max_new_tokens: int = 32
-    ) -> list[list[int]]:
-        """Stock ``Blip2ForConditionalGeneration.generate`` (greedy, no ATP): new token ids per image."""
-        inputs = self._inputs(images, questions)
-        out = self.model.generate(**inputs, **greedy(max_new_tokens))
-        return self._new_tokens(out, inputs["input_ids"].shape[1])
+    def score_qk(self, x: Tensor, query_rows: slice) -> tuple[Tensor, Tensor]:
+        # One fused projection laid out [q | k | v] (heads inside each): apply only its q and k rows.
+        qkv: nn.Linear = self._score.self_attn.qkv
+        d = qkv.in_features
+        bias = qkv.bias if qkv.bias is not None else None
+        y = self._score.layer_norm1(x)
+        q = nn.functional.linear(y[:, query_rows], qkv.weight[:d], None if bias is None else bias[:d])
+        k = nn.functional.linear(y, qkv.weight[d : 2 * d], None if bias is None else bias[d : 2 * d])
+        return q, k
 
-    # ------------------------------------------------------------------ ATP path
-
-    @serialized
-    @torch.inference_mode()
-    def answer(
-        self,
-        images: Sequence[np.ndarray],
-        questions: Sequence[str] | str,
-        atp: AtpConfig = AtpConfig(),
-        max_new_tokens: int = 32,
-    ) -> VlmResult:
-        """Answer one question per image with ATP pruning the Q-Former's visual keys."""
+    def feed(self, vision: VisionStates, selection: Selection, batch: Batch, atp: AtpConfig) -> LmPrompt:
         model = self.model
-        watch = Stopwatch(self.device)
-        qs = questions_for(images, questions)
-        with watch.stage("preprocess"):
-            inputs = self._inputs(images, qs)
-
-        # One ViT pass. Hooks keep the scored block's fused qkv output and the last block's
-        # output (pre ln_vision) for the joint space; the attention itself stays SDPA.
-        hooks = {"qkv": self._score_qkv, "last": self._last_block}
-        with watch.stage("vision"), record_outputs(hooks) as rec:
-            image_embeds = model.vision_model(pixel_values=inputs["pixel_values"]).last_hidden_state  # (B, 1+N, Dv)
-
-        with watch.stage("scoring"):
-            dim = image_embeds.shape[-1]
-            qkv = rec["qkv"]  # (B, 1+N, 3*Dv) laid out as [q | k | v], heads inside each
-            s_all = intra_scores(qkv[..., :dim], qkv[..., dim : 2 * dim], self.num_heads, atp.intra_signal)
-            s_intra = s_all[:, 1:]  # (B, N) attention to patches; CLS is always kept
-
-            def s_inter() -> Tensor:  # (B, N), from the last block's patches before ln_vision
-                return joint_text_cosine(self.joint, self.text_cache, rec["last"][:, 1:], qs)
-
-            selection, alpha_used, notes = select_patches(
-                atp,
-                s_intra,
-                s_inter if self.joint is not None else None,
-                self.grid,
-                tokens=image_embeds[:, 1:],
-                no_text_reason=self.no_text_reason,
-            )
-            kept, key_mask = gather_with_prefix(image_embeds, selection, prefix=1)  # (B, 1+K, Dv), (B, 1+K)
-
-        with watch.stage("projector"):
-            query_tokens = model.query_tokens.expand(kept.shape[0], -1, -1)
-            query_output = model.qformer(
-                query_embeds=query_tokens, encoder_hidden_states=kept, encoder_attention_mask=key_mask
-            ).last_hidden_state  # (B, num_query_tokens, Hq), fp32
-            lm_inputs = model.language_projection(query_output.to(image_embeds.dtype))  # (B, nq, D_lm)
-            input_ids = inputs["input_ids"]
-            embeds = model.get_input_embeddings()(input_ids)  # (B, T, D_lm)
-            image_slots = (input_ids == model.config.image_token_index).unsqueeze(-1)
-            embeds = embeds.masked_scatter(image_slots, lm_inputs.to(embeds.dtype))
-
-        gen = {"inputs_embeds": embeds, "attention_mask": inputs["attention_mask"]}
+        kept, key_mask = gather_with_prefix(vision.tokens, selection, prefix=1)  # (B, 1+K, Dv), (B, 1+K)
+        query_tokens = model.query_tokens.expand(kept.shape[0], -1, -1)
+        query_output = model.qformer(
+            query_embeds=query_tokens, encoder_hidden_states=kept, encoder_attention_mask=key_mask
+        ).last_hidden_state  # (B, num_query_tokens, Hq), fp32
+        lm_inputs = model.language_projection(query_output.to(vision.tokens.dtype))  # (B, nq, D_lm)
+        input_ids = batch.inputs["input_ids"]
+        embeds = model.get_input_embeddings()(input_ids)  # (B, T, D_lm)
+        image_slots = (input_ids == model.config.image_token_index).unsqueeze(-1)
+        embeds = embeds.masked_scatter(image_slots, lm_inputs.to(embeds.dtype))
+        kwargs = {"inputs_embeds": embeds, "attention_mask": batch.inputs["attention_mask"]}
         if not model.language_model.config.is_encoder_decoder:
-            gen["input_ids"] = input_ids  # what the stock generate passes too
-        out = generate_timed(model.language_model.generate, watch, **gen, **greedy(max_new_tokens))
-
-        ids = self._new_tokens(out, input_ids.shape[1])
-        answers = decode_answers(self.processor.tokenizer, ids)
+            kwargs["input_ids"] = input_ids  # what the stock generate passes too
         nq = model.config.num_query_tokens
-        text_tokens = [int(n) - nq for n in inputs["attention_mask"].sum(dim=1).tolist()]
-        kept_counts = [int(k) for k in selection.lengths.tolist()]
-        selection.extras.update(cls_kept=True, qformer_keys=[k + 1 for k in kept_counts], score_layer=self.score_layer)
-        return VlmResult(
-            answers=answers,
-            selection=selection,
-            visual_tokens_total=self.num_visual_tokens,
-            visual_tokens_kept=kept_counts,
-            text_tokens=text_tokens,
-            timings=watch.timings,
-            flops=self.flops(kept_counts, [t + nq for t in text_tokens], atp, alpha_used > 0),
-            generated_ids=ids,
-            alpha_used=alpha_used,
-            notes=notes,
-        )
+        text_tokens = [int(n) - nq for n in batch.inputs["attention_mask"].sum(dim=1).tolist()]
+        keys = [int(k) + 1 for k in selection.lengths.tolist()]
+        return LmPrompt(kwargs, int(input_ids.shape[1]), text_tokens, keys)
+
+    @property
+    def generator(self):
+        return self.model.language_model.generate
+
+    def new_tokens(self, out: Tensor, input_len: int) -> list[list[int]]:
+        lm = self.model.language_model
+        new = out[:, 1:] if lm.config.is_encoder_decoder else out[:, input_len:]  # enc-dec: drop decoder start
+        return trim_after_eos(new, lm.generation_config.eos_token_id)
 
     # ------------------------------------------------------------------ cost model
 
@@ -262,25 +171,23 @@ class Blip2Backend(VlmBackend):
                 total += attention_flops(nq, num_keys, h, dv, h, h)
         return total + 2 * nq * h * self.model.config.text_config.hidden_size
 
-    def flops(self, kept: list[int], seq_lens: list[int], atp: AtpConfig, used_text: bool) -> dict[str, float]:
+    def flops(self, kept: list[int], prompt: LmPrompt, scoring: float) -> dict[str, float]:
         """Analytic per-image FLOPs (batch mean): vision, scoring, projector (Q-Former), LLM prefill, pipeline.
 
         ``projector_keep_all`` is the Q-Former cost without pruning, for comparison: the
         Q-Former cross-attention is the only stage pruning shrinks; ``llm_prefill`` is the
         same with and without ATP because the LLM always gets ``num_query_tokens`` tokens.
         """
-        vision = self._vision_flops
-        hidden = self.model.config.vision_config.hidden_size
-        scoring = scoring_flops(self.num_visual_tokens, hidden, atp, self.joint if used_text else None)
-        projector = float(np.mean([self.qformer_flops(k + 1) for k in kept]))
-        prefill = float(np.mean([decoder_prefill_flops(t, **self._lm_dims) for t in seq_lens]))
+        nq = self.model.config.num_query_tokens
+        projector = float(np.mean([self.qformer_flops(k) for k in prompt.consumer_tokens]))
+        prefill = float(np.mean([decoder_prefill_flops(t + nq, **self._lm_dims) for t in prompt.text_tokens]))
         return {
-            "vision": vision,
+            "vision": self._vision_flops,
             "scoring": scoring,
             "projector": projector,
             "projector_keep_all": self._qformer_keep_all_flops,
             "llm_prefill": prefill,
-            "pipeline": vision + scoring + projector + prefill,
+            "pipeline": self._vision_flops + scoring + projector + prefill,
         }
 
 

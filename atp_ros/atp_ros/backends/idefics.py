@@ -3,8 +3,9 @@
 Pipeline per batch (``HuggingFaceM4/idefics-9b`` / ``-80b`` and their ``-instruct`` variants):
 
     frames + questions -> IdeficsProcessor -> CLIP ViT-H/14 (once, SDPA)   [preprocess, vision]
-      -> S_intra: CLS attention of one ViT layer from that layer's own q/k projections
-         (one query row per head); S_inter: cosine of each patch in CLIP's joint space
+      -> S_intra: CLS attention of one ViT layer, recomputed from that layer's input with its own
+         ``layer_norm1`` and q/k projections (one query row per head); S_inter: cosine of each
+         patch in CLIP's joint space
          (``post_layernorm`` + ``visual_projection``) with the question's CLIP text
          embedding                                                          [scoring]
       -> keep CLS + the K selected patches -> perceiver resampler over them only
@@ -25,45 +26,27 @@ to the kept tokens directly, so there the cross-attention keys do shrink.)
 ``perceiver_embeddings`` ``(B, 1, n_latents, D)`` and generate's
 ``_update_model_kwargs_for_generation`` carries them to every decoding step as
 ``image_hidden_states``, so the vision tower and resampler run once per call.
+
+The IDEFICS vision tower returns no hidden states, so :meth:`IdeficsBackend.encode` runs its
+own submodules in order (embeddings, ``pre_layrnorm``, each encoder layer) and keeps the
+inputs of the score layer and of the last layer on the way: the same calls the module makes,
+so the output is bit-identical to ``vision_model(pixel_values)``.
 """
 
 from __future__ import annotations
 
-import threading
-from collections.abc import Sequence
 from functools import partial
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
-from atp_ros.backends.base import (
-    AtpConfig,
-    Stopwatch,
-    VlmBackend,
-    VlmResult,
-    attention_flops,
-    decode_answers,
-    decoder_prefill_flops,
-    gather_with_prefix,
-    generate_timed,
-    greedy,
-    intra_scores,
-    joint_text_cosine,
-    patch_grid,
-    questions_for,
-    record_outputs,
-    scoring_flops,
-    select_patches,
-    serialized,
-    trim_after_eos,
-    vit_flops,
-)
-from atp_ros.backends.loading import load_checkpoint, load_text_tower
-from atp_ros.backends.text_towers import JointSpace, load_joint_space
-
-# idefics-9b/80b froze OpenCLIP ViT-H/14 (LAION-2B); its HF CLIPModel carries the text side.
-CLIP_VIT_H14 = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"
+from atp_ros.atp import AtpConfig, Selection
+from atp_ros.backends.flops import attention_flops, decoder_prefill_flops, vit_flops
+from atp_ros.backends.loading import checkpoint_name, load_checkpoint, load_text_tower
+from atp_ros.backends.pipeline import Batch, LmPrompt, VisionStates, VlmBackend, gather_with_prefix
+from atp_ros.backends.text_towers import load_joint_space
+from atp_ros.backends.views import processor_view
 
 
 def _perceiver_attention_masked(attn: nn.Module, context: Tensor, latents: Tensor, key_mask: Tensor) -> Tensor:
@@ -113,41 +96,22 @@ class IdeficsBackend(VlmBackend):
 
     family = "idefics"
 
-    def __init__(
-        self,
-        model,
-        processor,
-        joint: JointSpace | None,
-        model_id: str,
-        score_layer: int = -1,
-        no_text_reason: str = "",
-    ) -> None:
-        self.model = model
-        self.processor = processor
-        self.model_id = model_id
-        self.device = model.device
-        self.dtype = model.dtype
-        self._set_text_tower(joint, no_text_reason)
-        self.instruct = "instruct" in model_id.lower()
-        vcfg = model.config.vision_config
-        self.num_heads = int(vcfg.num_attention_heads)
-        self.grid, self.num_visual_tokens = patch_grid(vcfg)
-        layers = model.model.vision_model.encoder.layers
-        self.score_layer = score_layer % len(layers)
-        self._score_attn = layers[self.score_layer].self_attn
-        self.processor.tokenizer.padding_side = "left"  # batched generation; reference and ATP paths share it
-        self._image_token_id = self.processor.tokenizer.convert_tokens_to_ids("<image>")
-        # One call at a time: the capture hooks sit on shared modules (see base.serialized).
-        self._lock = threading.Lock()
-        v = vcfg  # per-frame constants of the cost model
+    def __init__(self, model, processor, model_id: str, text_tower, score_layer: int = -1) -> None:
+        vision = model.model.vision_model
+        layers = vision.encoder.layers
+        index = score_layer % len(layers)
+        super().__init__(
+            model, processor, model_id, model.device, model.dtype, model.config.vision_config, layers[index],
+            index, text_tower, has_cls=True, prefix=1,
+        )  # fmt: skip
+        # Instruct checkpoints were tuned on a chat layout (the published names end in -instruct).
+        self.instruct = checkpoint_name(model_id).lower().endswith("-instruct")
+        self._image_token_id = self.tokenizer.convert_tokens_to_ids("<image>")
+        v = model.config.vision_config  # per-frame constants of the cost model
         self._vision_flops = vit_flops(
-            self.num_visual_tokens + 1,
-            v.embed_dim,
-            v.intermediate_size,
-            v.num_hidden_layers,
-            v.num_attention_heads,
-            v.patch_size,
-        )
+            self.num_visual_tokens, True, v.embed_dim, v.intermediate_size, v.num_hidden_layers,
+            v.num_attention_heads, v.patch_size,
+        )  # fmt: skip
         self._resampler_keep_all_flops = self.resampler_flops(self.num_visual_tokens + 1)
 
     @classmethod
@@ -161,22 +125,20 @@ class IdeficsBackend(VlmBackend):
     ) -> IdeficsBackend:
         """Load an IDEFICS checkpoint (hub id or local dir; safetensors, SDPA, no remote code).
 
-        Text tower (an HF ``CLIPModel``): ``text_encoder_id``, else ``<model_dir>/atp_text_tower``,
-        else ``laion/CLIP-ViT-H-14-laion2B-s32B-b79K`` for ViT-H/14 towers. A failing explicit
-        or bundled tower raises; an unavailable derived one leaves the backend CLS-only and
-        every result says so in its notes.
+        Text tower (an HF ``CLIPModel``): found by :func:`atp_ros.backends.loading.find_text_tower`;
+        published IDEFICS checkpoints map to ``laion/CLIP-ViT-H-14-laion2B-s32B-b79K``. A failing
+        explicit tower raises; a bundled or known one that is not available leaves the backend
+        CLS-only and says so in its notes.
         """
         from transformers import IdeficsForVisionText2Text
 
         model_id = str(model_id)
         model, processor, dev, dt = load_checkpoint(IdeficsForVisionText2Text, model_id, device, dtype)
-        vcfg = model.config.vision_config
-        derived = CLIP_VIT_H14 if (vcfg.embed_dim, vcfg.patch_size) == (1280, 14) else ""
         load = partial(load_joint_space, device=dev, dtype=dt)
-        tower = load_text_tower(model_id, text_encoder_id, derived, load, vision_hidden=vcfg.embed_dim)
-        return cls(model, processor, tower.joint, model_id, score_layer=score_layer, no_text_reason=tower.reason)
+        tower = load_text_tower(model_id, text_encoder_id, load, vision_hidden=model.config.vision_config.embed_dim)
+        return cls(model, processor, model_id, tower, score_layer=score_layer)
 
-    # ------------------------------------------------------------------ inputs
+    # ------------------------------------------------------------------ the seam
 
     def prompt(self, image: np.ndarray, question: str) -> list:
         """IDEFICS prompt items (text and image objects, in order) for one question."""
@@ -184,100 +146,47 @@ class IdeficsBackend(VlmBackend):
             return ["User:", image, f"{question}<end_of_utterance>", "\nAssistant:"]
         return [image, f"Question: {question} Answer:"]
 
-    def _inputs(self, images: Sequence[np.ndarray], questions: Sequence[str] | str) -> dict[str, Tensor]:
-        """Processor output on the device: input_ids, attention_mask, pixel_values (B,1,3,H,W), image_attention_mask."""
-        qs = questions_for(images, questions)
-        prompts = [self.prompt(img, q) for img, q in zip(images, qs, strict=True)]
+    def preprocess(self, images: list[np.ndarray], questions: list[str]) -> Batch:
+        prompts = [self.prompt(img, q) for img, q in zip(images, questions, strict=True)]
         enc = self.processor(text=prompts, return_tensors="pt", add_end_of_utterance_token=False)
-        out = {k: v.to(self.device) for k, v in enc.items()}
-        out["pixel_values"] = out["pixel_values"].to(self.dtype)
-        return out
+        inputs = {k: v.to(self.device) for k, v in enc.items()}
+        inputs["pixel_values"] = inputs["pixel_values"].to(self.dtype)  # (B, 1, 3, H, W): one image per prompt
+        views = [processor_view(self.processor.image_processor, *img.shape[:2]) for img in images]
+        return Batch(inputs["pixel_values"].flatten(0, 1), inputs, views)
 
-    @serialized
-    @torch.inference_mode()
-    def reference_generate(
-        self, images: Sequence[np.ndarray], questions: Sequence[str] | str, max_new_tokens: int = 32
-    ) -> list[list[int]]:
-        """Stock ``IdeficsForVisionText2Text.generate`` from pixels (greedy, no ATP): new token ids per image."""
-        inputs = self._inputs(images, questions)
-        out = self.model.generate(**inputs, **greedy(max_new_tokens))
-        return trim_after_eos(out[:, inputs["input_ids"].shape[1] :], self.model.generation_config.eos_token_id)
+    def encode(self, pixel_values: Tensor) -> VisionStates:
+        # IdeficsVisionTransformer.forward, unrolled to keep two layer inputs (it returns no hidden states).
+        vision = self.model.model.vision_model
+        h = vision.pre_layrnorm(vision.embeddings(pixel_values, interpolate_pos_encoding=False))  # (B, 1+N, D)
+        layers = vision.encoder.layers
+        score_input = last_input = h
+        for i, layer in enumerate(layers):
+            if i == self.score_layer:
+                score_input = h
+            if i == len(layers) - 1:
+                last_input = h
+            h = layer(h, None)
+        # IDEFICS feeds the raw last-block output (no post_layernorm) to the resampler; the CLIP
+        # joint space applies its own post_layernorm for S_inter.
+        return VisionStates(tokens=h, score_input=score_input, last=h, last_input=last_input)
 
-    # ------------------------------------------------------------------ ATP path
-
-    @serialized
-    @torch.inference_mode()
-    def answer(
-        self,
-        images: Sequence[np.ndarray],
-        questions: Sequence[str] | str,
-        atp: AtpConfig = AtpConfig(),
-        max_new_tokens: int = 32,
-    ) -> VlmResult:
-        """Answer one question per image with ATP pruning the resampler's visual context."""
-        inner = self.model.model
-        watch = Stopwatch(self.device)
-        qs = questions_for(images, questions)
-        with watch.stage("preprocess"):
-            inputs = self._inputs(images, qs)
-        pixel_values = inputs["pixel_values"]  # (B, 1, 3, H, W): one image per prompt
-
-        # One ViT pass; hooks keep the scored block's q/k projections (on its layer-normed
-        # input) -- the attention itself stays SDPA. IDEFICS feeds the raw last-block output
-        # (no post_layernorm) to the resampler; the CLIP joint space applies its own.
-        hooks = {"q": self._score_attn.q_proj, "k": self._score_attn.k_proj}
-        with watch.stage("vision"), record_outputs(hooks) as rec:
-            image_states = inner.vision_model(pixel_values=pixel_values.flatten(0, 1)).last_hidden_state  # (B,1+N,D)
-
-        with watch.stage("scoring"):
-            s_intra = intra_scores(rec["q"], rec["k"], self.num_heads, atp.intra_signal)[:, 1:]  # (B, N)
-
-            def s_inter() -> Tensor:  # (B, N), from the raw last-block patches
-                return joint_text_cosine(self.joint, self.text_cache, image_states[:, 1:], qs)
-
-            selection, alpha_used, notes = select_patches(
-                atp,
-                s_intra,
-                s_inter if self.joint is not None else None,
-                self.grid,
-                tokens=image_states[:, 1:],
-                no_text_reason=self.no_text_reason,
-            )
-            kept, key_mask = gather_with_prefix(image_states, selection, prefix=1)  # (B, 1+K, D), (B, 1+K)
-
-        gen = {k: inputs[k] for k in ("input_ids", "attention_mask", "image_attention_mask")}
-        with watch.stage("projector"):
-            if self.model.config.use_resampler:
-                latents = resample(inner.perceiver_resampler, kept, key_mask)  # (B, n_latents, D)
-                gen["perceiver_embeddings"] = latents.unsqueeze(1)  # (B, num_images=1, n_latents, D)
-            elif bool(key_mask.all()):
-                gen["image_encoder_embeddings"] = kept.unsqueeze(1)  # (B, 1, 1+K, D)
-            else:
-                # Gated cross-attention masks whole images, not tokens: padding would be attended.
-                raise ValueError("per-sample budgets (mass) need the perceiver resampler; this checkpoint has none")
-
-        input_len = inputs["input_ids"].shape[1]
-        out = generate_timed(self.model.generate, watch, **gen, **greedy(max_new_tokens))
-        ids = trim_after_eos(out[:, input_len:], self.model.generation_config.eos_token_id)
-        answers = decode_answers(self.processor.tokenizer, ids)
-        seq_lens = [int(n) for n in inputs["attention_mask"].sum(dim=1).tolist()]
-        n_image_tokens = (inputs["input_ids"] == self._image_token_id).sum(dim=1).tolist()
-        kept_counts = [int(k) for k in selection.lengths.tolist()]
-        selection.extras.update(
-            cls_kept=True, resampler_context=[k + 1 for k in kept_counts], score_layer=self.score_layer
-        )
-        return VlmResult(
-            answers=answers,
-            selection=selection,
-            visual_tokens_total=self.num_visual_tokens,
-            visual_tokens_kept=kept_counts,
-            text_tokens=[s - int(n) for s, n in zip(seq_lens, n_image_tokens, strict=True)],
-            timings=watch.timings,
-            flops=self.flops(kept_counts, seq_lens, atp, alpha_used > 0),
-            generated_ids=ids,
-            alpha_used=alpha_used,
-            notes=notes,
-        )
+    def feed(self, vision: VisionStates, selection: Selection, batch: Batch, atp: AtpConfig) -> LmPrompt:
+        kept, key_mask = gather_with_prefix(vision.tokens, selection, prefix=1)  # (B, 1+K, D), (B, 1+K)
+        kwargs = {k: batch.inputs[k] for k in ("input_ids", "attention_mask", "image_attention_mask")}
+        if self.model.config.use_resampler:
+            latents = resample(self.model.model.perceiver_resampler, kept, key_mask)  # (B, n_latents, D)
+            kwargs["perceiver_embeddings"] = latents.unsqueeze(1)  # (B, num_images=1, n_latents, D)
+        elif bool(key_mask.all()):
+            kwargs["image_encoder_embeddings"] = kept.unsqueeze(1)  # (B, 1, 1+K, D)
+        else:
+            # Gated cross-attention masks whole images, not tokens: padding would be attended.
+            raise ValueError("per-sample budgets (mass) need the perceiver resampler; this checkpoint has none")
+        input_ids = batch.inputs["input_ids"]
+        seq_lens = [int(n) for n in batch.inputs["attention_mask"].sum(dim=1).tolist()]
+        n_image = (input_ids == self._image_token_id).sum(dim=1).tolist()
+        text_tokens = [s - int(n) for s, n in zip(seq_lens, n_image, strict=True)]
+        context = [int(k) + 1 for k in selection.lengths.tolist()]
+        return LmPrompt(kwargs, int(input_ids.shape[1]), text_tokens, context)
 
     # ------------------------------------------------------------------ cost model
 
@@ -301,7 +210,7 @@ class IdeficsBackend(VlmBackend):
         cross = attention_flops(seq_len, image_keys, d, cfg.vision_config.embed_dim, d, d) + 2 * 3 * seq_len * d * f
         return decoder + n_cross * cross
 
-    def flops(self, kept: list[int], seq_lens: list[int], atp: AtpConfig, used_text: bool) -> dict[str, float]:
+    def flops(self, kept: list[int], prompt: LmPrompt, scoring: float) -> dict[str, float]:
         """Analytic per-image FLOPs (batch mean): vision, scoring, projector (resampler), LLM prefill, pipeline.
 
         ``projector_keep_all`` is the resampler cost without pruning. With a resampler the
@@ -309,23 +218,23 @@ class IdeficsBackend(VlmBackend):
         not change with ATP.
         """
         cfg = self.model.config
-        vision = self._vision_flops
-        joint = self.joint if used_text else None
-        scoring = scoring_flops(self.num_visual_tokens, cfg.vision_config.embed_dim, atp, joint)
-        projector = float(np.mean([self.resampler_flops(k + 1) for k in kept]))
+        projector = float(np.mean([self.resampler_flops(c) for c in prompt.consumer_tokens]))
+        seq_lens = [int(n) for n in prompt.generate_kwargs["attention_mask"].sum(dim=1).tolist()]
 
-        def keys(k: int) -> int:
-            return cfg.perceiver_config.resampler_n_latents if cfg.use_resampler else k + 1
+        def keys(context: int) -> int:
+            return cfg.perceiver_config.resampler_n_latents if cfg.use_resampler else context
 
-        prefill = float(np.mean([self.llm_prefill_flops(t, keys(k)) for t, k in zip(seq_lens, kept, strict=True)]))
+        prefill = float(
+            np.mean([self.llm_prefill_flops(t, keys(c)) for t, c in zip(seq_lens, prompt.consumer_tokens, strict=True)])
+        )
         return {
-            "vision": vision,
+            "vision": self._vision_flops,
             "scoring": scoring,
             "projector": projector,
             "projector_keep_all": self._resampler_keep_all_flops,
             "llm_prefill": prefill,
-            "pipeline": vision + scoring + projector + prefill,
+            "pipeline": self._vision_flops + scoring + projector + prefill,
         }
 
 
-__all__ = ["CLIP_VIT_H14", "IdeficsBackend", "resample"]
+__all__ = ["IdeficsBackend", "resample"]

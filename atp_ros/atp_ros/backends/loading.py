@@ -8,21 +8,84 @@ when a missing tower is an error and when it leaves the backend CLS-only.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Collection
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 
-from atp_ros.backends import ModelLoadError
-from atp_ros.backends.base import resolve_device, resolve_dtype
-from atp_ros.backends.text_towers import JointSpace
+from atp_ros.backends.errors import ModelLoadError
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
 
+    from atp_ros.backends.text_towers import JointSpace
+
 TEXT_TOWER_SUBDIR = "atp_text_tower"  # <model_dir>/atp_text_tower: the matching joint-space text tower
+
+# Published VLM -> the contrastive checkpoint its vision tower was taken from (the text side of S_inter).
+# BLIP-2's ViT-g is EVA01-CLIP-g/14 minus its last block; IDEFICS froze OpenCLIP ViT-H/14.
+EVA01_G14 = "EVA01-g-14:laion400m_s11b_b41k"  # an open_clip name:tag (see openclip_tower)
+CLIP_VIT_H14 = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"
+KNOWN_TEXT_TOWERS: dict[str, str] = {
+    "llava-hf/llava-1.5-7b-hf": "openai/clip-vit-large-patch14-336",
+    "llava-hf/llava-1.5-13b-hf": "openai/clip-vit-large-patch14-336",
+    "llava-hf/llava-interleave-qwen-0.5b-hf": "google/siglip-so400m-patch14-384",
+    "llava-hf/llava-interleave-qwen-7b-hf": "google/siglip-so400m-patch14-384",
+    "Salesforce/blip2-opt-2.7b": EVA01_G14,
+    "Salesforce/blip2-opt-6.7b": EVA01_G14,
+    "Salesforce/blip2-flan-t5-xl": EVA01_G14,
+    "Salesforce/blip2-flan-t5-xxl": EVA01_G14,
+    "HuggingFaceM4/idefics-9b": CLIP_VIT_H14,
+    "HuggingFaceM4/idefics-9b-instruct": CLIP_VIT_H14,
+    "HuggingFaceM4/idefics-80b": CLIP_VIT_H14,
+    "HuggingFaceM4/idefics-80b-instruct": CLIP_VIT_H14,
+}
+
+
+def checkpoint_name(model_id: str) -> str:
+    """The published name a checkpoint is recognised by: a hub id as it is, a local directory by
+    its last two path parts (``/models/llava-hf/llava-1.5-7b-hf`` -> ``llava-hf/llava-1.5-7b-hf``).
+
+    The one rule for anything decided by which checkpoint this is (its text tower, its prompt style).
+    """
+    path = Path(model_id)
+    if not path.is_dir():
+        return model_id
+    parts = path.resolve().parts
+    return "/".join(parts[-2:])
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    """``auto`` -> CUDA when present, else CPU; anything else is passed to torch."""
+    if device in ("", "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} requested but CUDA is not available")
+    return dev
+
+
+DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+}
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    """``auto`` -> bfloat16 on CUDA with bf16 support, float16 on other CUDA, float32 on CPU."""
+    if dtype in ("", "auto"):
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.float32
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of auto, {', '.join(DTYPES)}; got {dtype!r}")
+    return DTYPES[dtype]
 
 
 def load_checkpoint(
@@ -57,20 +120,21 @@ def load_checkpoint(
     return model.to(dev).eval().requires_grad_(False), processor, dev, dt
 
 
-def find_text_tower(model_id: str, text_encoder_id: str = "", derived: str = "") -> tuple[str, str]:
+def find_text_tower(model_id: str, text_encoder_id: str = "") -> tuple[str, str]:
     """Where the text tower comes from: ``(source, how)``; ``("", "none")`` when there is none.
 
-    Order: the explicit ``text_encoder_id`` (``how="explicit"``), the ``atp_text_tower``
-    subfolder of a local checkpoint (``"subfolder"``), the tower ``derived`` from the VLM
-    (``"derived"``).
+    The one discovery rule of every family, in order: the explicit ``text_encoder_id``
+    (``how="explicit"``), the ``atp_text_tower`` subfolder of a local checkpoint
+    (``"subfolder"``), the :data:`KNOWN_TEXT_TOWERS` entry of :func:`checkpoint_name` (``"known"``).
     """
     if text_encoder_id:
         return text_encoder_id, "explicit"
     sub = Path(model_id) / TEXT_TOWER_SUBDIR
     if Path(model_id).is_dir() and sub.is_dir():
         return str(sub), "subfolder"
-    if derived:
-        return derived, "derived"
+    known = KNOWN_TEXT_TOWERS.get(checkpoint_name(model_id), "")
+    if known:
+        return known, "known"
     return "", "none"
 
 
@@ -86,22 +150,20 @@ class TextTower:
 def load_text_tower(
     model_id: str,
     text_encoder_id: str,
-    derived: str,
     load: Callable[[str], JointSpace],
     vision_hidden: int,
     kind: str = "",
-    soft: Collection[str] = ("derived",),
 ) -> TextTower:
     """Find (:func:`find_text_tower`) and load the joint-space text tower of ``model_id``.
 
     ``load(source)`` builds the joint space (e.g. ``load_joint_space`` with the device and
-    dtype bound); it must read patch states of width
-    ``vision_hidden`` and, when ``kind`` is given, be of that kind. A tower found as a
-    ``how`` listed in ``soft`` that fails (not cached offline, wrong width, ...) leaves the
-    backend CLS-only, with :attr:`TextTower.reason` saying why; any other failing tower
-    raises :class:`ModelLoadError` naming it.
+    dtype bound); it must read patch states of width ``vision_hidden`` and, when ``kind`` is
+    given, be of that kind. An explicit ``text_encoder_id`` that fails raises
+    :class:`ModelLoadError` naming it (the user asked for it); a bundled or known tower that
+    fails (not cached offline, wrong width, ...) leaves the backend CLS-only, with
+    :attr:`TextTower.reason` saying why.
     """
-    source, how = find_text_tower(model_id, text_encoder_id, derived)
+    source, how = find_text_tower(model_id, text_encoder_id)
     if how == "none":
         return TextTower(None, reason="no joint-space text tower is known for this checkpoint")
     try:
@@ -112,7 +174,7 @@ def load_text_tower(
                 f"{kind or 'VLM'} vision tower of width {vision_hidden}"
             )
     except Exception as err:
-        if how not in soft:
+        if how == "explicit":
             raise ModelLoadError(f"{model_id}: text tower {source!r}: {type(err).__name__}: {err}") from err
         return TextTower(None, reason=f"{how} text tower {source!r} unavailable ({type(err).__name__}: {err})")
     return TextTower(joint, source)

@@ -33,8 +33,6 @@ from atp_ros.backends.text_towers import JointSpace
 
 OPENCLIP_CONFIG = "open_clip_config.json"
 OPENCLIP_WEIGHTS = "open_clip_model.safetensors"
-# BLIP-2 (all Salesforce/blip2-* checkpoints) froze EVA01-CLIP-g/14 trained on LAION-400M.
-EVA01_G14 = "EVA01-g-14:laion400m_s11b_b41k"
 
 
 class _MatmulProjection(nn.Module):
@@ -169,7 +167,6 @@ def load_openclip_joint_space(
 
 
 __all__ = [
-    "EVA01_G14",
     "OPENCLIP_CONFIG",
     "OPENCLIP_WEIGHTS",
     "OpenClipJointSpace",

@@ -1,0 +1,7 @@
+"""Errors of the backends, in a module of their own so every submodule imports them directly."""
+
+from __future__ import annotations
+
+
+class ModelLoadError(RuntimeError):
+    """A model could not be loaded; the message names the model and the reason."""

@@ -1,0 +1,376 @@
+"""The one answer pipeline of every VLM family: :class:`VlmBackend`.
+
+:meth:`VlmBackend.answer` is written once. It reads top to bottom as the data moves::
+
+    frames + questions
+      -> preprocess   family: HF processor + the family's prompt        -> Batch (pixel values, text, views)
+      -> vision       family: ONE forward of the frozen tower            -> VisionStates
+      -> scoring      shared: S_intra from the score layer's own q/k,
+                      S_inter in the joint space, the selector           -> Selection, ScoringInfo
+      -> projector    family: kept tokens to its consumer                -> LmPrompt (generate kwargs)
+                      (LLaVA: projector + shortened <image> run; BLIP-2: Q-Former keys;
+                       IDEFICS: perceiver resampler)
+      -> prefill, decode   shared: greedy ``generate``, timed            -> token ids
+      -> VlmResult (frozen)
+
+A family is an adapter: it implements :meth:`preprocess`, :meth:`encode`, :meth:`feed` and
+:meth:`flops` (the points where families really differ, as transformers exposes
+``get_image_features`` per model) and may override the few defaults below (how the score
+layer projects q/k, S_intra for towers without CLS, dense read-outs, how new tokens are cut).
+
+S_intra uses no hooks: the vision forward returns the hidden state *entering* the score
+layer (``output_hidden_states``), and :meth:`VlmBackend.score_qk` recomputes that layer's
+CLS query and keys with the layer's own ``layer_norm1`` and projections -- one query row per
+head, so the tower keeps its fused SDPA attention and nothing sets module state.
+
+Thread safety: one lock, :attr:`VlmBackend._lock`, held for a whole call (and for
+:meth:`reference_generate`). Scoring needs none; it is there because a fast tokenizer is not
+re-entrant (concurrent padding calls fail with "Already borrowed") and because calls on one
+device run one after another anyway, so serializing them bounds peak memory at one batch.
+"""
+
+from __future__ import annotations
+
+import abc
+import json
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from atp_ros.atp import (
+    AtpConfig,
+    ScoreInputs,
+    Selection,
+    TextEmbeddingCache,
+    cls_attention,
+    make_selector,
+    patch_text_cosine,
+    received_attention,
+)
+from atp_ros.backends.flops import scoring_flops
+from atp_ros.backends.loading import TextTower
+from atp_ros.backends.results import PixelBox, ScoringInfo, VlmResult
+from atp_ros.backends.timing import Stopwatch, generate_timed
+
+if TYPE_CHECKING:
+    from atp_ros.backends.text_towers import JointSpace
+
+
+@dataclass(frozen=True)
+class Batch:
+    """The processor's output for one call."""
+
+    pixel_values: Tensor  # what the vision tower takes, on the device
+    inputs: dict[str, Tensor]  # everything the processor returned: stock ``generate(**inputs)`` is the reference
+    views: list[PixelBox]  # per image: the frame region its patch grid covers
+
+
+@dataclass(frozen=True)
+class VisionStates:
+    """What the one vision-tower forward leaves for scoring and for the consumer."""
+
+    tokens: Tensor  # (B, P+N, D_c) every visual token the consumer would get; P = VlmBackend.prefix (CLS)
+    score_input: Tensor  # (B, L, D_v) hidden states entering the score layer (CLS first when the tower has one)
+    last: Tensor  # (B, L, D_v) raw last-layer states (before any post-layernorm): S_inter, SigLIP probe
+    last_input: Tensor | None = None  # (B, L, D_v) input of the last layer, for the dense read-outs
+
+
+@dataclass(frozen=True)
+class LmPrompt:
+    """What a family hands to ``generate`` once its consumer has the kept tokens."""
+
+    generate_kwargs: dict[str, Any]
+    input_len: int  # prompt length generate echoes before the new tokens (decoder-only LMs)
+    text_tokens: list[int]  # per image: prompt tokens that are not visual
+    consumer_tokens: list[int]  # per image: visual tokens the consumer received (CLS included)
+
+
+def greedy(max_new_tokens: int) -> dict:
+    """``generate`` kwargs of greedy decoding, shared by ``answer`` and ``reference_generate``."""
+    return {"max_new_tokens": max_new_tokens, "do_sample": False, "num_beams": 1}
+
+
+def questions_for(images: Sequence[np.ndarray], questions: Sequence[str] | str) -> list[str]:
+    """One question per image (a single string is asked of every image)."""
+    qs = [questions] * len(images) if isinstance(questions, str) else list(questions)
+    if len(qs) != len(images) or not qs:
+        raise ValueError(f"need one question per image: {len(images)} images, {len(qs)} questions")
+    return qs
+
+
+def trim_after_eos(new_tokens: Tensor, eos_token_id: int | list[int] | None) -> list[list[int]]:
+    """Rows of ``(B, T)`` generated ids up to and including the first EOS (generate pads after it)."""
+    eos = set(eos_token_id if isinstance(eos_token_id, list) else [eos_token_id])
+    rows = []
+    for row in new_tokens.tolist():
+        cut = next((i + 1 for i, t in enumerate(row) if t in eos), len(row))
+        rows.append(row[:cut])
+    return rows
+
+
+def gather_with_prefix(tokens: Tensor, selection: Selection, prefix: int = 1) -> tuple[Tensor, Tensor]:
+    """Keep the first ``prefix`` tokens (CLS) of ``(B, prefix+N, D)`` plus the selected patches.
+
+    Returns ``(B, prefix+K_max, D)`` tokens and their ``(B, prefix+K_max)`` long key mask
+    (0 on the padding of per-sample budgets). Kept patches stay in ascending order, so
+    keeping every patch reproduces ``tokens`` exactly.
+    """
+    patches = selection.gather(tokens[:, prefix:])  # (B, K_max, D), padded rows zero
+    valid = (selection.indices >= 0).to(device=tokens.device, dtype=torch.long)  # (B, K_max)
+    head = torch.ones(tokens.shape[0], prefix, dtype=torch.long, device=tokens.device)
+    return torch.cat([tokens[:, :prefix], patches], dim=1), torch.cat([head, valid], dim=1)
+
+
+def rgb_arrays(images: Sequence[np.ndarray]) -> list[np.ndarray]:
+    """The frames as ``HxWx3`` uint8 arrays; ValueError naming the first one that is not."""
+    out = []
+    for i, img in enumerate(images):
+        arr = np.asarray(img)
+        if arr.ndim != 3 or arr.shape[2] != 3:
+            raise ValueError(f"image {i}: expected an HxWx3 RGB array, got shape {arr.shape}")
+        out.append(arr.astype(np.uint8, copy=False))
+    return out
+
+
+class VlmBackend(abc.ABC):
+    """One VLM family behind ATP. Families subclass it and implement the adapter methods."""
+
+    family: str = ""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        processor,
+        model_id: str,
+        device: torch.device,
+        dtype: torch.dtype,
+        vision_config,
+        score_layer: nn.Module,
+        score_layer_index: int,
+        text_tower: TextTower,
+        has_cls: bool,
+        prefix: int,
+        load_notes: Sequence[str] = (),
+        text_cache_size: int = 64,
+    ) -> None:
+        self.model = model
+        self.processor = processor
+        self.tokenizer = processor.tokenizer
+        self.tokenizer.padding_side = "left"  # batched generation: prompts end where generation starts
+        self.model_id = model_id
+        self.device = device
+        self.dtype = dtype
+        side = int(vision_config.image_size) // int(vision_config.patch_size)
+        self.grid: tuple[int, int] = (side, side)  # (h, w) patch grid
+        self.num_visual_tokens = side * side  # N: patches the selector chooses from
+        self.has_cls = has_cls  # the tower puts a CLS token first
+        self.prefix = prefix  # CLS tokens the consumer always gets besides the kept patches (0 or 1)
+        self.score_layer = score_layer_index  # ViT layer whose attention gives S_intra
+        self._score = score_layer  # that encoder layer: layer_norm1 + self_attn
+        self.joint: JointSpace | None = text_tower.joint  # the joint space of S_inter; None: CLS-only
+        self.has_text_tower = text_tower.joint is not None
+        self.text_tower_id = text_tower.source
+        self.no_text_reason = text_tower.reason
+        self.text_cache = TextEmbeddingCache(self.joint.encode_text, text_cache_size) if self.joint else None
+        self.load_notes = list(load_notes)  # said once at load: the node logs them and lists them in /diagnostics
+        if self.joint is None:
+            self.load_notes.insert(0, f"no text tower for {model_id}: running CLS-only, alpha=0 ({text_tower.reason})")
+        self._lock = threading.Lock()
+
+    # ================================================================== the pipeline
+
+    def answer(
+        self,
+        images: Sequence[np.ndarray],
+        questions: Sequence[str] | str,
+        atp: AtpConfig = AtpConfig(),
+        max_new_tokens: int = 32,
+    ) -> VlmResult:
+        """Answer one question per image (a single string is asked of every image), ATP pruning the visual tokens."""
+        qs = self.questions(images, questions)
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        atp.check()
+        watch = Stopwatch(self.device)
+        with self._lock, torch.inference_mode():
+            with watch.stage("preprocess"):
+                batch = self.preprocess(rgb_arrays(images), qs)
+            with watch.stage("vision"):
+                vision = self.encode(batch.pixel_values)
+            with watch.stage("scoring"):
+                selection, scoring, notes = self.score(vision, qs, atp)
+            with watch.stage("projector"):
+                prompt = self.feed(vision, selection, batch, atp)
+            out = generate_timed(self.generator, watch, **prompt.generate_kwargs, **greedy(max_new_tokens))
+            ids = self.new_tokens(out, prompt.input_len)
+        kept = [int(k) for k in selection.lengths.tolist()]
+        joint_used = selection.s_inter is not None and self.joint is not None
+        cost = scoring_flops(
+            self.num_visual_tokens,
+            self.has_cls,
+            self.vision_hidden,
+            scoring.intra_signal,
+            self.joint.joint_flops(self.num_visual_tokens) if joint_used else 0.0,
+            self.joint.embed_dim if joint_used else 0,
+        )
+        return VlmResult(
+            answers=[s.strip() for s in self.tokenizer.batch_decode(ids, skip_special_tokens=True)],
+            selection=selection,
+            visual_tokens_total=self.num_visual_tokens,
+            visual_tokens_kept=kept,
+            consumer_tokens=prompt.consumer_tokens,
+            text_tokens=prompt.text_tokens,
+            timings=watch.timings(),
+            scoring=scoring,
+            views=batch.views,
+            flops=self.flops(kept, prompt, cost),
+            generated_ids=ids,
+            notes=notes,
+        )
+
+    def reference_generate(
+        self, images: Sequence[np.ndarray], questions: Sequence[str] | str, max_new_tokens: int = 32
+    ) -> list[list[int]]:
+        """Stock ``model.generate(**processor(...))`` (greedy, no ATP): new token ids per image.
+
+        The exactness tests compare :meth:`answer` with ATP disabled (or K = N) against this.
+        """
+        qs = self.questions(images, questions)
+        with self._lock, torch.inference_mode():
+            batch = self.preprocess(rgb_arrays(images), qs)
+            inputs = {k: v.to(self.device) for k, v in batch.inputs.items()}
+            out = self.model.generate(**inputs, **greedy(max_new_tokens))
+        return self.new_tokens(out, inputs["input_ids"].shape[1])
+
+    # ================================================================== shared scoring
+
+    def score(self, vision: VisionStates, questions: list[str], atp: AtpConfig) -> tuple[Selection, ScoringInfo, list]:
+        """S_intra, S_inter and the selector ``atp`` names: ``(selection, how it was scored, notes)``.
+
+        A selector that needs the question runs CLS-only (alpha 0) when the backend has no
+        text tower, with one note saying so; S_inter and the text tower run only when the
+        selector uses them.
+        """
+        notes: list[str] = []
+        patches = vision.tokens[:, self.prefix :]  # (B, N, D_c): what a diversity selector compares
+        selector = atp.make_selector()
+        tower = self.text_tower_id
+        if not atp.enabled:
+            selection = selector.select(ScoreInputs(tokens=patches, grid=self.grid), atp.budget(patches.shape[1]))
+            return selection, ScoringInfo("keep_all", 0.0, "", self.score_layer, "", tower), notes
+        alpha = atp.requested_alpha
+        tower_note = ""
+        if selector.needs_text and self.joint is None:
+            tower_note = (
+                f"no text tower for {self.model_id}: running CLS-only, alpha=0 instead of selector "
+                f"{atp.selector!r} with alpha={alpha} ({self.no_text_reason})"
+            )
+            notes.append(tower_note)
+            selector, alpha = make_selector("cls_only", normalization=atp.normalization), 0.0
+        s_intra, signal = self.intra_scores(vision, atp.intra_signal, notes)  # (B, N)
+        s_inter, readout = None, ""
+        if selector.needs_text:
+            states, readout = self.joint_patches(vision, atp.inter_readout, notes)  # (B, N, D_v)
+            text = torch.stack([self.text_cache.get(q) for q in questions])  # (B, E), cached per question
+            patches_joint = self.joint.patches_to_joint(states)  # (B, N, E)
+            s_inter = patch_text_cosine(patches_joint, text.to(patches_joint.device))  # (B, N)
+        inputs = ScoreInputs(s_intra=s_intra, s_inter=s_inter, tokens=patches, grid=self.grid)
+        selection = selector.select(inputs, atp.budget(self.num_visual_tokens))
+        info = ScoringInfo(selector.name, alpha, signal, self.score_layer, readout, tower, tower_note)
+        return selection, info, notes
+
+    def score_qk(self, x: Tensor, query_rows: slice) -> tuple[Tensor, Tensor]:
+        """The score layer's queries of ``query_rows`` and keys of all tokens, from its input ``x`` ``(B, L, D)``.
+
+        Default: HF CLIP-style layers (``layer_norm1``; ``self_attn.q_proj``/``k_proj``).
+        Returns ``(B, L_q, D)`` and ``(B, L, D)``.
+        """
+        y = self._score.layer_norm1(x)
+        attn = self._score.self_attn
+        return attn.q_proj(y[:, query_rows]), attn.k_proj(y)
+
+    def intra_scores(self, vision: VisionStates, signal: str, notes: list[str]) -> tuple[Tensor, str]:
+        """``(S_intra (B, N), the signal used)``: CLS attention of the score layer, or received attention."""
+        x = vision.score_input  # (B, L, D)
+        b, length, _ = x.shape
+        heads = self.score_heads
+        cls_row = signal == "cls" and self.has_cls
+        q, k = self.score_qk(x, slice(0, 1) if cls_row else slice(None))
+        k = k.reshape(b, length, heads, -1).transpose(1, 2)  # (B, H, L, Dh)
+        if cls_row:
+            s = cls_attention(q.reshape(b, heads, -1), k, self.score_scale)  # (B, L): one query row per head
+            used = "cls"
+        else:
+            if signal == "cls":
+                notes.append(f"{self.model_id}: the tower has no CLS token: S_intra uses received attention")
+            q = q.reshape(b, length, heads, -1).transpose(1, 2)  # (B, H, L, Dh)
+            s, used = received_attention(q, k, self.score_scale), "received"
+        return s[:, int(self.has_cls) :], used
+
+    def joint_patches(self, vision: VisionStates, readout: str, notes: list[str]) -> tuple[Tensor, str]:
+        """``(patch states (B, N, D_v) for the joint space, the read-out used)``; naive unless overridden."""
+        if readout != "naive":
+            notes.append(f"inter_readout {readout!r} is implemented for LLaVA towers only: naive used")
+        return vision.last[:, int(self.has_cls) :], "naive"
+
+    # ================================================================== the family's seam
+
+    def questions(self, images: Sequence[np.ndarray], questions: Sequence[str] | str) -> list[str]:
+        """One question per image; a family may clean them (e.g. drop literal image tokens)."""
+        return questions_for(images, questions)
+
+    @abc.abstractmethod
+    def preprocess(self, images: list[np.ndarray], questions: list[str]) -> Batch:
+        """The HF processor on RGB frames and the family's prompts."""
+
+    @abc.abstractmethod
+    def encode(self, pixel_values: Tensor) -> VisionStates:
+        """One forward of the frozen vision tower, returning the states scoring and the consumer need."""
+
+    @abc.abstractmethod
+    def feed(self, vision: VisionStates, selection: Selection, batch: Batch, atp: AtpConfig) -> LmPrompt:
+        """Hand the prefix (CLS) and the kept patches to the family's consumer; return generate's inputs."""
+
+    @abc.abstractmethod
+    def flops(self, kept: list[int], prompt: LmPrompt, scoring: float) -> dict[str, float]:
+        """Per-image FLOPs (batch mean): vision, scoring, projector, llm_prefill, pipeline (their sum), ..."""
+
+    @property
+    def generator(self) -> Callable[..., Tensor]:
+        """The ``generate`` that decodes from :meth:`feed`'s kwargs."""
+        return self.model.generate
+
+    @property
+    def eos_token_id(self) -> int | list[int] | None:
+        return self.model.generation_config.eos_token_id
+
+    def new_tokens(self, out: Tensor, input_len: int) -> list[list[int]]:
+        """New ids per image up to and including EOS (decoder-only: generate echoes the prompt)."""
+        return trim_after_eos(out[:, input_len:], self.eos_token_id)
+
+    # ================================================================== description
+
+    @property
+    def score_heads(self) -> int:
+        return int(self._score.self_attn.num_heads)
+
+    @property
+    def score_scale(self) -> float:
+        return float(self._score.self_attn.scale)
+
+    @property
+    def vision_hidden(self) -> int:
+        """Width of the vision tower's states (D_v)."""
+        return int(self._score.layer_norm1.normalized_shape[0])
+
+    def describe(self) -> str:
+        """One line for logs: model, grid, scored layer, text tower."""
+        tower = self.joint.model_id if self.joint is not None else f"none ({self.no_text_reason})"
+        return json.dumps(
+            {"model": self.model_id, "grid": self.grid, "score_layer": self.score_layer, "text_tower": tower}
+        )

@@ -1,0 +1,115 @@
+"""What one backend call returns: answers, the selection, token counts, timings, FLOPs, notes.
+
+Everything here is frozen: a result is built once, at the end of
+:meth:`atp_ros.backends.pipeline.VlmBackend.answer`, and read afterwards (the node, the
+demo, the benchmarks); nothing is written back into it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from atp_ros.atp import Selection
+
+# The stages of one call, in the order the data moves through them (the only definition).
+STAGES: tuple[str, ...] = ("preprocess", "vision", "scoring", "projector", "prefill", "decode")
+
+
+@dataclass(frozen=True)
+class StageTimings:
+    """Wall time per stage in milliseconds (CUDA-synchronized on GPU)."""
+
+    preprocess: float = 0.0
+    vision: float = 0.0
+    scoring: float = 0.0
+    projector: float = 0.0
+    prefill: float = 0.0
+    decode: float = 0.0
+
+    @property
+    def total(self) -> float:
+        return sum(getattr(self, s) for s in STAGES)
+
+    def as_dict(self) -> dict[str, float]:
+        return {s: getattr(self, s) for s in STAGES} | {"total": self.total}
+
+
+@dataclass(frozen=True)
+class PixelBox:
+    """The part of a camera frame the model's input covers, in frame pixels (x right, y down).
+
+    Pixel edges, not centres: a full ``W x H`` frame is ``(0, 0, W, H)``. A processor that
+    center-crops gives a box inside the frame; one that pads gives a box reaching past it.
+    The patch grid tiles this box evenly, so patch ``(r, c)`` of an ``h x w`` grid saw
+    :meth:`cell` ``(r, c)``.
+    """
+
+    x0: float
+    y0: float
+    x1: float
+    y1: float
+
+    def cell(self, row: int, col: int, grid: tuple[int, int]) -> tuple[float, float, float, float]:
+        """``(x0, y0, x1, y1)`` of patch ``(row, col)`` of a ``grid = (h, w)`` patch grid."""
+        h, w = grid
+        cw, ch = (self.x1 - self.x0) / w, (self.y1 - self.y0) / h
+        return self.x0 + col * cw, self.y0 + row * ch, self.x0 + (col + 1) * cw, self.y0 + (row + 1) * ch
+
+    def as_tuple(self) -> tuple[float, float, float, float]:
+        return self.x0, self.y0, self.x1, self.y1
+
+
+@dataclass(frozen=True)
+class ScoringInfo:
+    """How the selection of one call was scored (the same for every image of the batch)."""
+
+    selector: str  # the selector that ran: without a text tower a text-needing one becomes "cls_only"
+    alpha: float  # text weight actually used (0 when S_inter was not used)
+    intra_signal: str  # "cls" | "received" | "probe" (SigLIP pooling head) | "" when nothing was scored
+    score_layer: int  # ViT layer whose attention gave S_intra
+    inter_readout: str  # "naive" | "maskclip" | "clearclip"; "" when S_inter was not computed
+    text_tower: str  # where the joint-space text tower came from; "" when the backend has none
+    text_tower_note: str = ""  # why requested text scoring did not happen; "" when it did or was not asked
+
+
+@dataclass(frozen=True)
+class VlmResult:
+    """Everything one batched call produced. Token counts and FLOPs are per image.
+
+    Token counts mean the same in every family: ``visual_tokens_total`` is N, the patch tokens
+    the selector chose from, and ``visual_tokens_kept[b]`` is K_b, the patches it kept (the
+    keep mask's sum). A CLS token that a family always passes along (BLIP-2, IDEFICS, LLaVA
+    with the ``full`` feature strategy) is counted in neither; ``consumer_tokens[b]`` is what
+    the family's consumer actually received (LLaVA: image positions in the LLM; BLIP-2:
+    Q-Former keys; IDEFICS: resampler context), CLS included. ``views[b]`` is the frame region
+    image ``b``'s patch grid covers (:class:`PixelBox`). ``flops`` holds ``llm_prefill`` and
+    ``pipeline`` (vision + scoring + projector/resampler + LLM prefill), multiply-add = 2.
+    """
+
+    answers: list[str]
+    selection: Selection
+    visual_tokens_total: int
+    visual_tokens_kept: list[int]
+    consumer_tokens: list[int]
+    text_tokens: list[int]
+    timings: StageTimings
+    scoring: ScoringInfo
+    views: list[PixelBox]
+    flops: dict[str, float]
+    generated_ids: list[list[int]]
+    notes: list[str]  # everything the caller should know about this call (fallbacks, ignored options)
+
+    @property
+    def alpha_used(self) -> float:
+        return self.scoring.alpha
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        return self.selection.grid
+
+    def keep_mask(self, b: int = 0) -> np.ndarray:
+        """``(h, w)`` uint8 keep mask of image ``b`` (1 kept, 0 pruned)."""
+        return self.selection.mask[b].to(torch.uint8).cpu().numpy()

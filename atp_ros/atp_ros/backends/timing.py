@@ -1,0 +1,74 @@
+"""Stage timing of one backend call, with ``generate`` split into prefill and decode."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+import torch
+
+from atp_ros.backends.results import STAGES, StageTimings
+
+
+class Stopwatch:
+    """Accumulates stage times; synchronizes CUDA so GPU time is real, not launch time."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self._ms = dict.fromkeys(STAGES, 0.0)
+
+    def sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def add(self, stage: str, ms: float) -> None:
+        if stage not in self._ms:
+            raise ValueError(f"unknown stage {stage!r}")
+        self._ms[stage] += ms
+
+    @contextmanager
+    def stage(self, name: str) -> Iterator[None]:
+        if name not in self._ms:
+            raise ValueError(f"unknown stage {name!r}")
+        self.sync()
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.sync()
+            self.add(name, (time.perf_counter() - start) * 1e3)
+
+    def timings(self) -> StageTimings:
+        """The times so far, frozen."""
+        return StageTimings(**self._ms)
+
+
+def generate_timed(generate: Callable[..., torch.Tensor], watch: Stopwatch, **kwargs) -> torch.Tensor:
+    """Call an HF ``generate`` and book its time as ``prefill`` (up to the first logits) and ``decode``.
+
+    A pass-through logits processor marks the first step, so the tokens are exactly those
+    of the same ``generate`` call without it.
+    """
+    from transformers import LogitsProcessor, LogitsProcessorList
+
+    first: list[float] = []
+
+    class _FirstLogits(LogitsProcessor):
+        def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+            if not first:
+                watch.sync()
+                first.append(time.perf_counter())
+            return scores
+
+    processors = LogitsProcessorList(kwargs.pop("logits_processor", None) or [])
+    processors.append(_FirstLogits())
+    watch.sync()
+    start = time.perf_counter()
+    out = generate(logits_processor=processors, **kwargs)
+    watch.sync()
+    end = time.perf_counter()
+    split = first[0] if first else end
+    watch.add("prefill", (split - start) * 1e3)
+    watch.add("decode", (end - split) * 1e3)
+    return out
