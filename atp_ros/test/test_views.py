@@ -13,11 +13,12 @@ import math
 import numpy as np
 import pytest
 import torch
-from atp_ros import overlay
 from atp_ros.backends.results import PixelBox
 from atp_ros.backends.views import processor_view
 from transformers import BlipImageProcessor, CLIPImageProcessor, LlavaImageProcessor, SiglipImageProcessor
 from transformers.models.idefics.image_processing_idefics import IdeficsImageProcessor
+
+from atp_ros import overlay
 
 SIDE, PATCH = 64, 8  # canvas 64 px, 8 x 8 patch grid
 GRID = (SIDE // PATCH, SIDE // PATCH)
