@@ -29,14 +29,11 @@ side is that open_clip model's text tower (:mod:`atp_ros.backends.openclip_tower
 
 from __future__ import annotations
 
-from functools import partial
-
 import numpy as np
 from torch import Tensor, nn
 
 from atp_ros.atp import AtpConfig, Selection
-from atp_ros.backends.flops import attention_flops, decoder_prefill_flops, lm_dims, vit_flops
-from atp_ros.backends.loading import load_checkpoint, load_text_tower
+from atp_ros.backends.flops import attention_flops, decoder_prefill_flops, lm_dims
 from atp_ros.backends.openclip_tower import load_openclip_joint_space
 from atp_ros.backends.pipeline import Batch, LmPrompt, VisionStates, VlmBackend, gather_with_prefix, trim_after_eos
 from atp_ros.backends.views import processor_view
@@ -56,53 +53,30 @@ class Blip2Backend(VlmBackend):
     """
 
     family = "blip-2"
+    hf_class = "Blip2ForConditionalGeneration"
     prompt_template = "Question: {question} Answer:"
 
-    def __init__(self, model, processor, model_id: str, text_tower, score_layer: int = -1) -> None:
+    def __init__(self, model, processor, model_id: str, text_tower, score_layer: int | None = None) -> None:
+        if getattr(processor, "num_query_tokens", None) is None or model.config.image_token_index is None:
+            raise ValueError(
+                "checkpoint predates BLIP-2 image tokens (processor num_query_tokens / config image_token_index unset)"
+            )
         layers = model.vision_model.encoder.layers
-        index = score_layer % len(layers)
+        index = (-1 if score_layer is None else int(score_layer)) % len(layers)
         notes = [BLIP2_NOTE] if text_tower.joint is not None else []
         super().__init__(
             model, processor, model_id, model.device, model.vision_model.dtype, model.config.vision_config,
             layers[index], index, text_tower, has_cls=True, prefix=1, load_notes=notes,
         )  # fmt: skip
-        v = model.config.vision_config  # per-frame constants of the cost model
-        self._vision_flops = vit_flops(
-            self.num_visual_tokens, True, v.hidden_size, v.intermediate_size, v.num_hidden_layers,
-            v.num_attention_heads, v.patch_size,
-        )  # fmt: skip
         self._qformer_keep_all_flops = self.qformer_flops(self.num_visual_tokens + 1)
         self._lm_dims = lm_dims(model.config.text_config)
 
-    @classmethod
-    def from_pretrained(
-        cls,
-        model_id: str,
-        text_encoder_id: str = "",
-        device: str = "auto",
-        dtype: str = "auto",
-        score_layer: int = -1,
-    ) -> Blip2Backend:
-        """Load a BLIP-2 checkpoint (hub id or local dir; safetensors, SDPA, no remote code).
-
-        Text tower (an open_clip model, see :mod:`openclip_tower` for accepted forms): found by
-        :func:`atp_ros.backends.loading.find_text_tower`; published BLIP-2 checkpoints map to
-        EVA01-g-14. A failing explicit tower raises; a bundled or known one that is not available
-        (offline, not cached) leaves the backend CLS-only and says so in its notes.
-        """
-        from transformers import Blip2ForConditionalGeneration
-
-        model_id = str(model_id)
-        model, processor, dev, dt = load_checkpoint(Blip2ForConditionalGeneration, model_id, device, dtype)
-        if getattr(processor, "num_query_tokens", None) is None or model.config.image_token_index is None:
-            raise ValueError(
-                "checkpoint predates BLIP-2 image tokens (processor num_query_tokens / config image_token_index unset)"
-            )
-        load = partial(load_openclip_joint_space, device=dev, dtype=dt)
-        tower = load_text_tower(model_id, text_encoder_id, load, vision_hidden=model.config.vision_config.hidden_size)
-        return cls(model, processor, model_id, tower, score_layer=score_layer)
-
     # ------------------------------------------------------------------ the seam
+
+    @classmethod
+    def joint_space_of(cls, model):
+        # EVA-CLIP's text side lives only in open_clip (published checkpoints: EVA01-g-14).
+        return load_openclip_joint_space, int(model.config.vision_config.hidden_size), ""
 
     def preprocess(self, images: list[np.ndarray], questions: list[str]) -> Batch:
         prompts = [self.prompt_template.format(question=q) for q in questions]
@@ -171,8 +145,8 @@ class Blip2Backend(VlmBackend):
                 total += attention_flops(nq, num_keys, h, dv, h, h)
         return total + 2 * nq * h * self.model.config.text_config.hidden_size
 
-    def flops(self, kept: list[int], prompt: LmPrompt, scoring: float) -> dict[str, float]:
-        """Analytic per-image FLOPs (batch mean): vision, scoring, projector (Q-Former), LLM prefill, pipeline.
+    def flops(self, kept: list[int], prompt: LmPrompt) -> dict[str, float]:
+        """Analytic per-image FLOPs (batch mean) of the Q-Former (``projector``) and the LLM prefill.
 
         ``projector_keep_all`` is the Q-Former cost without pruning, for comparison: the
         Q-Former cross-attention is the only stage pruning shrinks; ``llm_prefill`` is the
@@ -181,14 +155,7 @@ class Blip2Backend(VlmBackend):
         nq = self.model.config.num_query_tokens
         projector = float(np.mean([self.qformer_flops(k) for k in prompt.consumer_tokens]))
         prefill = float(np.mean([decoder_prefill_flops(t + nq, **self._lm_dims) for t in prompt.text_tokens]))
-        return {
-            "vision": self._vision_flops,
-            "scoring": scoring,
-            "projector": projector,
-            "projector_keep_all": self._qformer_keep_all_flops,
-            "llm_prefill": prefill,
-            "pipeline": self._vision_flops + scoring + projector + prefill,
-        }
+        return {"projector": projector, "projector_keep_all": self._qformer_keep_all_flops, "llm_prefill": prefill}
 
 
 __all__ = ["Blip2Backend"]

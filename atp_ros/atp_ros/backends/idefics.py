@@ -35,15 +35,13 @@ so the output is bit-identical to ``vision_model(pixel_values)``.
 
 from __future__ import annotations
 
-from functools import partial
-
 import numpy as np
 import torch
 from torch import Tensor, nn
 
 from atp_ros.atp import AtpConfig, Selection
-from atp_ros.backends.flops import attention_flops, decoder_prefill_flops, vit_flops
-from atp_ros.backends.loading import checkpoint_name, load_checkpoint, load_text_tower
+from atp_ros.backends.flops import attention_flops, decoder_prefill_flops
+from atp_ros.backends.loading import checkpoint_name
 from atp_ros.backends.pipeline import Batch, LmPrompt, VisionStates, VlmBackend, gather_with_prefix
 from atp_ros.backends.text_towers import load_joint_space
 from atp_ros.backends.views import processor_view
@@ -95,11 +93,11 @@ class IdeficsBackend(VlmBackend):
     """
 
     family = "idefics"
+    hf_class = "IdeficsForVisionText2Text"
 
-    def __init__(self, model, processor, model_id: str, text_tower, score_layer: int = -1) -> None:
-        vision = model.model.vision_model
-        layers = vision.encoder.layers
-        index = score_layer % len(layers)
+    def __init__(self, model, processor, model_id: str, text_tower, score_layer: int | None = None) -> None:
+        layers = model.model.vision_model.encoder.layers
+        index = (-1 if score_layer is None else int(score_layer)) % len(layers)
         super().__init__(
             model, processor, model_id, model.device, model.dtype, model.config.vision_config, layers[index],
             index, text_tower, has_cls=True, prefix=1,
@@ -107,38 +105,14 @@ class IdeficsBackend(VlmBackend):
         # Instruct checkpoints were tuned on a chat layout (the published names end in -instruct).
         self.instruct = checkpoint_name(model_id).lower().endswith("-instruct")
         self._image_token_id = self.tokenizer.convert_tokens_to_ids("<image>")
-        v = model.config.vision_config  # per-frame constants of the cost model
-        self._vision_flops = vit_flops(
-            self.num_visual_tokens, True, v.embed_dim, v.intermediate_size, v.num_hidden_layers,
-            v.num_attention_heads, v.patch_size,
-        )  # fmt: skip
         self._resampler_keep_all_flops = self.resampler_flops(self.num_visual_tokens + 1)
 
-    @classmethod
-    def from_pretrained(
-        cls,
-        model_id: str,
-        text_encoder_id: str = "",
-        device: str = "auto",
-        dtype: str = "auto",
-        score_layer: int = -1,
-    ) -> IdeficsBackend:
-        """Load an IDEFICS checkpoint (hub id or local dir; safetensors, SDPA, no remote code).
-
-        Text tower (an HF ``CLIPModel``): found by :func:`atp_ros.backends.loading.find_text_tower`;
-        published IDEFICS checkpoints map to ``laion/CLIP-ViT-H-14-laion2B-s32B-b79K``. A failing
-        explicit tower raises; a bundled or known one that is not available leaves the backend
-        CLS-only and says so in its notes.
-        """
-        from transformers import IdeficsForVisionText2Text
-
-        model_id = str(model_id)
-        model, processor, dev, dt = load_checkpoint(IdeficsForVisionText2Text, model_id, device, dtype)
-        load = partial(load_joint_space, device=dev, dtype=dt)
-        tower = load_text_tower(model_id, text_encoder_id, load, vision_hidden=model.config.vision_config.embed_dim)
-        return cls(model, processor, model_id, tower, score_layer=score_layer)
-
     # ------------------------------------------------------------------ the seam
+
+    @classmethod
+    def joint_space_of(cls, model):
+        # An HF CLIPModel (published checkpoints: OpenCLIP ViT-H/14, laion/CLIP-ViT-H-14-laion2B-s32B-b79K).
+        return load_joint_space, int(model.config.vision_config.embed_dim), ""
 
     def prompt(self, image: np.ndarray, question: str) -> list:
         """IDEFICS prompt items (text and image objects, in order) for one question."""
@@ -210,8 +184,8 @@ class IdeficsBackend(VlmBackend):
         cross = attention_flops(seq_len, image_keys, d, cfg.vision_config.embed_dim, d, d) + 2 * 3 * seq_len * d * f
         return decoder + n_cross * cross
 
-    def flops(self, kept: list[int], prompt: LmPrompt, scoring: float) -> dict[str, float]:
-        """Analytic per-image FLOPs (batch mean): vision, scoring, projector (resampler), LLM prefill, pipeline.
+    def flops(self, kept: list[int], prompt: LmPrompt) -> dict[str, float]:
+        """Analytic per-image FLOPs (batch mean) of the resampler (``projector``) and the LLM prefill.
 
         ``projector_keep_all`` is the resampler cost without pruning. With a resampler the
         LLM's cross-attention reads ``n_latents`` keys whatever K is, so ``llm_prefill`` does
@@ -227,14 +201,7 @@ class IdeficsBackend(VlmBackend):
         prefill = float(
             np.mean([self.llm_prefill_flops(t, keys(c)) for t, c in zip(seq_lens, prompt.consumer_tokens, strict=True)])
         )
-        return {
-            "vision": self._vision_flops,
-            "scoring": scoring,
-            "projector": projector,
-            "projector_keep_all": self._resampler_keep_all_flops,
-            "llm_prefill": prefill,
-            "pipeline": self._vision_flops + scoring + projector + prefill,
-        }
+        return {"projector": projector, "projector_keep_all": self._resampler_keep_all_flops, "llm_prefill": prefill}
 
 
 __all__ = ["IdeficsBackend", "resample"]

@@ -41,19 +41,15 @@ With ATP disabled (or ``K = N``) the generated tokens are identical to stock ``m
 from __future__ import annotations
 
 from collections.abc import Sequence
-from functools import partial
 
 import numpy as np
 import torch
 from PIL import Image
 from torch import Tensor, nn
-from transformers import LlavaForConditionalGeneration
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from atp_ros.atp import AtpConfig, Selection
-from atp_ros.backends.errors import ModelLoadError
-from atp_ros.backends.flops import decoder_prefill_flops, lm_dims, vit_flops
-from atp_ros.backends.loading import load_checkpoint, load_text_tower
+from atp_ros.backends.flops import decoder_prefill_flops, lm_dims
 from atp_ros.backends.pipeline import Batch, LmPrompt, VisionStates, VlmBackend
 from atp_ros.backends.text_towers import dense_states, head_probe_attention, load_joint_space
 from atp_ros.backends.views import processor_view
@@ -65,13 +61,12 @@ class LlavaBackend(VlmBackend):
     """ATP-gated ``LlavaForConditionalGeneration`` (CLIP or SigLIP tower). Build with :meth:`from_pretrained`."""
 
     family = "llava"
+    hf_class = "LlavaForConditionalGeneration"
 
-    def __init__(self, model: LlavaForConditionalGeneration, processor, model_id: str, text_tower, **kw) -> None:
+    def __init__(self, model, processor, model_id: str, text_tower, score_layer: int | None = None) -> None:
         cfg = model.config
         vcfg = cfg.vision_config
-        self.tower_kind = TOWER_KINDS.get(vcfg.model_type, "")
-        if not self.tower_kind:
-            raise ValueError(f"vision tower {vcfg.model_type!r} is not supported (supported: {sorted(TOWER_KINDS)})")
+        self.tower_kind = self.joint_space_of(model)[2]  # ValueError for a tower that is neither CLIP nor SigLIP
         self.tower = model.model.vision_tower
         self.projector = model.model.multi_modal_projector
         self.image_token_id = int(cfg.image_token_id)
@@ -82,7 +77,6 @@ class LlavaBackend(VlmBackend):
         # CLS reaches the LLM only with the "full" strategy; it is then always kept.
         cls_fed = int(has_cls and self.select_strategy != "default")
         last_feature = self.feature_layer if isinstance(self.feature_layer, int) else self.feature_layer[-1]
-        score_layer = kw.pop("score_layer", None)
         index = self._default_score_layer(last_feature) if score_layer is None else int(score_layer)
         if not 0 <= index < self.num_layers:
             raise ValueError(f"score_layer {index} out of range for a {self.num_layers}-layer tower")
@@ -91,7 +85,7 @@ class LlavaBackend(VlmBackend):
             raise ValueError(f"{type(layer.self_attn).__name__} has no q_proj/k_proj to score with")
         super().__init__(
             model.eval(), processor, model_id, model.device, model.dtype, vcfg, layer, index, text_tower,
-            has_cls=has_cls, prefix=cls_fed, **kw,
+            has_cls=has_cls, prefix=cls_fed,
         )  # fmt: skip
         if model.generation_config.pad_token_id is None and self.tokenizer.pad_token_id is not None:
             # Else generate() warns on every call (once per frame in the node).
@@ -105,45 +99,21 @@ class LlavaBackend(VlmBackend):
             elif self.joint is not None and self.joint.has_probe:
                 self._probe_source = "joint"
 
-    @classmethod
-    def from_pretrained(
-        cls,
-        model_id: str,
-        text_encoder_id: str = "",
-        device: str = "auto",
-        dtype: str = "auto",
-        score_layer: int | None = None,
-    ) -> LlavaBackend:
-        """Load a LLaVA checkpoint (hub id or local dir) and its matching text tower.
-
-        Offline from a local dir; ``trust_remote_code=False``, safetensors only, SDPA attention.
-        Raises :class:`ModelLoadError` naming ``model_id`` (or the text tower) on failure.
-        """
-        model_id = str(model_id)
-        model, processor, dev, dt = load_checkpoint(LlavaForConditionalGeneration, model_id, device, dtype)
-        vcfg = model.config.vision_config
-        kind = TOWER_KINDS.get(vcfg.model_type, "")
-        if not kind:
-            raise ModelLoadError(
-                f"{model_id}: vision tower {vcfg.model_type!r} is not supported "
-                f"(supported: {', '.join(sorted(TOWER_KINDS))})"
-            )
-        load = partial(load_joint_space, device=dev, dtype=dt)
-        tower = load_text_tower(model_id, text_encoder_id, load, vision_hidden=int(vcfg.hidden_size), kind=kind)
-        if score_layer is None:
-            # A checkpoint may name the S_intra layer chosen for it on validation data (config.json).
-            score_layer = getattr(model.config, "atp_score_layer", None)
-        try:
-            return cls(model, processor, model_id, tower, score_layer=score_layer)
-        except ValueError as err:
-            raise ModelLoadError(f"{model_id}: {err}") from err
-
     def _default_score_layer(self, feature_layer: int) -> int:
         """Encoder layer whose output is ``hidden_states[feature_layer]`` (index 0 = embeddings -> layer 0)."""
         index = feature_layer % (self.num_layers + 1)
         return max(index - 1, 0)
 
     # ------------------------------------------------------------------ the seam
+
+    @classmethod
+    def joint_space_of(cls, model):
+        # The CLIP / SigLIP model the tower came from; a space of the other kind cannot read it.
+        vcfg = model.config.vision_config
+        kind = TOWER_KINDS.get(vcfg.model_type, "")
+        if not kind:
+            raise ValueError(f"vision tower {vcfg.model_type!r} is not supported (supported: {sorted(TOWER_KINDS)})")
+        return load_joint_space, int(vcfg.hidden_size), kind
 
     def questions(self, images: Sequence[np.ndarray], questions: Sequence[str] | str) -> list[str]:
         # A literal image token in a question would add placeholders the tower never fills.
@@ -263,18 +233,9 @@ class LlavaBackend(VlmBackend):
 
     # ------------------------------------------------------------------ accounting
 
-    def flops(self, kept: list[int], prompt: LmPrompt, scoring: float) -> dict[str, float]:
-        """Per-image FLOPs, averaged over the batch (rows differ only with per-sample budgets)."""
-        v = self.model.config.vision_config
-        vision = vit_flops(
-            self.num_visual_tokens,
-            self.has_cls,
-            v.hidden_size,
-            v.intermediate_size,
-            v.num_hidden_layers,
-            v.num_attention_heads,
-            v.patch_size,
-        )
+    def flops(self, kept: list[int], prompt: LmPrompt) -> dict[str, float]:
+        """Per-image FLOPs of the projector and the LLM prefill, averaged over the batch (rows differ only
+        with per-sample budgets); ``llm_prefill_unpruned`` is the prefill with all N tokens, for comparison."""
         dims = lm_dims(self.model.config.text_config)
         lin1: nn.Linear = self.projector.linear_1
         lin2: nn.Linear = self.projector.linear_2
@@ -284,14 +245,7 @@ class LlavaBackend(VlmBackend):
         llm = sum(decoder_prefill_flops(t + k, **dims) for t, k in zip(prompt.text_tokens, tokens, strict=True)) / b
         full = sum(decoder_prefill_flops(t + self.num_feature_tokens, **dims) for t in prompt.text_tokens) / b
         projector = per_token * sum(tokens) / b
-        return {
-            "llm_prefill": llm,
-            "llm_prefill_unpruned": full,
-            "vision": vision,
-            "scoring": scoring,
-            "projector": projector,
-            "pipeline": vision + scoring + projector + llm,
-        }
+        return {"projector": projector, "llm_prefill": llm, "llm_prefill_unpruned": full}
 
 
 __all__ = ["TOWER_KINDS", "LlavaBackend"]

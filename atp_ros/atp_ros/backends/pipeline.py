@@ -36,6 +36,7 @@ import json
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -52,8 +53,9 @@ from atp_ros.atp import (
     patch_text_cosine,
     received_attention,
 )
-from atp_ros.backends.flops import scoring_flops
-from atp_ros.backends.loading import TextTower
+from atp_ros.backends.errors import ModelLoadError
+from atp_ros.backends.flops import scoring_flops, vit_flops
+from atp_ros.backends.loading import TextTower, load_checkpoint, load_text_tower
 from atp_ros.backends.results import PixelBox, ScoringInfo, VlmResult
 from atp_ros.backends.timing import Stopwatch, generate_timed
 
@@ -141,6 +143,37 @@ class VlmBackend(abc.ABC):
     """One VLM family behind ATP. Families subclass it and implement the adapter methods."""
 
     family: str = ""
+    hf_class: str = ""  # the family's transformers model class, e.g. "LlavaForConditionalGeneration"
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        model_id: str,
+        text_encoder_id: str = "",
+        device: str = "auto",
+        dtype: str = "auto",
+        score_layer: int | None = None,
+    ) -> VlmBackend:
+        """Load a checkpoint of this family (hub id or local dir) and its joint-space text tower.
+
+        Safetensors only, ``trust_remote_code=False``, SDPA attention, offline from a local dir.
+        The text tower is found by :func:`atp_ros.backends.loading.find_text_tower`. ``score_layer``
+        None: the checkpoint's ``atp_score_layer`` (config.json) if it names one, else the family's
+        default. Raises :class:`ModelLoadError` naming ``model_id`` (or the text tower) on failure.
+        """
+        import transformers
+
+        model_id = str(model_id)
+        model_cls = getattr(transformers, cls.hf_class)
+        model, processor, dev, dt = load_checkpoint(model_cls, model_id, device, dtype)
+        if score_layer is None:
+            score_layer = getattr(model.config, "atp_score_layer", None)
+        try:
+            load, vision_hidden, kind = cls.joint_space_of(model)
+            tower = load_text_tower(model_id, text_encoder_id, partial(load, device=dev, dtype=dt), vision_hidden, kind)
+            return cls(model, processor, model_id, tower, score_layer=score_layer)
+        except ValueError as err:
+            raise ModelLoadError(f"{model_id}: {err}") from err
 
     def __init__(
         self,
@@ -177,6 +210,12 @@ class VlmBackend(abc.ABC):
         self.text_tower_id = text_tower.source
         self.no_text_reason = text_tower.reason
         self.text_cache = TextEmbeddingCache(self.joint.encode_text, text_cache_size) if self.joint else None
+        v = vision_config  # the tower runs all its layers on every frame whatever K is
+        hidden = int(getattr(v, "hidden_size", None) or v.embed_dim)
+        self.vision_flops = vit_flops(
+            self.num_visual_tokens, has_cls, hidden, v.intermediate_size, v.num_hidden_layers,
+            v.num_attention_heads, v.patch_size,
+        )  # fmt: skip
         self.load_notes = list(load_notes)  # said once at load: the node logs them and lists them in /diagnostics
         if self.joint is None:
             self.load_notes.insert(0, f"no text tower for {model_id}: running CLS-only, alpha=0 ({text_tower.reason})")
@@ -228,7 +267,7 @@ class VlmBackend(abc.ABC):
             timings=watch.timings(),
             scoring=scoring,
             views=batch.views,
-            flops=self.flops(kept, prompt, cost),
+            flops=self._flops(kept, prompt, cost),
             generated_ids=ids,
             notes=notes,
         )
@@ -246,6 +285,12 @@ class VlmBackend(abc.ABC):
             inputs = {k: v.to(self.device) for k, v in batch.inputs.items()}
             out = self.model.generate(**inputs, **greedy(max_new_tokens))
         return self.new_tokens(out, inputs["input_ids"].shape[1])
+
+    def _flops(self, kept: list[int], prompt: LmPrompt, scoring: float) -> dict[str, float]:
+        """Per-image FLOPs: the tower, scoring, and the family's projector and LLM prefill; ``pipeline`` sums them."""
+        family = self.flops(kept, prompt)
+        parts = {"vision": self.vision_flops, "scoring": scoring, "projector": family["projector"]}
+        return parts | family | {"pipeline": sum(parts.values()) + family["llm_prefill"]}
 
     # ================================================================== shared scoring
 
@@ -336,9 +381,15 @@ class VlmBackend(abc.ABC):
     def feed(self, vision: VisionStates, selection: Selection, batch: Batch, atp: AtpConfig) -> LmPrompt:
         """Hand the prefix (CLS) and the kept patches to the family's consumer; return generate's inputs."""
 
+    @classmethod
     @abc.abstractmethod
-    def flops(self, kept: list[int], prompt: LmPrompt, scoring: float) -> dict[str, float]:
-        """Per-image FLOPs (batch mean): vision, scoring, projector, llm_prefill, pipeline (their sum), ..."""
+    def joint_space_of(cls, model: nn.Module) -> tuple[Callable[..., JointSpace], int, str]:
+        """How to load this model's joint space: ``(loader(source, device=, dtype=), tower width, kind or "")``."""
+
+    @abc.abstractmethod
+    def flops(self, kept: list[int], prompt: LmPrompt) -> dict[str, float]:
+        """Per-image FLOPs (batch mean) of what the family's consumer does: at least ``projector`` and
+        ``llm_prefill`` (the pipeline adds ``vision``, ``scoring`` and their sum, ``pipeline``)."""
 
     @property
     def generator(self) -> Callable[..., Tensor]:
