@@ -7,12 +7,13 @@ VENV := .venv
 ENV := . $(VENV)/bin/activate && source install/setup.bash &&
 PYTEST_ARGS ?=
 
-.PHONY: help setup demo test bench lint format clean train-tiny model-card
+.PHONY: help setup demo test bench lint format clean train-tiny model-card eval
 
 help:
 	@echo "make demo   - set up if needed, then run the node on a camera stream over DDS and print its answers"
 	@echo "make test   - set up if needed, then run every test against the colcon install space"
 	@echo "make bench  - micro- and end-to-end benchmarks (tables + PNG plots in out/bench/)"
+	@echo "make eval   - replay evaluation on a warehouse test bag: sweep, robustness, live replay (out/eval/report)"
 	@echo "make lint   - ruff check + format check"
 	@echo "make train-tiny - retrain warehouse-tiny from nothing (CPU, resumable; out/warehouse-tiny)"
 	@echo "make model-card - validation-chosen defaults + test tables of a warehouse model (out/model_card)"
@@ -34,6 +35,13 @@ bench: setup
 # Resumable: rerun after an interruption and it continues from out/train-tiny/state.pt.
 train-tiny: setup
 	@$(ENV) python -m atp_ros.train_tiny --out out/warehouse-tiny --work out/train-tiny $(TRAIN_ARGS)
+
+# A warehouse test-split bag with ground truth, then the sweep, robustness and a live replay through the node.
+EVAL_BAG ?= out/eval/warehouse_test_bag
+eval: setup
+	@$(ENV) test -d $(EVAL_BAG) || python -m atp_ros.warehouse bag --split test --count 150 --rate 10 --out $(EVAL_BAG)
+	@$(ENV) python -m atp_ros.evaluate --bag $(EVAL_BAG) --out out/eval/report --alphas 0,0.5,1 \
+		--corruptions all --severities 1,3 --question-perturbations all --live --live-frames 60 $(EVAL_ARGS)
 
 MODEL ?= warehouse-tiny
 model-card: setup

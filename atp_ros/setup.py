@@ -32,6 +32,7 @@ setup(
             "vlm_node = atp_ros.vlm_node:main",
             "warehouse = atp_ros.warehouse:main",
             "train_tiny = atp_ros.train_tiny:main",
+            "evaluate = atp_ros.evaluate:main",
         ],
     },
 )

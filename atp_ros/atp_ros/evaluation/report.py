@@ -1,0 +1,280 @@
+"""The evaluation's output folder: results.json, results.csv, report.md and PNG plots."""
+
+from __future__ import annotations
+
+import csv
+import json
+import platform
+from pathlib import Path
+
+import numpy as np
+
+from atp_ros.evaluation.sweep import REFERENCE, quality
+
+CSV_COLUMNS = (
+    "setting", "selector", "keep_ratio", "alpha", "normalization", "perturbation", "n",
+    "accuracy", "accuracy_lo", "accuracy_hi", "fidelity", "fidelity_lo", "fidelity_hi", "evidence_recall",
+    "tokens_kept_mean", "tokens_kept_p10", "tokens_kept_p90", "tokens_total", "flops_prefill", "flops_pipeline",
+    "latency_p50_ms", "latency_p90_ms", "latency_p99_ms", "rss_mb", "peak_rss_mb", "cuda_peak_mb",
+)  # fmt: skip
+
+
+def machine() -> dict:
+    """CPU, cores, Python and library versions, the accelerator if any."""
+    import torch
+    import transformers
+
+    import atp_ros
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    import os
+
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "atp_ros": atp_ros.__version__,
+        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "",
+    }
+
+
+def _row(r: dict) -> dict:
+    s, m = r["setting"], r["summary"]
+    mem = r.get("memory", {})
+    return {
+        "setting": r["name"],
+        "selector": s["selector"],
+        "keep_ratio": s["keep_ratio"],
+        "alpha": s["alpha"],
+        "normalization": s["normalization"],
+        "perturbation": s["perturbation"],
+        "n": m["n"],
+        "accuracy": m["accuracy"]["mean"],
+        "accuracy_lo": m["accuracy"]["ci"][0],
+        "accuracy_hi": m["accuracy"]["ci"][1],
+        "fidelity": m["fidelity"]["mean"],
+        "fidelity_lo": m["fidelity"]["ci"][0],
+        "fidelity_hi": m["fidelity"]["ci"][1],
+        "evidence_recall": m["evidence_recall"],
+        "tokens_kept_mean": m["tokens_kept"]["mean"],
+        "tokens_kept_p10": m["tokens_kept"]["p10"],
+        "tokens_kept_p90": m["tokens_kept"]["p90"],
+        "tokens_total": m["tokens_kept"]["total"],
+        "flops_prefill": m["flops_prefill"],
+        "flops_pipeline": m["flops_pipeline"],
+        "latency_p50_ms": m["latency_ms"]["total"]["p50"],
+        "latency_p90_ms": m["latency_ms"]["total"]["p90"],
+        "latency_p99_ms": m["latency_ms"]["total"]["p99"],
+        "rss_mb": mem.get("rss_mb"),
+        "peak_rss_mb": mem.get("peak_rss_mb"),
+        "cuda_peak_mb": mem.get("cuda_peak_mb"),
+    }
+
+
+def _fmt(v, pct: bool = False) -> str:
+    if v is None or (isinstance(v, float) and not np.isfinite(v)):
+        return "–"
+    return f"{100 * v:.1f}" if pct else (f"{v:.3g}" if isinstance(v, float) else str(v))
+
+
+def _ci(stat: dict) -> str:
+    if stat["mean"] is None:
+        return "–"
+    lo, hi = stat["ci"]
+    return f"{100 * stat['mean']:.1f} [{100 * lo:.1f}, {100 * hi:.1f}]"
+
+
+def write(out: Path, results: dict) -> None:
+    """results.json, results.csv (one row per setting), report.md and the plots."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(results, indent=1))
+    rows = results["settings"]
+    with (out / "results.csv").open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=CSV_COLUMNS)
+        writer.writeheader()
+        writer.writerows(_row(r) for r in rows)
+    plots = _plots(out, results)
+    (out / "report.md").write_text(_markdown(results, plots))
+
+
+def _markdown(results: dict, plots: list[str]) -> str:
+    meta = results["meta"]
+    lines = [f"# ATP replay evaluation: {meta['model']}", ""]
+    lines += [f"- source: {meta['source']} ({meta['samples']} samples)"]
+    lines += [f"- command: `{meta['command']}`", f"- machine: {json.dumps(meta['machine'])}", f"- date: {meta['date']}"]
+    if meta.get("skipped"):
+        lines += ["- skipped inputs: " + "; ".join(meta["skipped"])]
+    if not results.get("complete", True):
+        lines += ["- **incomplete**: interrupted; the table holds the settings that finished"]
+    rec = results.get("recommended")
+    metric = results.get("metric", "accuracy")
+    lines += ["", "## Recommended operating point", ""]
+    if rec:
+        m = rec["summary"]
+        lines += [
+            f"**{rec['name']}**: {metric} {_ci(m[metric])} (reference {_fmt(results.get('reference_quality'), True)}),"
+            f" {m['tokens_kept']['mean']:.1f}/{m['tokens_kept']['total']} visual tokens,"
+            f" p50 {m['latency_ms']['total']['p50']:.1f} ms per frame — the fastest setting within"
+            f" {100 * meta['tolerance']:.1f} points of the unpruned model.",
+        ]
+    else:
+        lines += [f"No pruned setting came within {100 * meta['tolerance']:.1f} points of the unpruned {metric}."]
+    lines += ["", "## Settings", ""]
+    head = "| setting | accuracy % [95% CI] | fidelity % [95% CI] | evidence recall % | tokens kept | "
+    head += "prefill GFLOPs | p50 / p90 / p99 ms |"
+    lines += [head, "|" + " --- |" * 7]
+    for r in results["settings"]:
+        if r["setting"]["perturbation"]:
+            continue
+        m = r["summary"]
+        lat = m["latency_ms"]["total"]
+        lines.append(
+            f"| {r['name']} | {_ci(m['accuracy'])} | {_ci(m['fidelity'])} | {_fmt(m['evidence_recall'], True)} | "
+            f"{m['tokens_kept']['mean']:.1f}/{m['tokens_kept']['total']} | {m['flops_prefill'] / 1e9:.3f} | "
+            f"{lat['p50']:.1f} / {lat['p90']:.1f} / {lat['p99']:.1f} |"
+        )
+    if results.get("robustness"):
+        lines += ["", "## Robustness (accuracy and fidelity change vs clean input, points)", ""]
+        lines += ["| perturbation | full acc Δ | ATP acc Δ | full fid Δ | ATP fid Δ |", "|" + " --- |" * 5]
+        for r in results["robustness"]:
+            lines.append(
+                f"| {r['perturbation']} | {_fmt(r['full']['accuracy_delta'], True)} | "
+                f"{_fmt(r['atp']['accuracy_delta'], True)} | {_fmt(r['full']['fidelity_delta'], True)} | "
+                f"{_fmt(r['atp']['fidelity_delta'], True)} |"
+            )
+    if results.get("live"):
+        lv = results["live"]
+        lines += ["", "## Live replay through the node over DDS", ""]
+        lines += [f"- {k}: {v}" for k, v in lv.items() if not isinstance(v, (dict, list))]
+    if plots:
+        lines += ["", "## Plots", ""] + [f"![{p}]({p})" for p in plots]
+    return "\n".join(lines) + "\n"
+
+
+def _plots(out: Path, results: dict) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written: list[str] = []
+    clean = [r for r in results["settings"] if not r["setting"]["perturbation"]]
+    ref = next((r for r in clean if r["setting"]["selector"] == REFERENCE), None)
+    metric = results.get("metric", "accuracy")
+
+    # 1. accuracy and fidelity vs keep ratio, one line per selector (ATP per alpha)
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for ax, name in zip(axes, ("accuracy", "fidelity"), strict=True):
+        lines: dict[str, list] = {}
+        for r in clean:
+            s = r["setting"]
+            if s["selector"] == REFERENCE or r["summary"][name]["mean"] is None:
+                continue
+            label = f"ATP a={s['alpha']:g}" if s["selector"] == "atp" else s["selector"]
+            label += f" {s['normalization']}" if s["normalization"] != "minmax" else ""
+            lines.setdefault(label, []).append((s["keep_ratio"], r["summary"][name]["mean"]))
+        for label, pts in sorted(lines.items()):
+            pts.sort()
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label)
+        if ref and ref["summary"][name]["mean"] is not None:
+            ax.axhline(ref["summary"][name]["mean"], color="k", ls="--", lw=1, label="unpruned")
+        ax.set_xlabel("keep ratio")
+        ax.set_ylabel(name)
+        ax.set_title(f"{name} vs keep ratio")
+        ax.grid(alpha=0.3)
+        if lines:
+            ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / "quality_vs_keep.png", dpi=110)
+    plt.close(fig)
+    written.append("quality_vs_keep.png")
+
+    # 2. quality vs latency: the Pareto front, the recommended setting marked
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    pts = [(r["summary"]["latency_ms"]["total"]["p50"], quality(r["summary"])[1], r) for r in clean]
+    pts = [p for p in pts if p[1] is not None]
+    for t, q, r in pts:
+        ax.scatter(t, q, s=18, color="tab:blue" if r["setting"]["selector"] == "atp" else "tab:gray")
+    front = results.get("pareto", [])
+    if front:
+        ax.plot([f["latency_p50_ms"] for f in front], [f["quality"] for f in front], color="tab:orange", lw=1.5)
+    rec = results.get("recommended")
+    if rec:
+        ax.scatter(
+            rec["summary"]["latency_ms"]["total"]["p50"],
+            quality(rec["summary"])[1],
+            s=140,
+            marker="*",
+            color="tab:red",
+            label=f"recommended: {rec['name']}",
+            zorder=5,
+        )
+    if ref:
+        ax.scatter(ref["summary"]["latency_ms"]["total"]["p50"], quality(ref["summary"])[1], marker="s", color="k")
+        ax.annotate("unpruned", (ref["summary"]["latency_ms"]["total"]["p50"], quality(ref["summary"])[1]))
+    ax.set_xlabel("p50 latency per frame (ms)")
+    ax.set_ylabel(metric)
+    ax.set_title(f"{metric} vs latency (blue: ATP, gray: baselines, orange: Pareto front)", fontsize=9)
+    ax.grid(alpha=0.3)
+    if rec:
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / "pareto.png", dpi=110)
+    plt.close(fig)
+    written.append("pareto.png")
+
+    # 3. robustness bars
+    rob = results.get("robustness") or []
+    if rob:
+        fig, ax = plt.subplots(figsize=(max(6, 0.9 * len(rob)), 4))
+        x = np.arange(len(rob))
+        key = f"{metric}_delta"
+        full = [100 * (r["full"][key] or 0) for r in rob]
+        atp = [100 * (r["atp"][key] or 0) for r in rob]
+        ax.bar(x - 0.2, full, 0.4, label="unpruned")
+        ax.bar(x + 0.2, atp, 0.4, label=results.get("robust_setting", "ATP"))
+        ax.set_xticks(x, [r["perturbation"] for r in rob], rotation=30, ha="right", fontsize=7)
+        ax.axhline(0, color="k", lw=0.8)
+        ax.set_ylabel(f"{metric} change (points)")
+        ax.set_title("robustness: change vs clean input")
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(out / "robustness.png", dpi=110)
+        plt.close(fig)
+        written.append("robustness.png")
+
+    if (out / "overlays.png").is_file():
+        written.append("overlays.png")
+    return written
+
+
+def overlay_grid(out: Path, shots: list[tuple[np.ndarray, str, str, str]]) -> None:
+    """A grid of keep-mask overlays (the paper's Figure 3): ``(overlay rgb, question, answer, truth)``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if not shots:
+        return
+    cols = min(3, len(shots))
+    rows = (len(shots) + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.6 * rows), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, (img, question, answer, truth) in zip(axes.flat, shots, strict=False):
+        ax.imshow(img)
+        ax.set_title(f"{question}\n-> {answer!r}" + (f" (truth {truth!r})" if truth else ""), fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / "overlays.png", dpi=110)
+    plt.close(fig)

@@ -1,0 +1,283 @@
+"""Where evaluation samples come from: recorded bags and image datasets (no ROS installation needed).
+
+* :func:`read_bag`: a rosbag2 (mcap or sqlite3) or a ROS 1 bag, read with ``rosbags``'
+  ``AnyReader``. Frames from ``--image-topic`` (``sensor_msgs/Image`` or ``CompressedImage``),
+  questions from ``--query-topic`` (``std_msgs/String``: the latest question applies to the frames
+  recorded after it), ground truth optional from a JSONL keyed by image stamp (the warehouse
+  bag writer's ``ground_truth.jsonl``: ``stamp`` in ns, ``answer``, ``answers``, ``evidence``).
+* :func:`read_dataset`: a folder of images with the warehouse generator's ``samples.jsonl``, or
+  VQAv2-style (``*questions*.json`` + ``*annotations*.json``) or GQA-style (one ``{qid: {imageId,
+  question, answer}}`` JSON) data, images under ``images/``.
+
+Bad input never ends a read: each unusable message or record is counted under one cause
+(:class:`Problems`) and skipped; only a source with nothing usable raises :class:`SourceError`.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image as PILImage
+
+from atp_ros.image_io import BadImage, compressed_to_rgb, raw_to_rgb
+
+IMAGE_TYPES = ("sensor_msgs/msg/Image", "sensor_msgs/msg/CompressedImage")
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
+
+
+class SourceError(ValueError):
+    """A source that cannot be evaluated at all; the message says why in one line."""
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One frame and the question asked of it, with ground truth where it exists."""
+
+    key: str  # stable id: the image stamp in ns (bags) or the question id (datasets)
+    image: np.ndarray  # (H, W, 3) uint8 RGB
+    question: str
+    answers: tuple[str, ...] = ()  # ground-truth answers (VQA: the 10 human answers); () = none
+    evidence: tuple[tuple[float, float, float, float], ...] = ()  # pixel boxes (x0, y0, x1, y1)
+    stamp_ns: int | None = None  # header stamp of a bag frame
+
+
+@dataclass
+class Problems:
+    """Unusable inputs, counted per cause, with the first message of each cause."""
+
+    counts: Counter = field(default_factory=Counter)
+    first: dict[str, str] = field(default_factory=dict)
+
+    def add(self, cause: str, message: str) -> None:
+        self.counts[cause] += 1
+        self.first.setdefault(cause, message)
+
+    def lines(self) -> list[str]:
+        return [f"{cause}: {n} skipped (first: {self.first[cause]})" for cause, n in sorted(self.counts.items())]
+
+
+@dataclass
+class Loaded:
+    """What a source gave: the samples, what was skipped, and a one-line description."""
+
+    samples: list[Sample]
+    problems: Problems
+    description: str
+
+
+def _stamp_ns(header) -> int:
+    return int(header.stamp.sec) * 10**9 + int(header.stamp.nanosec)
+
+
+def read_truth(path: Path) -> dict[int, dict]:
+    """Ground truth JSONL keyed by image stamp (ns): ``stamp`` or ``sec`` + ``nanosec`` per line."""
+    truth: dict[int, dict] = {}
+    try:
+        lines = path.read_text().splitlines()
+    except OSError as err:
+        raise SourceError(f"cannot read ground truth {path}: {err.strerror or err}") from None
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+            stamp = int(rec["stamp"]) if "stamp" in rec else int(rec["sec"]) * 10**9 + int(rec["nanosec"])
+        except (ValueError, KeyError, TypeError) as err:
+            raise SourceError(f"{path}:{n}: not a ground-truth record with a stamp ({err})") from None
+        truth[stamp] = rec
+    return truth
+
+
+def _truth_fields(rec: dict | None) -> tuple[tuple[str, ...], tuple]:
+    if not rec:
+        return (), ()
+    answers = rec.get("answers") or ([rec["answer"]] if rec.get("answer") else [])
+    evidence = tuple(tuple(float(v) for v in box) for box in rec.get("evidence") or ())
+    return tuple(str(a) for a in answers), evidence
+
+
+def read_bag(
+    path: Path,
+    image_topic: str,
+    query_topic: str,
+    truth_path: Path | None = None,
+    limit: int = 0,
+    max_pixels: int = 4096 * 4096,
+) -> Loaded:
+    """Frames of ``image_topic`` paired with the latest question of ``query_topic`` before them.
+
+    ``truth_path`` None: ``BAG/ground_truth.jsonl`` when the bag holds one. When the bag has no
+    question on ``query_topic`` at all, the ground truth's ``question`` fields are used instead.
+    ``limit`` > 0 stops after that many usable samples.
+    """
+    from rosbags.highlevel import AnyReader
+    from rosbags.typesys import Stores, get_typestore
+
+    from atp_ros.image_io import ImageLimits
+
+    path = Path(path)
+    if not path.exists():
+        raise SourceError(f"{path}: no such bag")
+    if truth_path is None and (path / "ground_truth.jsonl").is_file():
+        truth_path = path / "ground_truth.jsonl"
+    truth = read_truth(truth_path) if truth_path else {}
+    problems = Problems()
+    limits = ImageLimits(max_pixels=max_pixels)
+    try:
+        reader = AnyReader([path], default_typestore=get_typestore(Stores.ROS2_HUMBLE))
+        reader.open()
+    except Exception as err:  # not a bag, unreadable metadata, unknown storage
+        raise SourceError(f"{path}: cannot open as a rosbag ({type(err).__name__}: {err})") from None
+    try:
+        topics = {c.topic: c.msgtype for c in reader.connections}
+        if image_topic not in topics:
+            listed = ", ".join(f"{t} ({m})" for t, m in sorted(topics.items())) or "none"
+            raise SourceError(f"{path}: no topic {image_topic!r}; the bag has: {listed}")
+        if topics[image_topic] not in IMAGE_TYPES:
+            raise SourceError(f"{path}: {image_topic} is {topics[image_topic]}, not an Image or CompressedImage")
+        has_queries = query_topic in topics
+        if has_queries and topics[query_topic] != "std_msgs/msg/String":
+            raise SourceError(f"{path}: {query_topic} is {topics[query_topic]}, not std_msgs/msg/String")
+        if not has_queries and not any(rec.get("question") for rec in truth.values()):
+            listed = ", ".join(sorted(topics))
+            raise SourceError(f"{path}: no questions: no topic {query_topic!r} (the bag has: {listed}) and no truth")
+        wanted = [c for c in reader.connections if c.topic in (image_topic, query_topic)]
+        samples: list[Sample] = []
+        question = ""
+        queries_seen = frames_seen = 0
+        for conn, _t, raw in reader.messages(connections=wanted):
+            try:
+                msg = reader.deserialize(raw, conn.msgtype)
+            except Exception as err:  # truncated or garbled CDR
+                problems.add("corrupt", f"{conn.topic}: cannot deserialize ({type(err).__name__})")
+                continue
+            if conn.topic == query_topic:
+                queries_seen += 1
+                question = str(msg.data).strip()
+                continue
+            frames_seen += 1
+            stamp = _stamp_ns(msg.header)
+            rec = truth.get(stamp)
+            asked = question if has_queries else str((rec or {}).get("question", ""))
+            if not asked:
+                problems.add("no_question", f"frame {stamp} arrived before any question")
+                continue
+            try:
+                rgb = compressed_to_rgb(msg, limits) if "Compressed" in conn.msgtype else raw_to_rgb(msg, limits)
+            except BadImage as err:
+                problems.add(err.cause, f"frame {stamp}: {err}")
+                continue
+            answers, evidence = _truth_fields(rec)
+            if truth and rec is None:
+                problems.add("no_truth", f"frame {stamp} has no ground-truth line (evaluated for fidelity only)")
+            samples.append(Sample(str(stamp), rgb, asked, answers, evidence, stamp))
+            if limit and len(samples) >= limit:
+                break
+    finally:
+        reader.close()
+    if has_queries and queries_seen and not frames_seen:
+        raise SourceError(f"{path}: {queries_seen} questions but no frame on {image_topic}")
+    if not samples:
+        why = "; ".join(problems.lines()) or f"no messages on {image_topic}"
+        raise SourceError(f"{path}: nothing to evaluate ({why})")
+    kind = topics[image_topic].rsplit("/", 1)[-1]
+    desc = f"bag {path} ({image_topic} {kind}, {query_topic}{', ground truth' if truth else ''})"
+    return Loaded(samples, problems, desc)
+
+
+def _load_image(path: Path, problems: Problems, max_pixels: int) -> np.ndarray | None:
+    try:
+        with PILImage.open(path) as img:
+            if img.width * img.height > max_pixels:
+                problems.add("too_large", f"{path.name}: {img.width}x{img.height} exceeds the pixel limit")
+                return None
+            return np.asarray(img.convert("RGB"))
+    except (OSError, ValueError) as err:  # missing, truncated, not an image
+        problems.add("image", f"{path.name}: {err}")
+        return None
+
+
+def _find_image(images: Path, image_id) -> Path | None:
+    """``images/<id>.<ext>``, or a COCO file name ending in the zero-padded id."""
+    for ext in IMAGE_EXTENSIONS:
+        if (images / f"{image_id}{ext}").is_file():
+            return images / f"{image_id}{ext}"
+    if str(image_id).isdigit():
+        matches = sorted(images.glob(f"*_{int(image_id):012d}.*"))
+        if matches:
+            return matches[0]
+    return None
+
+
+def read_dataset(root: Path, limit: int = 0, max_pixels: int = 4096 * 4096) -> Loaded:
+    """A folder of images with questions: warehouse ``samples.jsonl``, VQAv2-style or GQA-style JSON."""
+    root = Path(root)
+    if not root.is_dir():
+        raise SourceError(f"{root}: no such directory")
+    problems = Problems()
+    samples: list[Sample] = []
+    images = root / "images" if (root / "images").is_dir() else root
+
+    def add(key: str, image_path: Path | None, question: str, answers, evidence=()) -> bool:
+        if image_path is None:
+            problems.add("image", f"{key}: image not found under {images}")
+            return False
+        rgb = _load_image(image_path, problems, max_pixels)
+        if rgb is None:
+            return False
+        if not str(question).strip():
+            problems.add("question", f"{key}: empty question")
+            return False
+        boxes = tuple(tuple(float(v) for v in b) for b in evidence)
+        samples.append(Sample(key, rgb, str(question).strip(), tuple(str(a) for a in answers), boxes))
+        return bool(limit) and len(samples) >= limit
+
+    jsonl = root / "samples.jsonl"
+    q_files = sorted(root.glob("*questions*.json"))
+    a_files = sorted(root.glob("*annotations*.json"))
+    if jsonl.is_file():
+        kind = "warehouse samples.jsonl"
+        for n, line in enumerate(jsonl.read_text().splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+                path = root / rec["image"]
+                answers = rec.get("answers") or ([rec["answer"]] if rec.get("answer") else [])
+                if add(f"{n}", path if path.is_file() else None, rec["question"], answers, rec.get("evidence", ())):
+                    break
+            except (ValueError, KeyError, TypeError) as err:
+                problems.add("record", f"samples.jsonl:{n}: {err}")
+    elif q_files and a_files:  # VQAv2: {"questions": [...]} + {"annotations": [...]}
+        kind = "VQAv2-style questions + annotations"
+        try:
+            questions = json.loads(q_files[0].read_text())["questions"]
+            notes = {a["question_id"]: a for a in json.loads(a_files[0].read_text())["annotations"]}
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            raise SourceError(f"{root}: cannot read VQA files ({type(err).__name__}: {err})") from None
+        for q in questions:
+            ann = notes.get(q.get("question_id"))
+            answers = [a["answer"] for a in ann.get("answers", [])] if ann else []
+            if add(str(q.get("question_id")), _find_image(images, q.get("image_id")), q.get("question", ""), answers):
+                break
+    elif q_files:  # GQA: {qid: {"imageId", "question", "answer"}}
+        kind = "GQA-style questions"
+        try:
+            questions = json.loads(q_files[0].read_text())
+        except (OSError, ValueError) as err:
+            raise SourceError(f"{root}: cannot read {q_files[0].name} ({err})") from None
+        if not isinstance(questions, dict):
+            raise SourceError(f"{root}: {q_files[0].name} is not a GQA {{question id: question}} map")
+        for qid, q in questions.items():
+            answers = [q["answer"]] if q.get("answer") else []
+            if add(str(qid), _find_image(images, q.get("imageId")), q.get("question", ""), answers):
+                break
+    else:
+        raise SourceError(f"{root}: no samples.jsonl, *questions*.json or *annotations*.json")
+    if not samples:
+        raise SourceError(f"{root}: nothing to evaluate ({'; '.join(problems.lines()) or 'no records'})")
+    return Loaded(samples, problems, f"dataset {root} ({kind})")

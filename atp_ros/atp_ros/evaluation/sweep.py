@@ -1,0 +1,286 @@
+"""Running a sweep: every setting over every sample, one cached result file per setting.
+
+A :class:`Setting` is one way of choosing tokens (the unpruned reference, ATP with a keep ratio,
+alpha and normalization, or a baseline), optionally on perturbed inputs. :func:`run_setting`
+answers every sample with it and returns one record per sample; :class:`Cache` keeps each
+finished setting on disk keyed by everything that determines it, so a re-run with the same
+arguments resumes where an interrupted one stopped. :func:`summarize` turns records into the
+figures the report shows.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import resource
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from atp_ros.atp import AtpConfig
+from atp_ros.backends import STAGES, VlmBackend
+from atp_ros.evaluation import metrics
+from atp_ros.evaluation.perturb import corrupt, perturb_question
+from atp_ros.evaluation.sources import Sample
+from atp_ros.scenes import evidence_mask
+
+REFERENCE = "full"  # the unpruned run every sweep includes
+BASELINES = ("random", "uniform", "cls_only", "text_only", "divprune")
+SELECTORS = ("atp", *BASELINES)
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One evaluated configuration. ``perturbation``: "" (clean), ``"image:<name>:<severity>"`` or
+    ``"question:<name>"``."""
+
+    selector: str  # REFERENCE or a name of atp.make_selector
+    keep_ratio: float = 1.0
+    alpha: float = 0.0
+    normalization: str = "minmax"
+    perturbation: str = ""
+
+    @property
+    def name(self) -> str:
+        if self.selector == REFERENCE:
+            base = REFERENCE
+        elif self.selector == "atp":
+            base = f"atp a={self.alpha:g} k={self.keep_ratio:g}" + (
+                f" {self.normalization}" if self.normalization != "minmax" else ""
+            )
+        else:
+            base = f"{self.selector} k={self.keep_ratio:g}"
+        return base + (f" [{self.perturbation}]" if self.perturbation else "")
+
+    def atp_config(self, base: AtpConfig) -> AtpConfig:
+        """The backend settings: ``base`` (positions, read-out, signal, seed) with this selection."""
+        if self.selector == REFERENCE:
+            return replace(base, enabled=False)
+        return replace(
+            base,
+            enabled=True,
+            selector=self.selector,
+            keep_ratio=self.keep_ratio,
+            keep_tokens=0,
+            mass=0.0,
+            alpha=self.alpha,
+            normalization=self.normalization,
+        )
+
+    def node_params(self) -> dict:
+        """The same selection as ``atp_vlm`` node parameters."""
+        if self.selector == REFERENCE:
+            return {"atp.enabled": False}
+        return {
+            "atp.enabled": True,
+            "atp.selector": self.selector,
+            "atp.keep_ratio": self.keep_ratio,
+            "atp.keep_tokens": 0,
+            "atp.mass": 0.0,
+            "atp.alpha": self.alpha,
+            "atp.normalization": self.normalization,
+        }
+
+
+def grid(keep_ratios: Sequence[float], alphas: Sequence[float], selectors: Sequence[str], norms: Sequence[str]):
+    """The reference first, then ATP over keep x alpha x normalization, then each baseline over keep."""
+    out = [Setting(REFERENCE)]
+    for keep in keep_ratios:
+        if "atp" in selectors:
+            out += [Setting("atp", keep, a, n) for a in alphas for n in norms]
+        out += [Setting(s, keep, {"text_only": 1.0}.get(s, 0.0)) for s in selectors if s != "atp"]
+    return out
+
+
+def perturbed(sample: Sample, perturbation: str) -> Sample:
+    """``sample`` with its image or question perturbed; the seed comes from the sample's key."""
+    if not perturbation:
+        return sample
+    seed = int(hashlib.sha256(sample.key.encode()).hexdigest()[:8], 16)
+    kind, _, rest = perturbation.partition(":")
+    if kind == "image":
+        name, _, severity = rest.partition(":")
+        return replace(sample, image=corrupt(sample.image, name, int(severity), seed))
+    if kind == "question":
+        return replace(sample, question=perturb_question(sample.question, rest, seed))
+    raise ValueError(f"unknown perturbation {perturbation!r}")
+
+
+def samples_digest(samples: Sequence[Sample]) -> str:
+    """A short hash of the exact inputs (keys, questions, truth, image bytes)."""
+    h = hashlib.sha256()
+    for s in samples:
+        h.update(f"{s.key}\x00{s.question}\x00{s.answers}\x00{s.evidence}\x00{s.image.shape}".encode())
+        h.update(hashlib.sha256(s.image.tobytes()).digest())
+    return h.hexdigest()[:16]
+
+
+class Cache:
+    """One JSON file per finished setting under ``root``, keyed by model, inputs, options and setting."""
+
+    def __init__(self, root: Path, context: dict) -> None:
+        self.root = root
+        self.context = context  # everything besides the setting that determines a result
+        root.mkdir(parents=True, exist_ok=True)
+
+    def _path(self, setting: Setting) -> Path:
+        key = json.dumps({"context": self.context, "setting": asdict(setting)}, sort_keys=True)
+        return self.root / f"{hashlib.sha256(key.encode()).hexdigest()[:20]}.json"
+
+    def get(self, setting: Setting) -> dict | None:
+        """``{"records": [...], "memory": {...}}`` of a finished setting, or None."""
+        path = self._path(setting)
+        if not path.is_file():
+            return None
+        try:
+            entry = json.loads(path.read_text())
+            return {"records": entry["records"], "memory": entry.get("memory", {})}
+        except (OSError, ValueError, KeyError):  # a file cut short by a crash: recompute it
+            return None
+
+    def put(self, setting: Setting, entry: dict) -> None:
+        path = self._path(setting)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"setting": asdict(setting), **entry}))
+        tmp.replace(path)  # atomic: an interrupted write never leaves half a file behind
+
+
+def _evidence_keep(result, b: int, sample: Sample) -> float | None:
+    """Evidence recall of image ``b``: evidence boxes mapped into the patch grid's view of the frame."""
+    if not sample.evidence:
+        return None
+    view = result.views[b]
+    boxes = [(x0 - view.x0, y0 - view.y0, x1 - view.x0, y1 - view.y0) for x0, y0, x1, y1 in sample.evidence]
+    need = evidence_mask(boxes, (view.y1 - view.y0, view.x1 - view.x0), result.grid)
+    return metrics.evidence_recall(result.keep_mask(b).astype(bool), need)
+
+
+def run_setting(
+    backend: VlmBackend,
+    samples: Sequence[Sample],
+    setting: Setting,
+    base: AtpConfig,
+    max_new_tokens: int,
+    batch: int = 1,
+    progress: Callable[[int], None] | None = None,
+) -> list[dict]:
+    """Answer every sample with ``setting``; one record per sample (answer, tokens, FLOPs, stage times)."""
+    atp = setting.atp_config(base)
+    records: list[dict] = []
+    inputs = [perturbed(s, setting.perturbation) for s in samples]
+    for start in range(0, len(inputs), batch):
+        chunk = inputs[start : start + batch]
+        result = backend.answer([s.image for s in chunk], [s.question for s in chunk], atp, max_new_tokens)
+        stages = result.timings.as_dict()
+        per_image = {k: v / len(chunk) for k, v in stages.items()}  # a batch's time, shared out
+        for b, s in enumerate(chunk):
+            records.append(
+                {
+                    "key": s.key,
+                    "question": s.question,
+                    "answer": result.answers[b],
+                    "accuracy": metrics.accuracy(result.answers[b], s.answers) if s.answers else None,
+                    "kept": int(result.visual_tokens_kept[b]),
+                    "total": int(result.visual_tokens_total),
+                    "evidence_recall": _evidence_keep(result, b, s),
+                    "flops_prefill": float(result.flops["llm_prefill"]),
+                    "flops_pipeline": float(result.flops["pipeline"]),
+                    "ms": per_image,
+                    "notes": list(result.notes),
+                }
+            )
+        if progress:
+            progress(len(chunk))
+    return records
+
+
+def add_fidelity(records: list[dict], reference: list[dict]) -> None:
+    """Fidelity of each record: agreement with the unpruned answer to the same (perturbed) input."""
+    ref = {r["key"]: r["answer"] for r in reference}
+    for r in records:
+        r["fidelity"] = metrics.agrees(r["answer"], ref[r["key"]]) if r["key"] in ref else None
+
+
+def memory_mb(device: torch.device) -> dict[str, float]:
+    """Resident memory now and the process peak (CPU), or the CUDA peak since the last reset."""
+    out = {"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0}
+    try:
+        with open("/proc/self/statm") as f:
+            out["rss_mb"] = int(f.read().split()[1]) * resource.getpagesize() / 2**20
+    except OSError:
+        pass
+    if device.type == "cuda":
+        out["cuda_peak_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
+    return out
+
+
+def summarize(records: list[dict], bootstrap: int = 1000, seed: int = 0) -> dict:
+    """The figures of one setting: accuracy and fidelity with bootstrap CIs, evidence recall, tokens,
+    FLOPs, per-stage latency percentiles."""
+
+    def stat(name: str) -> dict:
+        values = [r[name] for r in records if r.get(name) is not None]
+        if not values:
+            return {"mean": None, "ci": [None, None], "n": 0}
+        lo, hi = metrics.bootstrap_ci(values, n=bootstrap, seed=seed)
+        return {"mean": float(np.mean(values)), "ci": [lo, hi], "n": len(values)}
+
+    kept = [r["kept"] for r in records]
+    recall = [r["evidence_recall"] for r in records if r.get("evidence_recall") is not None]
+    latency = {s: metrics.percentiles([r["ms"][s] for r in records]) for s in (*STAGES, "total")}
+    return {
+        "n": len(records),
+        "accuracy": stat("accuracy"),
+        "fidelity": stat("fidelity"),
+        "evidence_recall": float(np.mean(recall)) if recall else None,
+        "tokens_kept": {
+            "mean": float(np.mean(kept)),
+            **{k: float(v) for k, v in zip(("p10", "p50", "p90"), np.percentile(kept, [10, 50, 90]), strict=True)},
+            "total": records[0]["total"],
+        },
+        "flops_prefill": float(np.mean([r["flops_prefill"] for r in records])),
+        "flops_pipeline": float(np.mean([r["flops_pipeline"] for r in records])),
+        "latency_ms": latency,
+    }
+
+
+def quality(summary: dict) -> tuple[str, float | None]:
+    """The metric a setting is judged by: accuracy where there is ground truth, else fidelity."""
+    if summary["accuracy"]["mean"] is not None:
+        return "accuracy", summary["accuracy"]["mean"]
+    return "fidelity", summary["fidelity"]["mean"]
+
+
+def recommend(rows: list[dict], tolerance: float) -> dict | None:
+    """The fastest pruned clean setting whose quality is within ``tolerance`` of the reference (p50 total
+    latency, then fewer tokens); None when no pruned setting is that close."""
+    clean = [r for r in rows if not r["setting"]["perturbation"]]
+    ref = next((r for r in clean if r["setting"]["selector"] == REFERENCE), None)
+    if ref is None:
+        return None
+    _, ref_q = quality(ref["summary"])
+    if ref_q is None:
+        return None
+    ok = []
+    for r in clean:
+        _, q = quality(r["summary"])
+        if r is not ref and q is not None and q >= ref_q - tolerance:
+            ok.append(r)
+    if not ok:
+        return None
+    return min(ok, key=lambda r: (r["summary"]["latency_ms"]["total"]["p50"], r["summary"]["tokens_kept"]["mean"]))
+
+
+def pareto(rows: list[dict]) -> list[dict]:
+    """Clean settings not beaten on both quality (higher) and p50 latency (lower) by another."""
+    pts = [(r, quality(r["summary"])[1], r["summary"]["latency_ms"]["total"]["p50"]) for r in rows]
+    pts = [p for p in pts if p[1] is not None and not p[0]["setting"]["perturbation"] and math.isfinite(p[2])]
+    front = []
+    for r, q, t in pts:
+        if not any((q2 >= q and t2 <= t) and (q2 > q or t2 < t) for _, q2, t2 in pts):
+            front.append(r)
+    return sorted(front, key=lambda r: r["summary"]["latency_ms"]["total"]["p50"])
