@@ -40,7 +40,7 @@ train-tiny: setup
 EVAL_BAG ?= out/eval/warehouse_test_bag
 eval: setup
 	@$(ENV) test -d $(EVAL_BAG) || python -m atp_ros.warehouse bag --split test --count 150 --rate 10 --out $(EVAL_BAG)
-	@$(ENV) python -m atp_ros.evaluate --bag $(EVAL_BAG) --out out/eval/report --alphas 0,0.5,1 \
+	@$(ENV) python -m atp_ros.evaluate --bag $(EVAL_BAG) --out out/eval/report --alphas 1,0.5,0 --masses 0.5 \
 		--corruptions all --severities 1,3 --question-perturbations all --live --live-frames 60 $(EVAL_ARGS)
 
 MODEL ?= warehouse-tiny

@@ -83,6 +83,7 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--dtype", default="auto")
     ap.add_argument("--keep-ratios", type=_floats(0.0, 1.0), default=[0.6, 0.4, 0.25, 0.11])
     ap.add_argument("--alphas", type=_floats(0.0, 1.0, lo_open=False), default=[0.5])
+    ap.add_argument("--masses", type=_floats(0.0, 1.0), default=[], help="ATP adaptive budgets (tau) to add")
     ap.add_argument("--selectors", type=_choices(SELECTORS), default=list(SELECTORS), help="atp and baselines, or all")
     ap.add_argument("--normalization", type=_choices(NORMALIZATIONS), default=["minmax"])
     ap.add_argument(
@@ -163,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
     samples = loaded.samples
     print(f"evaluate: {len(samples)} samples from {loaded.description}")
     for line in loaded.problems.lines():
-        print(f"evaluate: skipped {line}")
+        print(f"evaluate: input problem: {line}")
     try:
         backend = load_backend(args.model, args.text_encoder, args.device, args.dtype)
     except ModelLoadError as err:
@@ -174,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
 
     base = AtpConfig(seed=args.seed)
     robust, robust_runs = robustness_settings(args)
-    settings = grid(args.keep_ratios, args.alphas, args.selectors, args.normalization)
+    settings = grid(args.keep_ratios, args.alphas, args.selectors, args.normalization, args.masses)
     if robust_runs and robust not in settings:
         settings.append(robust)  # its clean run is what the perturbed runs are compared with
     settings += robust_runs
@@ -233,7 +234,7 @@ def main(argv: list[str] | None = None) -> int:
             "model": args.model,
             "source": loaded.description,
             "samples": len(samples),
-            "skipped": loaded.problems.lines(),
+            "input_problems": loaded.problems.lines(),
             "command": command,
             "machine": report.machine(),
             "date": started,
@@ -258,7 +259,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     args.out.mkdir(parents=True, exist_ok=True)
     if not interrupted:
-        _overlays(args.out, backend, samples, Setting(**rec["setting"]) if rec else robust, base, args.max_new_tokens)
+        _overlays(args.out, backend, samples, robust, base, args.max_new_tokens)
         if args.live:
             from atp_ros.evaluation import live
 
@@ -306,7 +307,8 @@ def _robustness(rows: list[dict], robust: Setting) -> list[dict]:
 
 
 def _overlays(out: Path, backend, samples, setting: Setting, base: AtpConfig, max_new_tokens: int) -> None:
-    """The keep masks of ``setting`` on six samples, as a Figure-3 style grid (overlays.png)."""
+    """The keep masks of ``setting`` (the ATP setting of the robustness runs) on six samples, as a
+    Figure-3 style grid (overlays.png)."""
     from atp_ros import overlay
     from atp_ros.evaluation import report
 
@@ -316,7 +318,7 @@ def _overlays(out: Path, backend, samples, setting: Setting, base: AtpConfig, ma
         res = backend.answer([s.image], [s.question], setting.atp_config(base), max_new_tokens)
         img = overlay.overlay(s.image, res.keep_mask(0), res.views[0])
         shots.append((img, s.question, res.answers[0], s.answers[0] if s.answers else ""))
-    report.overlay_grid(out, shots)
+    report.overlay_grid(out, shots, f"kept patches in color, pruned grayed: {setting.name}")
 
 
 if __name__ == "__main__":

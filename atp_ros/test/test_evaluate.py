@@ -271,6 +271,38 @@ def test_offline_sweep_report_and_resume(warehouse_bag: Path, tmp_path: Path, ca
     ]  # the recomputed setting answers exactly as before
 
 
+def test_ctrl_c_writes_what_finished_and_the_same_command_resumes(warehouse_bag: Path, tmp_path: Path) -> None:
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "interrupted"
+    cmd = [sys.executable, "-m", "atp_ros.evaluate", "--bag", str(warehouse_bag), "--out", str(out)]
+    cmd += ["--keep-ratios", "0.6,0.4,0.25,0.11", "--alphas", "0,0.5,1", "--bootstrap", "100"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while len(list((out / "cache").glob("*.json"))) < 2 and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGINT)
+        stdout, stderr = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 130, stdout + stderr
+    assert "interrupted" in stdout and "Traceback" not in stderr
+    partial = json.loads((out / "results.json").read_text())
+    assert partial["complete"] is False and len(partial["settings"]) >= 2
+    assert "incomplete" in (out / "report.md").read_text()
+    finished = len(list((out / "cache").glob("*.json")))
+    rerun = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stdout + rerun.stderr
+    assert f"({finished} cached)" in rerun.stdout
+    assert json.loads((out / "results.json").read_text())["complete"] is True
+
+
 def test_dataset_mode_uses_vqa_soft_accuracy(tmp_path: Path, capsys) -> None:
     vqa = tmp_path / "vqa"
     (vqa / "images").mkdir(parents=True)

@@ -12,7 +12,7 @@ import numpy as np
 from atp_ros.evaluation.sweep import REFERENCE, quality
 
 CSV_COLUMNS = (
-    "setting", "selector", "keep_ratio", "alpha", "normalization", "perturbation", "n",
+    "setting", "selector", "keep_ratio", "mass", "alpha", "normalization", "perturbation", "n",
     "accuracy", "accuracy_lo", "accuracy_hi", "fidelity", "fidelity_lo", "fidelity_hi", "evidence_recall",
     "tokens_kept_mean", "tokens_kept_p10", "tokens_kept_p90", "tokens_total", "flops_prefill", "flops_pipeline",
     "latency_p50_ms", "latency_p90_ms", "latency_p99_ms", "rss_mb", "peak_rss_mb", "cuda_peak_mb",
@@ -55,6 +55,7 @@ def _row(r: dict) -> dict:
         "setting": r["name"],
         "selector": s["selector"],
         "keep_ratio": s["keep_ratio"],
+        "mass": s.get("mass", 0.0),
         "alpha": s["alpha"],
         "normalization": s["normalization"],
         "perturbation": s["perturbation"],
@@ -87,6 +88,12 @@ def _fmt(v, pct: bool = False) -> str:
     return f"{100 * v:.1f}" if pct else (f"{v:.3g}" if isinstance(v, float) else str(v))
 
 
+def _tokens(t: dict) -> str:
+    """Mean kept / N, with the p10-p90 range when the budget adapts per frame."""
+    spread = f" ({t['p10']:.0f}–{t['p90']:.0f})" if t["p10"] != t["p90"] else ""
+    return f"{t['mean']:.1f}/{t['total']}{spread}"
+
+
 def _ci(stat: dict) -> str:
     if stat["mean"] is None:
         return "–"
@@ -112,8 +119,8 @@ def _markdown(results: dict, plots: list[str]) -> str:
     lines = [f"# ATP replay evaluation: {meta['model']}", ""]
     lines += [f"- source: {meta['source']} ({meta['samples']} samples)"]
     lines += [f"- command: `{meta['command']}`", f"- machine: {json.dumps(meta['machine'])}", f"- date: {meta['date']}"]
-    if meta.get("skipped"):
-        lines += ["- skipped inputs: " + "; ".join(meta["skipped"])]
+    if meta.get("input_problems"):
+        lines += ["- input problems (skipped, or no ground truth): " + "; ".join(meta["input_problems"])]
     if not results.get("complete", True):
         lines += ["- **incomplete**: interrupted; the table holds the settings that finished"]
     rec = results.get("recommended")
@@ -124,12 +131,17 @@ def _markdown(results: dict, plots: list[str]) -> str:
         lines += [
             f"**{rec['name']}**: {metric} {_ci(m[metric])} (reference {_fmt(results.get('reference_quality'), True)}),"
             f" {m['tokens_kept']['mean']:.1f}/{m['tokens_kept']['total']} visual tokens,"
-            f" p50 {m['latency_ms']['total']['p50']:.1f} ms per frame — the fastest setting within"
-            f" {100 * meta['tolerance']:.1f} points of the unpruned model.",
+            f" p50 {m['latency_ms']['total']['p50']:.1f} ms per frame — the setting with the fewest visual tokens"
+            f" within {100 * meta['tolerance']:.1f} points of the unpruned model (ties: lower latency).",
         ]
     else:
         lines += [f"No pruned setting came within {100 * meta['tolerance']:.1f} points of the unpruned {metric}."]
     lines += ["", "## Settings", ""]
+    lines += [
+        "Latency is measured setting after setting on this machine; for speed-ups measured side by side",
+        "(interleaved rounds) use `make bench`. Fidelity: agreement with the unpruned answer to the same input.",
+        "",
+    ]
     head = "| setting | accuracy % [95% CI] | fidelity % [95% CI] | evidence recall % | tokens kept | "
     head += "prefill GFLOPs | p50 / p90 / p99 ms |"
     lines += [head, "|" + " --- |" * 7]
@@ -140,7 +152,7 @@ def _markdown(results: dict, plots: list[str]) -> str:
         lat = m["latency_ms"]["total"]
         lines.append(
             f"| {r['name']} | {_ci(m['accuracy'])} | {_ci(m['fidelity'])} | {_fmt(m['evidence_recall'], True)} | "
-            f"{m['tokens_kept']['mean']:.1f}/{m['tokens_kept']['total']} | {m['flops_prefill'] / 1e9:.3f} | "
+            f"{_tokens(m['tokens_kept'])} | {m['flops_prefill'] / 1e9:.3f} | "
             f"{lat['p50']:.1f} / {lat['p90']:.1f} / {lat['p99']:.1f} |"
         )
     if results.get("robustness"):
@@ -182,13 +194,19 @@ def _plots(out: Path, results: dict) -> list[str]:
                 continue
             label = f"ATP a={s['alpha']:g}" if s["selector"] == "atp" else s["selector"]
             label += f" {s['normalization']}" if s["normalization"] != "minmax" else ""
-            lines.setdefault(label, []).append((s["keep_ratio"], r["summary"][name]["mean"]))
+            x = s["keep_ratio"]
+            if s.get("mass"):  # adaptive: at the keep ratio it reached on average
+                label += " adaptive"
+                x = r["summary"]["tokens_kept"]["mean"] / r["summary"]["tokens_kept"]["total"]
+            lines.setdefault(label, []).append((x, r["summary"][name]["mean"]))
+        ax.set_prop_cycle(color=plt.cm.tab20.colors)  # up to 20 distinct lines (ATP alphas + baselines)
         for label, pts in sorted(lines.items()):
             pts.sort()
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label)
+            style = {"marker": "o", "ls": "-"} if label.startswith("ATP") else {"marker": "s", "ls": "--"}
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], label=label, **style)
         if ref and ref["summary"][name]["mean"] is not None:
             ax.axhline(ref["summary"][name]["mean"], color="k", ls="--", lw=1, label="unpruned")
-        ax.set_xlabel("keep ratio")
+        ax.set_xlabel("keep ratio (adaptive: mean kept share)")
         ax.set_ylabel(name)
         ax.set_title(f"{name} vs keep ratio")
         ax.grid(alpha=0.3)
@@ -258,7 +276,7 @@ def _plots(out: Path, results: dict) -> list[str]:
     return written
 
 
-def overlay_grid(out: Path, shots: list[tuple[np.ndarray, str, str, str]]) -> None:
+def overlay_grid(out: Path, shots: list[tuple[np.ndarray, str, str, str]], title: str = "") -> None:
     """A grid of keep-mask overlays (the paper's Figure 3): ``(overlay rgb, question, answer, truth)``."""
     import matplotlib
 
@@ -275,6 +293,8 @@ def overlay_grid(out: Path, shots: list[tuple[np.ndarray, str, str, str]]) -> No
     for ax, (img, question, answer, truth) in zip(axes.flat, shots, strict=False):
         ax.imshow(img)
         ax.set_title(f"{question}\n-> {answer!r}" + (f" (truth {truth!r})" if truth else ""), fontsize=7)
+    if title:
+        fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     fig.savefig(out / "overlays.png", dpi=110)
     plt.close(fig)

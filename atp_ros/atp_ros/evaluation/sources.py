@@ -47,7 +47,8 @@ class Sample:
 
 @dataclass
 class Problems:
-    """Unusable inputs, counted per cause, with the first message of each cause."""
+    """Input problems counted per cause, with the first message of each: skipped frames or records,
+    and frames kept without ground truth (``no_truth``: scored for fidelity only)."""
 
     counts: Counter = field(default_factory=Counter)
     first: dict[str, str] = field(default_factory=dict)
@@ -57,7 +58,7 @@ class Problems:
         self.first.setdefault(cause, message)
 
     def lines(self) -> list[str]:
-        return [f"{cause}: {n} skipped (first: {self.first[cause]})" for cause, n in sorted(self.counts.items())]
+        return [f"{cause}: {n} (first: {self.first[cause]})" for cause, n in sorted(self.counts.items())]
 
 
 @dataclass

@@ -43,13 +43,15 @@ class Setting:
     alpha: float = 0.0
     normalization: str = "minmax"
     perturbation: str = ""
+    mass: float = 0.0  # > 0: ATP's adaptive budget (tau) instead of keep_ratio
 
     @property
     def name(self) -> str:
         if self.selector == REFERENCE:
             base = REFERENCE
         elif self.selector == "atp":
-            base = f"atp a={self.alpha:g} k={self.keep_ratio:g}" + (
+            budget = f"tau={self.mass:g}" if self.mass > 0 else f"k={self.keep_ratio:g}"
+            base = f"atp a={self.alpha:g} {budget}" + (
                 f" {self.normalization}" if self.normalization != "minmax" else ""
             )
         else:
@@ -66,7 +68,7 @@ class Setting:
             selector=self.selector,
             keep_ratio=self.keep_ratio,
             keep_tokens=0,
-            mass=0.0,
+            mass=self.mass,
             alpha=self.alpha,
             normalization=self.normalization,
         )
@@ -80,19 +82,27 @@ class Setting:
             "atp.selector": self.selector,
             "atp.keep_ratio": self.keep_ratio,
             "atp.keep_tokens": 0,
-            "atp.mass": 0.0,
+            "atp.mass": self.mass,
             "atp.alpha": self.alpha,
             "atp.normalization": self.normalization,
         }
 
 
-def grid(keep_ratios: Sequence[float], alphas: Sequence[float], selectors: Sequence[str], norms: Sequence[str]):
-    """The reference first, then ATP over keep x alpha x normalization, then each baseline over keep."""
+def grid(
+    keep_ratios: Sequence[float],
+    alphas: Sequence[float],
+    selectors: Sequence[str],
+    norms: Sequence[str],
+    masses: Sequence[float] = (),
+) -> list[Setting]:
+    """The reference first, then ATP over keep x alpha x normalization, each baseline over keep, and
+    ATP's adaptive budget over tau x alpha."""
     out = [Setting(REFERENCE)]
     for keep in keep_ratios:
         if "atp" in selectors:
             out += [Setting("atp", keep, a, n) for a in alphas for n in norms]
         out += [Setting(s, keep, {"text_only": 1.0}.get(s, 0.0)) for s in selectors if s != "atp"]
+    out += [Setting("atp", 1.0, a, n, mass=tau) for tau in masses for a in alphas for n in norms]
     return out
 
 
@@ -256,8 +266,9 @@ def quality(summary: dict) -> tuple[str, float | None]:
 
 
 def recommend(rows: list[dict], tolerance: float) -> dict | None:
-    """The fastest pruned clean setting whose quality is within ``tolerance`` of the reference (p50 total
-    latency, then fewer tokens); None when no pruned setting is that close."""
+    """The cheapest pruned clean setting whose quality is within ``tolerance`` of the reference: fewest
+    visual tokens kept (what sets the LLM's cost and KV cache), then the lower p50 latency (measured
+    setting after setting, so noisier than the token count); None when no pruned setting is that close."""
     clean = [r for r in rows if not r["setting"]["perturbation"]]
     ref = next((r for r in clean if r["setting"]["selector"] == REFERENCE), None)
     if ref is None:
@@ -272,7 +283,7 @@ def recommend(rows: list[dict], tolerance: float) -> dict | None:
             ok.append(r)
     if not ok:
         return None
-    return min(ok, key=lambda r: (r["summary"]["latency_ms"]["total"]["p50"], r["summary"]["tokens_kept"]["mean"]))
+    return min(ok, key=lambda r: (r["summary"]["tokens_kept"]["mean"], r["summary"]["latency_ms"]["total"]["p50"]))
 
 
 def pareto(rows: list[dict]) -> list[dict]:
