@@ -280,7 +280,10 @@ def test_ctrl_c_writes_what_finished_and_the_same_command_resumes(warehouse_bag:
     out = tmp_path / "interrupted"
     cmd = [sys.executable, "-m", "atp_ros.evaluate", "--bag", str(warehouse_bag), "--out", str(out)]
     cmd += ["--keep-ratios", "0.6,0.4,0.25,0.11", "--alphas", "0,0.5,1", "--bootstrap", "100"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # A background job of a non-interactive shell starts with SIGINT ignored, and children inherit that:
+    # restore the default so Python turns Ctrl-C into KeyboardInterrupt, as in a terminal.
+    restore = lambda: signal.signal(signal.SIGINT, signal.SIG_DFL)  # noqa: E731
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=restore)
     try:
         deadline = time.monotonic() + 120
         while len(list((out / "cache").glob("*.json"))) < 2 and time.monotonic() < deadline and proc.poll() is None:
