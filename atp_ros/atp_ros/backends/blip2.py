@@ -68,8 +68,6 @@ class Blip2Backend(VlmBackend):
             model, processor, model_id, model.device, model.vision_model.dtype, model.config.vision_config,
             layers[index], index, text_tower, has_cls=True, prefix=1, load_notes=notes,
         )  # fmt: skip
-        self._qformer_keep_all_flops = self.qformer_flops(self.num_visual_tokens + 1)
-        self._lm_dims = lm_dims(model.config.text_config)
 
     # ------------------------------------------------------------------ the seam
 
@@ -133,29 +131,38 @@ class Blip2Backend(VlmBackend):
 
     # ------------------------------------------------------------------ cost model
 
-    def qformer_flops(self, num_keys: int) -> float:
-        """Q-Former + language projection FLOPs for one image whose cross-attention sees ``num_keys`` keys."""
-        cfg = self.model.config
-        q = cfg.qformer_config
-        nq, h, dv = cfg.num_query_tokens, q.hidden_size, cfg.vision_config.hidden_size
-        total = 0.0
-        for layer in range(q.num_hidden_layers):
-            total += attention_flops(nq, nq, h, h, h, h) + 4 * nq * h * q.intermediate_size
-            if layer % q.cross_attention_frequency == 0:
-                total += attention_flops(nq, num_keys, h, dv, h, h)
-        return total + 2 * nq * h * self.model.config.text_config.hidden_size
-
     def flops(self, kept: list[int], prompt: LmPrompt) -> dict[str, float]:
-        """Analytic per-image FLOPs (batch mean) of the Q-Former (``projector``) and the LLM prefill.
-
-        ``projector_keep_all`` is the Q-Former cost without pruning, for comparison: the
-        Q-Former cross-attention is the only stage pruning shrinks; ``llm_prefill`` is the
-        same with and without ATP because the LLM always gets ``num_query_tokens`` tokens.
-        """
-        nq = self.model.config.num_query_tokens
-        projector = float(np.mean([self.qformer_flops(k) for k in prompt.consumer_tokens]))
-        prefill = float(np.mean([decoder_prefill_flops(t + nq, **self._lm_dims) for t in prompt.text_tokens]))
-        return {"projector": projector, "projector_keep_all": self._qformer_keep_all_flops, "llm_prefill": prefill}
+        return blip2_costs(self.model.config, prompt.text_tokens, prompt.consumer_tokens)
 
 
-__all__ = ["Blip2Backend"]
+def qformer_flops(config, num_keys: int) -> float:
+    """Q-Former + language projection FLOPs for one image whose cross-attention sees ``num_keys`` keys."""
+    q = config.qformer_config
+    nq, h, dv = config.num_query_tokens, q.hidden_size, config.vision_config.hidden_size
+    total = 0.0
+    for layer in range(q.num_hidden_layers):
+        total += attention_flops(nq, nq, h, h, h, h) + 4 * nq * h * q.intermediate_size
+        if layer % q.cross_attention_frequency == 0:
+            total += attention_flops(nq, num_keys, h, dv, h, h)
+    return total + 2 * nq * h * config.text_config.hidden_size
+
+
+def blip2_costs(config, text_tokens: list[int], qformer_keys: list[int]) -> dict[str, float]:
+    """Per-image FLOPs of BLIP-2's Q-Former (``projector``) and LLM prefill (batch mean) from its config.
+
+    The Q-Former's cross-attention is the only stage pruning shrinks (``projector_keep_all``: without
+    pruning); ``llm_prefill`` is the same with and without ATP because the LLM always gets
+    ``num_query_tokens`` tokens. No weights needed.
+    """
+    nq = config.num_query_tokens
+    side = int(config.vision_config.image_size) // int(config.vision_config.patch_size)
+    dims = lm_dims(config.text_config)
+    return {
+        "projector": float(np.mean([qformer_flops(config, k) for k in qformer_keys])),
+        "projector_keep_all": qformer_flops(config, side * side + 1),
+        "llm_prefill": float(np.mean([decoder_prefill_flops(t + nq, **dims) for t in text_tokens])),
+        "llm_tokens": float(np.mean([t + nq for t in text_tokens])),
+    }
+
+
+__all__ = ["Blip2Backend", "blip2_costs", "qformer_flops"]

@@ -91,3 +91,21 @@ def scoring_flops(
         projections = 2.0 * (tokens + rows) * hidden * hidden  # k of every token, q of the scored rows
         intra = projections + 4.0 * rows * tokens * hidden
     return intra + joint_flops + 2.0 * num_patches * embed_dim
+
+
+def tower_flops(vision_config, has_cls: bool) -> float:
+    """Forward FLOPs of a VLM's whole vision tower for one image (all layers run, whatever K is)."""
+    v = vision_config
+    side = int(v.image_size) // int(v.patch_size)
+    hidden = int(getattr(v, "hidden_size", None) or v.embed_dim)
+    return vit_flops(
+        side * side, has_cls, hidden, v.intermediate_size, v.num_hidden_layers, v.num_attention_heads, v.patch_size
+    )
+
+
+def kv_cache_bytes(text_config, seq_len: int, bytes_per_value: int = 2) -> float:
+    """Bytes of the LLM's self-attention KV cache after a prefill of ``seq_len`` tokens (fp16: 2 bytes)."""
+    dims = lm_dims(text_config)
+    kv_heads = dims["num_kv_heads"] or dims["num_heads"]
+    head_dim = int(getattr(text_config, "head_dim", None) or dims["hidden"] // dims["num_heads"])
+    return float(2 * dims["num_layers"] * seq_len * kv_heads * head_dim * bytes_per_value)

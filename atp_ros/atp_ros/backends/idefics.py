@@ -105,7 +105,6 @@ class IdeficsBackend(VlmBackend):
         # Instruct checkpoints were tuned on a chat layout (the published names end in -instruct).
         self.instruct = checkpoint_name(model_id).lower().endswith("-instruct")
         self._image_token_id = self.tokenizer.convert_tokens_to_ids("<image>")
-        self._resampler_keep_all_flops = self.resampler_flops(self.num_visual_tokens + 1)
 
     # ------------------------------------------------------------------ the seam
 
@@ -164,44 +163,47 @@ class IdeficsBackend(VlmBackend):
 
     # ------------------------------------------------------------------ cost model
 
-    def resampler_flops(self, context: int) -> float:
-        """Perceiver resampler FLOPs for one image of ``context`` visual tokens (0 without a resampler)."""
-        cfg = self.model.config
-        if not cfg.use_resampler:
-            return 0.0
-        p = cfg.perceiver_config
-        d, m = cfg.vision_config.embed_dim, p.resampler_n_latents
-        inner = p.resampler_n_heads * p.resampler_head_dim
-        block = attention_flops(m, context + m, d, d, inner, d) + 2 * 2 * m * d * 4 * d  # attention + MLP (4x)
-        return p.resampler_depth * block
-
-    def llm_prefill_flops(self, seq_len: int, image_keys: int) -> float:
-        """LLaMA decoder prefill plus the gated cross-attention blocks over ``image_keys`` keys."""
-        cfg = self.model.config
-        d, f = cfg.hidden_size, cfg.intermediate_size
-        decoder = decoder_prefill_flops(seq_len, cfg.num_hidden_layers, d, f, cfg.num_attention_heads)
-        n_cross = cfg.num_hidden_layers // cfg.cross_layer_interval
-        cross = attention_flops(seq_len, image_keys, d, cfg.vision_config.embed_dim, d, d) + 2 * 3 * seq_len * d * f
-        return decoder + n_cross * cross
-
     def flops(self, kept: list[int], prompt: LmPrompt) -> dict[str, float]:
-        """Analytic per-image FLOPs (batch mean) of the resampler (``projector``) and the LLM prefill.
-
-        ``projector_keep_all`` is the resampler cost without pruning. With a resampler the
-        LLM's cross-attention reads ``n_latents`` keys whatever K is, so ``llm_prefill`` does
-        not change with ATP.
-        """
-        cfg = self.model.config
-        projector = float(np.mean([self.resampler_flops(c) for c in prompt.consumer_tokens]))
         seq_lens = [int(n) for n in prompt.generate_kwargs["attention_mask"].sum(dim=1).tolist()]
-
-        def keys(context: int) -> int:
-            return cfg.perceiver_config.resampler_n_latents if cfg.use_resampler else context
-
-        prefill = float(
-            np.mean([self.llm_prefill_flops(t, keys(c)) for t, c in zip(seq_lens, prompt.consumer_tokens, strict=True)])
-        )
-        return {"projector": projector, "projector_keep_all": self._resampler_keep_all_flops, "llm_prefill": prefill}
+        return idefics_costs(self.model.config, seq_lens, prompt.consumer_tokens)
 
 
-__all__ = ["IdeficsBackend", "resample"]
+def resampler_flops(config, context: int) -> float:
+    """Perceiver resampler FLOPs for one image of ``context`` visual tokens (0 without a resampler)."""
+    if not config.use_resampler:
+        return 0.0
+    p = config.perceiver_config
+    d, m = config.vision_config.embed_dim, p.resampler_n_latents
+    inner = p.resampler_n_heads * p.resampler_head_dim
+    block = attention_flops(m, context + m, d, d, inner, d) + 2 * 2 * m * d * 4 * d  # attention + MLP (4x)
+    return p.resampler_depth * block
+
+
+def idefics_llm_prefill_flops(config, seq_len: int, image_keys: int) -> float:
+    """LLaMA decoder prefill plus the gated cross-attention blocks over ``image_keys`` keys."""
+    d, f = config.hidden_size, config.intermediate_size
+    decoder = decoder_prefill_flops(seq_len, config.num_hidden_layers, d, f, config.num_attention_heads)
+    n_cross = config.num_hidden_layers // config.cross_layer_interval
+    cross = attention_flops(seq_len, image_keys, d, config.vision_config.embed_dim, d, d) + 2 * 3 * seq_len * d * f
+    return decoder + n_cross * cross
+
+
+def idefics_costs(config, seq_lens: list[int], contexts: list[int]) -> dict[str, float]:
+    """Per-image FLOPs of IDEFICS' perceiver resampler (``projector``) and LLM prefill (batch mean) from
+    its config. With a resampler the LLM's cross-attention reads ``n_latents`` keys whatever K is, so
+    ``llm_prefill`` does not change with ATP; ``projector_keep_all`` is the resampler without pruning."""
+    side = int(config.vision_config.image_size) // int(config.vision_config.patch_size)
+
+    def keys(context: int) -> int:
+        return config.perceiver_config.resampler_n_latents if config.use_resampler else context
+
+    pairs = list(zip(seq_lens, contexts, strict=True))
+    return {
+        "projector": float(np.mean([resampler_flops(config, c) for c in contexts])),
+        "projector_keep_all": resampler_flops(config, side * side + 1),
+        "llm_prefill": float(np.mean([idefics_llm_prefill_flops(config, t, keys(c)) for t, c in pairs])),
+        "llm_tokens": float(np.mean(seq_lens)),
+    }
+
+
+__all__ = ["IdeficsBackend", "idefics_costs", "resample", "resampler_flops"]

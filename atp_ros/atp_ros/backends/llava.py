@@ -45,7 +45,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 from PIL import Image
-from torch import Tensor, nn
+from torch import Tensor
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from atp_ros.atp import AtpConfig, Selection
@@ -234,18 +234,33 @@ class LlavaBackend(VlmBackend):
     # ------------------------------------------------------------------ accounting
 
     def flops(self, kept: list[int], prompt: LmPrompt) -> dict[str, float]:
-        """Per-image FLOPs of the projector and the LLM prefill, averaged over the batch (rows differ only
-        with per-sample budgets); ``llm_prefill_unpruned`` is the prefill with all N tokens, for comparison."""
-        dims = lm_dims(self.model.config.text_config)
-        lin1: nn.Linear = self.projector.linear_1
-        lin2: nn.Linear = self.projector.linear_2
-        per_token = 2.0 * (lin1.in_features * lin1.out_features + lin2.in_features * lin2.out_features)
-        b = len(kept)
-        tokens = prompt.consumer_tokens
-        llm = sum(decoder_prefill_flops(t + k, **dims) for t, k in zip(prompt.text_tokens, tokens, strict=True)) / b
-        full = sum(decoder_prefill_flops(t + self.num_feature_tokens, **dims) for t in prompt.text_tokens) / b
-        projector = per_token * sum(tokens) / b
-        return {"projector": projector, "llm_prefill": llm, "llm_prefill_unpruned": full}
+        return llava_costs(self.model.config, prompt.text_tokens, prompt.consumer_tokens)
 
 
-__all__ = ["TOWER_KINDS", "LlavaBackend"]
+def llava_costs(config, text_tokens: list[int], image_tokens: list[int]) -> dict[str, float]:
+    """Per-image FLOPs of LLaVA's projector and LLM prefill (batch mean) from its config alone.
+
+    ``image_tokens[b]``: visual tokens the LLM gets (K, plus CLS with the ``full`` strategy).
+    ``llm_prefill_unpruned`` is the prefill with every visual token; ``llm_tokens`` the mean
+    sequence length the LLM attends over (what its KV cache holds). No weights needed.
+    """
+    v, t = config.vision_config, config.text_config
+    layers = config.vision_feature_layer
+    n_layers = 1 if isinstance(layers, int) else len(layers)
+    side = int(v.image_size) // int(v.patch_size)
+    cls_fed = int(v.model_type == "clip_vision_model" and config.vision_feature_select_strategy != "default")
+    all_tokens = side * side + cls_fed
+    dims = lm_dims(t)
+    d_feat, d_text = int(v.hidden_size) * n_layers, int(t.hidden_size)
+    per_token = 2.0 * (d_feat * d_text + d_text * d_text)  # linear_1, linear_2
+    b = len(image_tokens)
+    pairs = list(zip(text_tokens, image_tokens, strict=True))
+    return {
+        "projector": per_token * sum(image_tokens) / b,
+        "llm_prefill": sum(decoder_prefill_flops(tt + k, **dims) for tt, k in pairs) / b,
+        "llm_prefill_unpruned": sum(decoder_prefill_flops(tt + all_tokens, **dims) for tt in text_tokens) / b,
+        "llm_tokens": sum(tt + k for tt, k in pairs) / b,
+    }
+
+
+__all__ = ["TOWER_KINDS", "LlavaBackend", "llava_costs"]

@@ -54,7 +54,7 @@ from atp_ros.atp import (
     received_attention,
 )
 from atp_ros.backends.errors import ModelLoadError
-from atp_ros.backends.flops import scoring_flops, vit_flops
+from atp_ros.backends.flops import scoring_flops, tower_flops
 from atp_ros.backends.loading import TextTower, load_checkpoint, load_text_tower
 from atp_ros.backends.results import PixelBox, ScoringInfo, VlmResult
 from atp_ros.backends.timing import Stopwatch, generate_timed
@@ -210,12 +210,7 @@ class VlmBackend(abc.ABC):
         self.text_tower_id = text_tower.source
         self.no_text_reason = text_tower.reason
         self.text_cache = TextEmbeddingCache(self.joint.encode_text, text_cache_size) if self.joint else None
-        v = vision_config  # the tower runs all its layers on every frame whatever K is
-        hidden = int(getattr(v, "hidden_size", None) or v.embed_dim)
-        self.vision_flops = vit_flops(
-            self.num_visual_tokens, has_cls, hidden, v.intermediate_size, v.num_hidden_layers,
-            v.num_attention_heads, v.patch_size,
-        )  # fmt: skip
+        self.vision_flops = tower_flops(vision_config, has_cls)  # all layers run on every frame whatever K is
         self.load_notes = list(load_notes)  # said once at load: the node logs them and lists them in /diagnostics
         if self.joint is None:
             self.load_notes.insert(0, f"no text tower for {model_id}: running CLS-only, alpha=0 ({text_tower.reason})")

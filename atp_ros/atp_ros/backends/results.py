@@ -14,8 +14,9 @@ import torch
 
 from atp_ros.atp import Selection
 
-# The stages of one call, in the order the data moves through them (the only definition).
-STAGES: tuple[str, ...] = ("preprocess", "vision", "scoring", "projector", "prefill", "decode")
+# The stages of one call, in the order the data moves through them (the only definition). "setup" is
+# generate()'s own work before the prefill forward (input checks, expansion), so "prefill" is the forward.
+STAGES: tuple[str, ...] = ("preprocess", "vision", "scoring", "projector", "setup", "prefill", "decode")
 
 
 @dataclass(frozen=True)
@@ -26,6 +27,7 @@ class StageTimings:
     vision: float = 0.0
     scoring: float = 0.0
     projector: float = 0.0
+    setup: float = 0.0
     prefill: float = 0.0
     decode: float = 0.0
 

@@ -45,30 +45,42 @@ class Stopwatch:
 
 
 def generate_timed(generate: Callable[..., torch.Tensor], watch: Stopwatch, **kwargs) -> torch.Tensor:
-    """Call an HF ``generate`` and book its time as ``prefill`` (up to the first logits) and ``decode``.
+    """Call an HF ``generate`` and book its time as ``setup``, ``prefill`` and ``decode``.
 
-    A pass-through logits processor marks the first step, so the tokens are exactly those
-    of the same ``generate`` call without it.
+    ``setup`` ends when generate hands the prompt to its streamer (inputs checked and expanded,
+    right before the prefill), ``prefill`` at the first logits (a pass-through logits processor),
+    ``decode`` at the end. Neither changes the tokens: they are exactly those of the same
+    ``generate`` call without them.
     """
     from transformers import LogitsProcessor, LogitsProcessorList
 
-    first: list[float] = []
+    marks: dict[str, float] = {}
 
     class _FirstLogits(LogitsProcessor):
         def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-            if not first:
+            if "prefill" not in marks:
                 watch.sync()
-                first.append(time.perf_counter())
+                marks["prefill"] = time.perf_counter()
             return scores
+
+    class _PromptMark:  # the streamer protocol: put(ids) / end()
+        def put(self, _ids: torch.Tensor) -> None:
+            if "setup" not in marks:
+                marks["setup"] = time.perf_counter()
+
+        def end(self) -> None:
+            pass
 
     processors = LogitsProcessorList(kwargs.pop("logits_processor", None) or [])
     processors.append(_FirstLogits())
     watch.sync()
     start = time.perf_counter()
-    out = generate(logits_processor=processors, **kwargs)
+    out = generate(logits_processor=processors, streamer=_PromptMark(), **kwargs)
     watch.sync()
     end = time.perf_counter()
-    split = first[0] if first else end
-    watch.add("prefill", (split - start) * 1e3)
-    watch.add("decode", (end - split) * 1e3)
+    prefill_end = marks.get("prefill", end)
+    setup_end = min(marks.get("setup", start), prefill_end)
+    watch.add("setup", (setup_end - start) * 1e3)
+    watch.add("prefill", (prefill_end - setup_end) * 1e3)
+    watch.add("decode", (end - prefill_end) * 1e3)
     return out
