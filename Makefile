@@ -12,7 +12,7 @@ PYTEST_ARGS ?=
 help:
 	@echo "make demo   - set up if needed, then run the node on a camera stream over DDS and print its answers"
 	@echo "make test   - set up if needed, then run every test against the colcon install space"
-	@echo "make bench  - micro- and end-to-end benchmarks (tables + PNG plots in out/bench/)"
+	@echo "make bench  - FLOPs/KV of real architectures, realistic-width latency, node throughput (bench/results/)"
 	@echo "make eval   - replay evaluation on a warehouse test bag: sweep, robustness, live replay (out/eval/report)"
 	@echo "make lint   - ruff check + format check"
 	@echo "make train-tiny - retrain warehouse-tiny from nothing (CPU, resumable; out/warehouse-tiny)"

@@ -12,8 +12,8 @@ What is timed (median of many repeats after a warm-up, ``torch.inference_mode``)
 
 N in {196, 576, 729, 2304} (ViT-B/16 224 px, ViT-L/14 336 px, SigLIP 384 px, 672 px
 tiles), B=1 and B=8 (a B=8 time is for the whole batch of 8 frames). The target is
-scoring + selection under 1 ms for one frame at N=576. Writes ``out/bench/atp_core.json``
-and ``out/bench/atp_core.png``. On a CPU shared with other work, ``--threads 1`` gives
+scoring + selection under 1 ms for one frame at N=576. Writes ``bench/results/atp_core.json``
+and ``bench/results/atp_core.png``. On a CPU shared with other work, ``--threads 1`` gives
 the steadiest numbers: these ops are too small to gain from intra-op threads.
 
     PYTHONPATH=atp_ros python bench/bench_atp.py [--quick] [--threads T] [--out DIR]
@@ -51,7 +51,7 @@ HEADS, HEAD_DIM = 16, 64  # ViT-L/14
 TARGET_N, TARGET_MS = 576, 1.0
 ROUNDS = 5  # sweeps over all cases; see run()
 STAGES = ("score+select", "adaptive", "cls_attention")
-DEFAULT_OUT = Path(__file__).resolve().parents[1] / "out" / "bench"
+DEFAULT_OUT = Path(__file__).resolve().parent / "results"
 
 
 def summarize(samples: list[float]) -> dict[str, float]:
@@ -183,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="few repeats (CI smoke, < 20 s)")
     ap.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (default: torch's own)")
-    ap.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output folder (default: <repo>/out/bench)")
+    ap.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output folder (default: bench/results)")
     # run_all.py passes its arguments to every benchmark; ignore the ones meant for others.
     args, ignored = ap.parse_known_args(argv)
     console = Console()

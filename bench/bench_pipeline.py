@@ -6,7 +6,7 @@ what matter, not the absolute milliseconds. For each keep ratio it reports per-s
 the speed-up of the LLM prefill and of the whole frame against keep-all, the prefill FLOPs
 ratio next to the linear ideal (K + text) / (N + text) (FLOPs fall faster: attention is
 quadratic), and the share of the ATP step (scoring + selection) in the frame.
-Writes ``out/bench/pipeline.json`` and ``out/bench/pipeline.png``.
+Writes ``bench/results/pipeline.json`` and ``bench/results/pipeline.png``.
 On a CUDA machine it runs the same on the GPU as a second device.
 
     PYTHONPATH=atp_ros python bench/bench_pipeline.py [--quick] [--model DIR]
@@ -73,7 +73,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="few repeats (CI smoke)")
     ap.add_argument("--model", default="", help="checkpoint dir (default: random LLaVA, 576 visual tokens)")
-    ap.add_argument("--out", default="out/bench")
+    ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -3,7 +3,7 @@
 The speed target of the embedded model: at the default keep ratio (0.25) the node's model
 step answers a 640x480 frame in at most 100 ms p50 on 2 CPU cores. Keep ratios run
 round-robin per frame so machine noise hits all alike; batch 1, greedy, answers of up to
-4 tokens (a word and EOS). Writes ``out/bench/warehouse.json`` and ``out/bench/warehouse.png``.
+4 tokens (a word and EOS). Writes ``bench/results/warehouse.json`` and ``bench/results/warehouse.png``.
 
     PYTHONPATH=atp_ros python bench/bench_warehouse.py [--quick] [--model warehouse-tiny]
 """
@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +21,9 @@ from atp_ros.scenes import questions_for_scene, render_scene, split_seed
 from rich.console import Console
 from rich.table import Table
 from tqdm import tqdm
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import stamp
 
 KEEPS = (1.0, 0.4, 0.25, 0.11)
 
@@ -30,7 +34,7 @@ def main() -> int:
     ap.add_argument("--frames", type=int, default=40)
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--device", default="auto")
-    ap.add_argument("--out", type=Path, default=Path("out/bench"))
+    ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
     args = ap.parse_args()
     frames_n = 8 if args.quick else args.frames
     be = load_backend(args.model, device=args.device)
@@ -76,7 +80,9 @@ def main() -> int:
         )
     Console().print(table)
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "warehouse.json").write_text(json.dumps({"device": str(be.device), "rows": rows}, indent=1) + "\n")
+    (args.out / "warehouse.json").write_text(
+        json.dumps({"meta": stamp(), "device": str(be.device), "rows": rows}, indent=1) + "\n"
+    )
     import matplotlib
 
     matplotlib.use("Agg")

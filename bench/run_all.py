@@ -1,25 +1,40 @@
-"""`make bench`: every benchmark in one go; tables on stdout, JSON + PNG in out/bench/.
+"""`make bench`: every benchmark in one go; tables on stdout, JSON + PNG + README.md in bench/results/.
 
 python bench/run_all.py [--quick]
+
+Full run (about 13 minutes on 2 CPU cores): analytic FLOPs/KV of five real architectures, measured
+latency at realistic widths (plus peak memory per keep ratio), node throughput over DDS, the ATP
+core, warehouse-tiny at 640x480. ``--quick``: a smoke run of each (small shapes, few rounds; the
+tiny-width pipeline table lives only here), its files suffixed ``_quick``.
 """
 
 from __future__ import annotations
 
 import subprocess
 import sys
+import time
 from pathlib import Path
 
-BENCHES = ("bench_atp.py", "bench_pipeline.py", "bench_warehouse.py")
+FULL = ("bench_flops.py", "bench_realistic.py", "bench_node.py", "bench_atp.py", "bench_warehouse.py")
+QUICK = ("bench_flops.py", "bench_realistic.py", "bench_atp.py", "bench_pipeline.py", "bench_warehouse.py")
 
 
 def main() -> int:
-    extra = sys.argv[1:]
+    quick = "--quick" in sys.argv[1:]
     here = Path(__file__).parent
     failed = []
-    for name in BENCHES:
-        print(f"\n=== {name} {' '.join(extra)}", flush=True)
-        if subprocess.call([sys.executable, str(here / name), *extra]) != 0:
+    started = time.monotonic()
+    for name in QUICK if quick else FULL:
+        args = ["--quick"] if quick and name != "bench_flops.py" else []
+        if quick and name in ("bench_atp.py", "bench_pipeline.py", "bench_warehouse.py"):
+            args += ["--out", str(here / "results" / "quick")]  # smoke numbers never replace the full ones
+        print(f"\n=== {name} {' '.join(args)}", flush=True)
+        t0 = time.monotonic()
+        if subprocess.call([sys.executable, str(here / name), *args]) != 0:
             failed.append(name)
+        print(f"=== {name}: {time.monotonic() - t0:.0f} s", flush=True)
+    subprocess.call([sys.executable, str(here / "summary.py")])
+    print(f"\nmake bench: {time.monotonic() - started:.0f} s in all")
     if failed:
         print(f"failed: {', '.join(failed)}", file=sys.stderr)
         return 1

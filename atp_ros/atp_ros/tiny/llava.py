@@ -99,6 +99,8 @@ def save_tiny_llava(
     seed: int = 0,
     vision_feature_layer: int | None = None,
     vision_feature_select_strategy: Literal["default", "full", ""] = "",
+    vision_overrides: dict | None = None,
+    text_overrides: dict | None = None,
 ) -> Path:
     """Build and save a tiny random LLaVA (+ its matching text tower); returns the directory.
 
@@ -107,6 +109,8 @@ def save_tiny_llava(
     ``with_text_tower=False`` leaves out ``atp_text_tower/`` (the CLS-only fallback path).
     ``vision_feature_layer`` / ``vision_feature_select_strategy`` override the tower's llava
     defaults (CLIP: -2, ``default``; SigLIP: -1, ``full``), e.g. a CLIP tower that feeds its CLS too.
+    ``vision_overrides`` / ``text_overrides`` replace entries of the tower / LLM configs (heads,
+    FFN width, KV heads, vocabulary...): the benchmarks build realistic-width random checkpoints so.
     """
     if tower not in ("clip", "siglip"):
         raise ValueError(f"tower must be 'clip' or 'siglip', got {tower!r}")
@@ -114,7 +118,7 @@ def save_tiny_llava(
     out, tok = start_checkpoint(path, image_size, patch_size, [IMAGE_TOKEN])
     vocab_size = len(tok)
     image_token_id = tok.convert_tokens_to_ids(IMAGE_TOKEN)
-    vis = _vision_kwargs(image_size, patch_size, vision_hidden, vision_layers, heads=4)
+    vis = _vision_kwargs(image_size, patch_size, vision_hidden, vision_layers, heads=4) | (vision_overrides or {})
     num_patches = (image_size // patch_size) ** 2
 
     if tower == "clip":
@@ -132,7 +136,7 @@ def save_tiny_llava(
 
     config = LlavaConfig(
         vision_config=vision_config,
-        text_config=_text_llm_config(text_model, vocab_size, text_hidden, text_layers, tok),
+        text_config=_text_llm_config(text_model, vocab_size, text_hidden, text_layers, tok) | (text_overrides or {}),
         image_token_index=image_token_id,
         image_seq_length=num_patches + extra_tokens - (1 if strategy == "default" else 0),
         vision_feature_layer=feature_layer,

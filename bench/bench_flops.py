@@ -1,0 +1,125 @@
+"""FLOPs and KV cache of the real architectures, without weights: what ATP saves on a 7B LLaVA.
+
+The configs of llava-1.5-7b/-13b, llava-interleave-qwen-0.5b, blip2-opt-2.7b and idefics-9b are
+written down in ``bench/archs/`` (nothing can be downloaded here). Per keep ratio the same analytic
+cost model the backends report (``llava_costs``/``blip2_costs``/``idefics_costs``, ``tower_flops``,
+``scoring_flops``; checked equal to torch's FlopCounterMode on tiny models in ``test_flops.py``)
+gives the LLM prefill FLOPs, the whole pipeline's FLOPs (ViT + ATP scoring + projector/Q-Former/
+resampler + prefill) and the fp16 KV cache per frame. A prompt of 40 text tokens is assumed.
+Writes ``bench/results/flops.json``.
+
+    PYTHONPATH=atp_ros python bench/bench_flops.py
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+
+from atp_ros.backends.blip2 import blip2_costs
+from atp_ros.backends.flops import kv_cache_bytes, scoring_flops, tower_flops
+from atp_ros.backends.idefics import idefics_costs
+from atp_ros.backends.llava import llava_costs
+from rich.console import Console
+from rich.table import Table
+from transformers import AutoConfig
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import RESULTS, stamp
+
+KEEP_RATIOS = (1.0, 0.6, 0.4, 0.25, 0.11)
+TEXT_TOKENS = 40
+JOINT_WIDTH = {"llava-1.5-7b": 768, "llava-1.5-13b": 768, "llava-interleave-qwen-0.5b": 1152}  # S_inter space
+JOINT_WIDTH |= {"blip2-opt-2.7b": 1024, "idefics-9b": 1024}  # EVA01-g-14, CLIP ViT-H/14
+
+
+def load(path: Path):
+    spec = json.loads(path.read_text())
+    spec.pop("_source", None)
+    return AutoConfig.for_model(spec.pop("model_type"), **spec)
+
+
+def rows_for(name: str, cfg) -> list[dict]:
+    v = cfg.vision_config
+    side = int(v.image_size) // int(v.patch_size)
+    n = side * side
+    hidden = int(getattr(v, "hidden_size", None) or v.embed_dim)
+    has_cls = getattr(v, "model_type", "") != "siglip_vision_model"
+    vision = tower_flops(v, has_cls)
+    e = JOINT_WIDTH[name]
+    rows = []
+    for ratio in KEEP_RATIOS:
+        k = min(n, max(1, math.ceil(ratio * n - 1e-9)))
+        signal = "cls" if has_cls else "probe"
+        scoring = 0.0 if ratio == 1.0 else scoring_flops(n, has_cls, hidden, signal, 2.0 * n * hidden * e, e)
+        if cfg.model_type == "llava":
+            cls_fed = int(has_cls and cfg.vision_feature_select_strategy != "default")
+            costs = llava_costs(cfg, [TEXT_TOKENS], [k + cls_fed])
+            text_cfg, consumer = cfg.text_config, k + cls_fed
+        elif cfg.model_type == "blip-2":
+            costs = blip2_costs(cfg, [TEXT_TOKENS], [k + 1])
+            text_cfg, consumer = cfg.text_config, k + 1
+        else:  # idefics: one <image> token in the text, the LLM cross-attends to 64 latents
+            costs = idefics_costs(cfg, [TEXT_TOKENS + 1], [k + 1])
+            text_cfg, consumer = cfg, k + 1
+        pipeline = vision + scoring + costs["projector"] + costs["llm_prefill"]
+        rows.append(
+            {
+                "model": name,
+                "keep_ratio": ratio,
+                "visual_tokens": k,
+                "consumer_tokens": consumer,
+                "llm_tokens": costs["llm_tokens"],
+                "vision_gflops": vision / 1e9,
+                "scoring_gflops": scoring / 1e9,
+                "projector_gflops": costs["projector"] / 1e9,
+                "llm_prefill_gflops": costs["llm_prefill"] / 1e9,
+                "pipeline_gflops": pipeline / 1e9,
+                "kv_cache_mib_fp16": kv_cache_bytes(text_cfg, round(costs["llm_tokens"])) / 2**20,
+            }
+        )
+    full = rows[0]
+    for r in rows:
+        r["llm_prefill_vs_full"] = r["llm_prefill_gflops"] / full["llm_prefill_gflops"]
+        r["pipeline_vs_full"] = r["pipeline_gflops"] / full["pipeline_gflops"]
+        r["kv_vs_full"] = r["kv_cache_mib_fp16"] / full["kv_cache_mib_fp16"]
+    return rows
+
+
+def paper_row() -> dict:
+    """ATP's Table 1 on LLaVA-7B: 256 -> ~150 visual tokens, about 0.6x the FLOPs (as the paper states it)."""
+    return {"model": "paper Table 1 (LLaVA-7B)", "visual_tokens": "256 -> ~150", "flops_vs_full": "~0.6x"}
+
+
+def main() -> int:
+    archs = Path(__file__).parent / "archs"
+    rows = []
+    for path in sorted(archs.glob("*.json")):
+        rows += rows_for(path.stem, load(path))
+    table = Table(title=f"Analytic FLOPs and KV cache per frame ({TEXT_TOKENS} text tokens)")
+    for col in ("model", "keep", "K", "LLM tokens", "prefill GFLOPs", "x full", "pipeline GFLOPs", "x full", "KV MiB"):
+        table.add_column(col, justify="right")
+    for r in rows:
+        table.add_row(
+            r["model"],
+            f"{r['keep_ratio']:.2f}",
+            str(r["visual_tokens"]),
+            f"{r['llm_tokens']:.0f}",
+            f"{r['llm_prefill_gflops']:.0f}",
+            f"{r['llm_prefill_vs_full']:.2f}",
+            f"{r['pipeline_gflops']:.0f}",
+            f"{r['pipeline_vs_full']:.2f}",
+            f"{r['kv_cache_mib_fp16']:.1f}",
+        )
+    Console(width=160).print(table)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    out = {"meta": stamp(), "text_tokens": TEXT_TOKENS, "rows": rows, "paper": paper_row()}
+    (RESULTS / "flops.json").write_text(json.dumps(out, indent=1))
+    print(f"wrote {RESULTS / 'flops.json'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
