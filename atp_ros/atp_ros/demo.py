@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -20,7 +19,6 @@ from pathlib import Path
 
 import numpy as np
 import rclpy
-from ament_index_python.packages import get_package_prefix
 from rclpy.executors import SingleThreadedExecutor
 from rclpy.qos import DurabilityPolicy, QoSProfile, ReliabilityPolicy, qos_profile_sensor_data
 from rich.console import Console
@@ -28,6 +26,7 @@ from sensor_msgs.msg import Image
 from std_msgs.msg import String
 
 from atp_ros import image_io
+from atp_ros.node_process import node_executable, stop_node
 from atp_ros.scenes import render_scene, split_seed, standing_question
 from atp_ros_msgs.msg import VlmAnswer
 
@@ -104,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     env.setdefault("ROS_DOMAIN_ID", "42")
     env.setdefault("ROS_AUTOMATIC_DISCOVERY_RANGE", "LOCALHOST")
     os.environ.update({k: env[k] for k in ("ROS_DOMAIN_ID", "ROS_AUTOMATIC_DISCOVERY_RANGE")})
-    exe = Path(get_package_prefix("atp_ros")) / "lib" / "atp_ros" / "vlm_node"
+    exe = node_executable()
     cmd = [
         str(exe),
         "--ros-args",
@@ -204,11 +203,7 @@ def main(argv: list[str] | None = None) -> int:
             console.print(f"overlays (kept patches in color, pruned grayed): {out}/overlay_*.png and {grid}")
         return 0
     finally:
-        node_proc.send_signal(signal.SIGINT)
-        try:
-            node_proc.wait(10)
-        except subprocess.TimeoutExpired:
-            node_proc.kill()
+        stop_node(node_proc)
         executor.shutdown()
         node.destroy_node()
         rclpy.try_shutdown()

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import itertools
 import os
-import signal
 import subprocess
 import threading
 import time
@@ -13,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import rclpy
-from ament_index_python.packages import get_package_prefix
+from atp_ros.node_process import node_executable, stop_node  # noqa: F401  (the tests import stop_node from here)
 from diagnostic_msgs.msg import DiagnosticArray
 from rcl_interfaces.msg import Parameter, ParameterType, ParameterValue
 from rcl_interfaces.srv import SetParameters
@@ -29,11 +28,6 @@ from atp_ros_msgs.srv import Ask
 _namespaces = itertools.count()
 
 
-def node_executable() -> Path:
-    """The vlm_node script colcon installed (tests run against the install space)."""
-    return Path(get_package_prefix("atp_ros")) / "lib" / "atp_ros" / "vlm_node"
-
-
 def start_node(model_dir: Path | str, namespace: str, log: Path, **overrides) -> subprocess.Popen:
     """Launch ``vlm_node`` in its own process with ``-p name:=value`` overrides."""
     args = [str(node_executable()), "--ros-args", "-r", f"__ns:={namespace}", "-p", f"model_id:={model_dir}"]
@@ -42,20 +36,6 @@ def start_node(model_dir: Path | str, namespace: str, log: Path, **overrides) ->
             value = str(value).lower()
         args += ["-p", f"{name.replace('__', '.')}:={value}"]
     return subprocess.Popen(args, stdout=log.open("w"), stderr=subprocess.STDOUT, env=os.environ.copy())
-
-
-def stop_node(proc: subprocess.Popen, timeout: float = 10.0) -> float:
-    """SIGINT the node like Ctrl-C; returns seconds until it exited (kills it after ``timeout``)."""
-    if proc.poll() is not None:
-        return 0.0
-    start = time.monotonic()
-    proc.send_signal(signal.SIGINT)
-    try:
-        proc.wait(timeout)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-    return time.monotonic() - start
 
 
 def new_namespace() -> str:

@@ -12,7 +12,6 @@ The only module of the evaluation that imports rclpy.
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import threading
 import time
@@ -22,6 +21,7 @@ import numpy as np
 
 from atp_ros.evaluation import metrics
 from atp_ros.evaluation.sweep import Setting
+from atp_ros.node_process import node_executable, stop_node
 
 READY_TIMEOUT_S = 120.0
 QUIET_S = 3.0  # after the last frame: stop once no answer arrived for this long
@@ -33,9 +33,7 @@ class LiveError(RuntimeError):
 
 
 def _node_command(args, setting: Setting, namespace: str, compressed: bool) -> list[str]:
-    from ament_index_python.packages import get_package_prefix
-
-    exe = Path(get_package_prefix("atp_ros")) / "lib" / "atp_ros" / "vlm_node"
+    exe = node_executable()
     atp = setting.node_params()
     image_remap = f"image/compressed:={args.image_topic}" if compressed else f"image:={args.image_topic}"
     params = {
@@ -181,13 +179,8 @@ def replay(args, setting: Setting, done: dict, samples) -> dict:
                 break
             time.sleep(0.1)
     finally:
-        if proc is not None and proc.poll() is None:
-            proc.send_signal(signal.SIGINT)
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        if proc is not None:
+            stop_node(proc)
         executor.shutdown()
         spin.join(5)
         node.destroy_node()
