@@ -151,6 +151,11 @@ class VlmNode(Node):
             depth=1, reliability=ReliabilityPolicy.RELIABLE, durability=DurabilityPolicy.TRANSIENT_LOCAL
         )
         self.create_subscription(String, "query", self._on_query, standing, callback_group=io_group)
+        # `ros2 topic pub` (Iron and later) and most nodes publish volatile, which a transient-local
+        # subscription never matches: a second, volatile best-effort subscription hears every publisher.
+        # A transient-local publisher reaches both; the repeat is the same question and changes nothing.
+        anyone = QoSProfile(depth=10, reliability=ReliabilityPolicy.BEST_EFFORT, durability=DurabilityPolicy.VOLATILE)
+        self.create_subscription(String, "query", self._on_query, anyone, callback_group=io_group)
 
         reliable = QoSProfile(depth=10, reliability=ReliabilityPolicy.RELIABLE)
         self.pub_answer = self.create_publisher(VlmAnswer, "~/answer", reliable)
@@ -206,8 +211,10 @@ class VlmNode(Node):
             self._problem(cause, DiagnosticStatus.WARN, f"query rejected: {reason} (keeping the previous one)")
             return
         with self._state_lock:
+            changed = self._query != msg.data.strip()
             self._query = msg.data.strip()
-        self.get_logger().info(f"query: {self._query!r}")
+        if changed:
+            self.get_logger().info(f"query: {self._query!r}")
 
     def _check_question(self, text: str) -> str | None:
         if not text.strip():
@@ -245,17 +252,18 @@ class VlmNode(Node):
         _, atp = self._runtime_config()
         # The backend runs one call at a time (its own lock), so ~/ask and the worker simply queue.
         result = self.backend.answer([rgb], [question], atp, max_new_tokens=self._max_new_tokens)
-        self._log_notes(result.notes)
         with self._state_lock:
             self._last_notes = list(result.notes)
+        self._log_notes(result.notes)
         return rgb, result
 
     def _log_notes(self, notes: list[str]) -> None:
         """Log each distinct backend note once (they repeat every frame while the condition holds)."""
-        for note in notes:
-            if note not in self._notes_logged:
-                self._notes_logged.add(note)
-                self.get_logger().warning(f"backend: {note}")
+        with self._state_lock:  # the worker and ~/ask both get here
+            new = [n for n in dict.fromkeys(notes) if n not in self._notes_logged]
+            self._notes_logged.update(new)
+        for note in new:
+            self.get_logger().warning(f"backend: {note}")
 
     def _answer_msg(self, header: Header, question: str, result, received: float, mask=None) -> VlmAnswer:
         """The VlmAnswer of image 0 of ``result``; ``mask`` is its ``(h, w)`` keep mask when already at hand."""

@@ -102,6 +102,28 @@ def test_end_to_end_answers_masks_overlays_diagnostics(running) -> None:
         assert f"{stage}_ms_p50" in values
 
 
+def test_volatile_query_publisher_is_heard_like_ros2_topic_pub(running) -> None:
+    """`ros2 topic pub` on Iron and later publishes volatile (reliable, depth 10): the node must hear it
+    as well as the transient-local standing question the other tests publish."""
+    probe, proc, log = running
+    volatile = probe.node.create_publisher(String, "query", 10)  # rclpy's default: reliable, volatile
+    try:
+        probe.wait_for(lambda: volatile.get_subscription_count() > 0, 10, "a subscription matching volatile")
+        question = "is the aisle clear, asked volatile?"
+        probe.clear()
+        deadline = time.monotonic() + 30
+        answered = []
+        while not answered and time.monotonic() < deadline:
+            volatile.publish(String(data=question))
+            probe.pub_image.publish(frame(77, 7_700_000_000))
+            time.sleep(0.2)
+            answered = [a for a in probe.snapshot(probe.answers) if a.query == question]
+        assert answered, "no answer to the question from a volatile publisher"
+    finally:
+        probe.node.destroy_publisher(volatile)
+        probe.pub_query.publish(String(data="how many boxes are on the floor?"))  # back to the standing question
+
+
 def test_parameters_change_at_run_time_and_bad_values_are_rejected(running) -> None:
     probe, proc, log = running
     probe.pub_query.publish(String(data="what color is the box?"))
