@@ -450,7 +450,8 @@ def run(args: list[str] | None = None) -> int:
         try:
             node = VlmNode()
         except (ModelLoadError, ValueError, ParameterException) as err:  # rclpy: wrong type / out of range
-            print(f"[atp_vlm] FATAL: cannot start: {err}", file=sys.stderr, flush=True)
+            reason = " ".join(str(err).split())  # one line, even for library errors that span several
+            print(f"[atp_vlm] FATAL: cannot start: {reason}", file=sys.stderr, flush=True)
             return 1
         executor = MultiThreadedExecutor(num_threads=3)
         executor.add_node(node)

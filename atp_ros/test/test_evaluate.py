@@ -371,3 +371,34 @@ def test_live_replay_through_the_node_over_dds(warehouse_bag: Path, tmp_path: Pa
     answer_topic = next(t for t in counts if t.endswith("/answer"))
     assert counts[answer_topic] >= live["frames_answered"] and "/diagnostics" in counts
     assert any(t.endswith("/overlay") for t in counts)
+
+
+@pytest.mark.ros
+def test_live_replay_attaches_to_a_running_node(warehouse_bag: Path, tmp_path: Path, capsys) -> None:
+    """--attach: the node is already running (here: started by the test in its own namespace); the
+    replay publishes on its topics and records what it answers, without starting another one."""
+    pytest.importorskip("rclpy")
+    pytest.importorskip("atp_ros_msgs.msg")
+    import os
+    import subprocess
+
+    from atp_ros.node_process import node_executable, stop_node
+
+    # A node listening on the bag's topics, the way a robot's launch file would remap them.
+    ns = f"/attach_{os.getpid()}"
+    cmd = [str(node_executable()), "--ros-args", "-r", f"__ns:={ns}", "-r", "image:=/camera/image_raw"]
+    cmd += ["-r", "query:=/atp_vlm/query", "-p", "model_id:=warehouse-tiny", "-p", "atp.alpha:=1.0"]
+    with (tmp_path / "node.log").open("w") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        out = tmp_path / "attached"
+        args = ("--bag", warehouse_bag, "--out", out, "--keep-ratios", "0.25", "--alphas", "1", "--selectors", "atp")
+        code, stdout, err = _run(capsys, *args, "--attach", f"{ns}/atp_vlm", "--live", "--rate", "0.5")
+        assert code == 0, stdout + err
+        live = json.loads((out / "results.json").read_text())["live"]
+        assert "error" not in live, live
+        assert live["frames_sent"] == 8 and live["frames_answered"] >= 1 and live["answers_matched_by_stamp"]
+        assert not (out / "live" / "node.log").exists()  # no node of its own was started
+        assert proc.poll() is None  # the attached node keeps running
+    finally:
+        stop_node(proc)
