@@ -51,3 +51,32 @@ def overlay(rgb: np.ndarray, mask: np.ndarray, box: Sequence[float] | object | N
     faded = (gray * dim + 255.0 * (1.0 - dim) * 0.5).astype(np.uint8).repeat(3, axis=2)
     out = np.where(keep[:, :, None], rgb, faded)
     return np.ascontiguousarray(out.astype(np.uint8))
+
+
+def relevant_region(scores: np.ndarray, box: Sequence[float] | object, share: float = 0.75) -> tuple[float, ...]:
+    """``(x0, y0, x1, y1)`` in image pixels of the most relevant region of a ``(h, w)`` score grid.
+
+    The region is the top-scoring patch grown over its 8-connected neighbours that score at least
+    ``share`` of it (after shifting the grid's minimum to 0), mapped through ``box`` (the image region
+    the grid covers, ``VlmResult.views[b]``). All zeros when the scores are flat (nothing was scored).
+    """
+    s = np.asarray(scores, dtype=np.float64)
+    s = s - s.min()
+    if not np.isfinite(s).all() or s.max() <= 0:
+        return (0.0, 0.0, 0.0, 0.0)
+    gh, gw = s.shape
+    top = np.unravel_index(int(np.argmax(s)), s.shape)
+    keep = s >= share * s[top]
+    region, todo = {top}, [top]
+    while todo:  # flood fill over the 8-connected cells above the threshold
+        r, c = todo.pop()
+        for dr in (-1, 0, 1):
+            for dc in (-1, 0, 1):
+                n = (r + dr, c + dc)
+                if 0 <= n[0] < gh and 0 <= n[1] < gw and keep[n] and n not in region:
+                    region.add(n)
+                    todo.append(n)
+    rows, cols = [r for r, _ in region], [c for _, c in region]
+    x0, y0, x1, y1 = box.as_tuple() if hasattr(box, "as_tuple") else tuple(float(v) for v in box)
+    cw, ch = (x1 - x0) / gw, (y1 - y0) / gh
+    return (x0 + min(cols) * cw, y0 + min(rows) * ch, x0 + (max(cols) + 1) * cw, y0 + (max(rows) + 1) * ch)

@@ -162,6 +162,7 @@ class VlmNode(Node):
         self.pub_text = self.create_publisher(String, "~/answer_text", reliable)
         self.pub_mask = self.create_publisher(Image, "~/keep_mask", reliable)
         self.pub_overlay = self.create_publisher(Image, "~/overlay", reliable)
+        self.pub_relevance = self.create_publisher(Image, "~/relevance", reliable)
         self.pub_diag = self.create_publisher(DiagnosticArray, "/diagnostics", 10)
         self.create_service(Ask, "~/ask", self._on_ask, callback_group=MutuallyExclusiveCallbackGroup())
         self.create_timer(1.0, self._publish_diagnostics, callback_group=MutuallyExclusiveCallbackGroup())
@@ -279,6 +280,10 @@ class VlmNode(Node):
         msg.grid_height, msg.grid_width = int(h), int(w)
         msg.keep_mask = mask.reshape(-1).tobytes()
         msg.alpha = float(result.alpha_used)
+        view = result.views[0]
+        msg.view_box = [float(v) for v in view.as_tuple()]
+        scores = result.selection.scores[0].reshape(h, w).cpu().numpy()  # fused score on the patch grid
+        msg.relevant_box = [float(v) for v in overlay.relevant_region(scores, view)]
         msg.inference_ms = float(result.timings.total)
         msg.latency_ms = float((time.monotonic() - received) * 1e3)
         return msg
@@ -331,6 +336,13 @@ class VlmNode(Node):
         self.pub_text.publish(String(data=answer.answer))
         if self.pub_mask.get_subscription_count():
             self.pub_mask.publish(Image(header=header, **image_io.rgb_fields(overlay.mask_image(mask))))
+        if self.pub_relevance.get_subscription_count():  # the fused score on the patch grid, 32FC1
+            gh, gw = result.grid
+            scores = result.selection.scores[0].reshape(gh, gw).cpu().numpy().astype("<f4")
+            self.pub_relevance.publish(
+                Image(header=header, height=gh, width=gw, encoding="32FC1", is_bigendian=0, step=gw * 4,
+                      data=scores.tobytes())
+            )  # fmt: skip
         if self.pub_overlay.get_subscription_count():  # the overlay costs a full-frame pass: only when watched
             self.pub_overlay.publish(
                 Image(header=header, **image_io.rgb_fields(overlay.overlay(rgb, mask, result.views[0])))

@@ -109,3 +109,12 @@ def test_overlay_follows_the_view_and_fades_what_the_model_never_saw() -> None:
     # Without a view the grid spans the frame, as before.
     assert overlay.upsample_mask(mask, 48, 64).sum() == 24 * 32
     assert math.isclose(view.cell(1, 1, (2, 2))[0], 32.0)
+
+
+def test_relevant_region_grows_the_top_patch_over_strong_neighbours() -> None:
+    scores = np.zeros((4, 4))
+    scores[1, 1], scores[1, 2], scores[2, 2], scores[3, 0] = 1.0, 0.8, 0.9, 0.7  # (3, 0) is not connected
+    view = PixelBox(8.0, 0.0, 56.0, 48.0)  # a 48 px square crop of a 64x48 frame: 12 px cells
+    assert overlay.relevant_region(scores, view) == (8.0 + 12, 12.0, 8.0 + 36, 36.0)  # cells (1..2, 1..2)
+    assert overlay.relevant_region(scores, view, share=0.95) == (20.0, 12.0, 32.0, 24.0)  # the top patch only
+    assert overlay.relevant_region(np.full((4, 4), 0.3), view) == (0.0, 0.0, 0.0, 0.0)  # flat: nothing scored

@@ -102,6 +102,34 @@ def test_end_to_end_answers_masks_overlays_diagnostics(running) -> None:
         assert f"{stage}_ms_p50" in values
 
 
+def test_relevance_image_and_boxes_for_planners(running) -> None:
+    """~/relevance: the fused score on the patch grid (32FC1, the frame's header); VlmAnswer carries
+    the image region the grid covers (the tiny CLIP processor resizes 160x120 to 85x64 and crops 10
+    columns on the left: x in [10, 74) * 160/85) and the most relevant region inside it."""
+    probe, proc, log = running
+    seen: list[Image] = []
+    sub = probe.node.create_subscription(Image, "atp_vlm/relevance", seen.append, 10)
+    try:
+        probe.wait_for(lambda: probe.node.count_publishers(f"{probe.ns}/atp_vlm/relevance") > 0, 10, "relevance")
+        probe.pub_query.publish(String(data="how many boxes are on the floor?"))
+        stamp = 6_600_000_000
+        deadline = time.monotonic() + 30
+        while not [m for m in list(seen) if stamp_ns(m.header) == stamp] and time.monotonic() < deadline:
+            probe.pub_image.publish(frame(66, stamp))
+            time.sleep(0.2)
+        (rel,) = [m for m in list(seen) if stamp_ns(m.header) == stamp][:1]
+        answer = next(a for a in probe.snapshot(probe.answers) if stamp_ns(a.header) == stamp)
+        assert (rel.encoding, rel.height, rel.width) == ("32FC1", answer.grid_height, answer.grid_width)
+        scores = np.frombuffer(bytes(rel.data), dtype="<f4").reshape(rel.height, rel.width)
+        assert np.isfinite(scores).all() and scores.max() > scores.min()
+        x0, y0, x1, y1 = answer.view_box
+        assert (x0, y0, x1, y1) == pytest.approx((10 * 160 / 85, 0.0, 74 * 160 / 85, 120.0), abs=1e-3)
+        r0, s0, r1, s1 = answer.relevant_box
+        assert x0 <= r0 < r1 <= x1 and y0 <= s0 < s1 <= y1
+    finally:
+        probe.node.destroy_subscription(sub)
+
+
 def test_volatile_query_publisher_is_heard_like_ros2_topic_pub(running) -> None:
     """`ros2 topic pub` on Iron and later publishes volatile (reliable, depth 10): the node must hear it
     as well as the transient-local standing question the other tests publish."""
