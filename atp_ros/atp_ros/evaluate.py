@@ -57,6 +57,8 @@ def _choices(allowed: tuple[str, ...], allow_none: bool = False):
         if allow_none and text in ("", "none"):
             return []
         values = [v.strip() for v in text.split(",") if v.strip()]
+        if not values:
+            raise argparse.ArgumentTypeError(f"expected at least one of {', '.join(allowed)}")
         bad = [v for v in values if v not in allowed]
         if bad:
             raise argparse.ArgumentTypeError(f"unknown {', '.join(bad)}; choose from {', '.join(allowed)} or all")
@@ -117,6 +119,8 @@ def _check(ap: argparse.ArgumentParser, args: argparse.Namespace) -> None:
         ap.error("--live replays a bag: give --bag")
     if not 0 < args.rate <= 100:
         ap.error("--rate must be in (0, 100]")
+    if args.out.exists() and not args.out.is_dir():
+        ap.error(f"--out {args.out} exists and is not a folder")
 
 
 def robustness_settings(args: argparse.Namespace) -> tuple[Setting, list[Setting]]:
@@ -264,14 +268,16 @@ def main(argv: list[str] | None = None) -> int:
             from atp_ros.evaluation import live
 
             live_setting = Setting(**rec["setting"]) if rec else robust
+            report.write(args.out, results)  # the offline report stands even if the live part fails
             try:
                 results["live"] = live.replay(args, live_setting, done, samples)
-            except live.LiveError as err:
-                print(f"evaluate: live replay failed: {err}", file=sys.stderr)
-                results["live"] = {"error": str(err)}
             except KeyboardInterrupt:
                 interrupted = True
                 results["live"] = {"error": "interrupted"}
+            except Exception as err:  # no ROS, node would not start, DDS trouble: one line, report kept
+                message = err if isinstance(err, live.LiveError) else f"{type(err).__name__}: {err}"
+                print(f"evaluate: live replay failed: {message}", file=sys.stderr)
+                results["live"] = {"error": str(message)}
     report.write(args.out, results)
     print(f"evaluate: wrote {args.out / 'report.md'}, results.json, results.csv and plots")
     if rec:

@@ -25,6 +25,7 @@ import rclpy
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
 from rcl_interfaces.msg import FloatingPointRange, IntegerRange, ParameterDescriptor, SetParametersResult
 from rclpy.callback_groups import MutuallyExclusiveCallbackGroup
+from rclpy.event_handler import SubscriptionEventCallbacks
 from rclpy.exceptions import ParameterException
 from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor
 from rclpy.node import Node
@@ -150,7 +151,11 @@ class VlmNode(Node):
         standing = QoSProfile(
             depth=1, reliability=ReliabilityPolicy.RELIABLE, durability=DurabilityPolicy.TRANSIENT_LOCAL
         )
-        self.create_subscription(String, "query", self._on_query, standing, callback_group=io_group)
+        # A volatile publisher is "incompatible" with this subscription; the one below hears it: no warning.
+        quiet = SubscriptionEventCallbacks(incompatible_qos=lambda _event: None)
+        self.create_subscription(
+            String, "query", self._on_query, standing, callback_group=io_group, event_callbacks=quiet
+        )
         # `ros2 topic pub` (Iron and later) and most nodes publish volatile, which a transient-local
         # subscription never matches: a second, volatile best-effort subscription hears every publisher.
         # A transient-local publisher reaches both; the repeat is the same question and changes nothing.

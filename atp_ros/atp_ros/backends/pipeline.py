@@ -45,6 +45,7 @@ from torch import Tensor, nn
 
 from atp_ros.atp import (
     AtpConfig,
+    ATPSelector,
     ScoreInputs,
     Selection,
     TextEmbeddingCache,
@@ -242,6 +243,7 @@ class VlmBackend(abc.ABC):
                 prompt = self.feed(vision, selection, batch, atp)
             out = generate_timed(self.generator, watch, **prompt.generate_kwargs, **greedy(max_new_tokens))
             ids = self.new_tokens(out, prompt.input_len)
+            answers = [a.strip() for a in self.tokenizer.batch_decode(ids, skip_special_tokens=True)]
         kept = [int(k) for k in selection.lengths.tolist()]
         joint_used = selection.s_inter is not None and self.joint is not None
         cost = scoring_flops(
@@ -253,7 +255,7 @@ class VlmBackend(abc.ABC):
             self.joint.embed_dim if joint_used else 0,
         )
         return VlmResult(
-            answers=[s.strip() for s in self.tokenizer.batch_decode(ids, skip_special_tokens=True)],
+            answers=answers,
             selection=selection,
             visual_tokens_total=self.num_visual_tokens,
             visual_tokens_kept=kept,
@@ -312,7 +314,9 @@ class VlmBackend(abc.ABC):
             )
             notes.append(tower_note)
             selector, alpha = make_selector("cls_only", normalization=atp.normalization), 0.0
-        s_intra, signal = self.intra_scores(vision, atp.intra_signal, notes)  # (B, N)
+        s_intra, signal = None, ""
+        if isinstance(selector, ATPSelector):  # random / uniform / DivPrune use no attention signal
+            s_intra, signal = self.intra_scores(vision, atp.intra_signal, notes)  # (B, N)
         s_inter, readout = None, ""
         if selector.needs_text:
             states, readout = self.joint_patches(vision, atp.inter_readout, notes)  # (B, N, D_v)

@@ -95,19 +95,23 @@ def replay(args, setting: Setting, done: dict, samples) -> dict:
     reader = AnyReader([Path(args.bag)], default_typestore=in_ts)
     reader.open()
     conns = [c for c in reader.connections if c.topic in (args.image_topic, args.query_topic)]
+    if not any(c.topic == args.query_topic for c in conns):
+        reader.close()
+        raise LiveError(f"the bag has no {args.query_topic}: the node would get no question (questions from a truth "
+                        "file are used offline only)")  # fmt: skip
     compressed = any(c.topic == args.image_topic and "Compressed" in c.msgtype for c in conns)
     image_type = CompressedImage if compressed else Image
 
     context = rclpy.context.Context()
     rclpy.init(context=context)
-    node = rclpy.create_node(f"atp_eval_replay_{os.getpid()}", context=context)
-    executor = SingleThreadedExecutor(context=context)
-    executor.add_node(node)
+    node = executor = spin = proc = None
     namespace = f"/atp_eval_{os.getpid()}"
     target = args.attach.rstrip("/") if args.attach else f"{namespace}/atp_vlm"
     recorded: list[tuple[str, str, bytes, int]] = []  # (topic, msgtype, cdr, receive ns)
     received: dict[int, tuple[float, bytes]] = {}  # answer stamp -> (receive monotonic, cdr)
     lock = threading.Lock()
+    log = out / "node.log"
+    sent: dict[int, float] = {}
 
     def keep(topic: str, msgtype: str, answers: bool = False):
         def callback(raw: bytes) -> None:
@@ -120,27 +124,30 @@ def replay(args, setting: Setting, done: dict, samples) -> dict:
 
         return callback
 
-    reliable = QoSProfile(depth=100, reliability=ReliabilityPolicy.RELIABLE)
-    outputs = [
-        (f"{target}/answer", VlmAnswer, "atp_ros_msgs/msg/VlmAnswer", True),
-        (f"{target}/keep_mask", Image, "sensor_msgs/msg/Image", False),
-        (f"{target}/overlay", Image, "sensor_msgs/msg/Image", False),
-        ("/diagnostics", DiagnosticArray, "diagnostic_msgs/msg/DiagnosticArray", False),
-    ]
-    for topic, cls, msgtype, is_answer in outputs:
-        node.create_subscription(cls, topic, keep(topic, msgtype, is_answer), reliable, raw=True)
-    pub_image = node.create_publisher(image_type, args.image_topic, qos_profile_sensor_data)
-    standing = QoSProfile(depth=1, reliability=ReliabilityPolicy.RELIABLE, durability=DurabilityPolicy.TRANSIENT_LOCAL)
-    pub_query = node.create_publisher(String, args.query_topic, standing)
-    spin = threading.Thread(target=executor.spin, daemon=True)
-    spin.start()
-    proc = None
-    log = out / "node.log"
-    sent: dict[int, float] = {}
     try:
+        node = rclpy.create_node(f"atp_eval_replay_{os.getpid()}", context=context)
+        executor = SingleThreadedExecutor(context=context)
+        executor.add_node(node)
+        reliable = QoSProfile(depth=100, reliability=ReliabilityPolicy.RELIABLE)
+        outputs = [
+            (f"{target}/answer", VlmAnswer, "atp_ros_msgs/msg/VlmAnswer", True),
+            (f"{target}/keep_mask", Image, "sensor_msgs/msg/Image", False),
+            (f"{target}/overlay", Image, "sensor_msgs/msg/Image", False),
+            ("/diagnostics", DiagnosticArray, "diagnostic_msgs/msg/DiagnosticArray", False),
+        ]
+        for topic, cls, msgtype, is_answer in outputs:
+            node.create_subscription(cls, topic, keep(topic, msgtype, is_answer), reliable, raw=True)
+        pub_image = node.create_publisher(image_type, args.image_topic, qos_profile_sensor_data)
+        standing = QoSProfile(
+            depth=1, reliability=ReliabilityPolicy.RELIABLE, durability=DurabilityPolicy.TRANSIENT_LOCAL
+        )
+        pub_query = node.create_publisher(String, args.query_topic, standing)
+        spin = threading.Thread(target=executor.spin, daemon=True)
+        spin.start()
         if not args.attach:
             cmd = _node_command(args, setting, namespace, compressed)
-            proc = subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT, env=os.environ.copy())
+            with log.open("w") as log_file:  # the child keeps its own descriptor
+                proc = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, env=os.environ.copy())
         deadline = time.monotonic() + READY_TIMEOUT_S
         while pub_image.get_subscription_count() == 0 or node.count_publishers(f"{target}/answer") == 0:
             if proc is not None and proc.poll() is not None:
@@ -181,9 +188,12 @@ def replay(args, setting: Setting, done: dict, samples) -> dict:
     finally:
         if proc is not None:
             stop_node(proc)
-        executor.shutdown()
-        spin.join(5)
-        node.destroy_node()
+        if executor is not None:
+            executor.shutdown()
+        if spin is not None:
+            spin.join(5)
+        if node is not None:
+            node.destroy_node()
         rclpy.try_shutdown(context=context)
         reader.close()
 
@@ -196,7 +206,11 @@ def replay(args, setting: Setting, done: dict, samples) -> dict:
             if topic not in connections:
                 connections[topic] = writer.add_connection(topic, msgtype, typestore=ts)
             writer.write(connections[topic], t_ns, raw)
+    if args.attach:  # the attached node runs its own parameters: no offline answers to compare with
+        done = {}
     figures = _figures(setting, sent, received, done, samples, rows, bag_out, VlmAnswer, deserialize_message)
+    if args.attach:
+        figures["setting"] = f"the attached node's own parameters ({target})"
     # The node's own counters (last /diagnostics): frames it received vs frames lost on the way.
     for topic, _msgtype, raw, _t in reversed(rows):
         if topic != "/diagnostics":

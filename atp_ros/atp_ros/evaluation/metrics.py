@@ -50,9 +50,15 @@ def vqa_accuracy(prediction: str, answers: Sequence[str]) -> float:
     return float(np.mean([min(1.0, (total - h) / 3.0) for h in hits]))
 
 
+VQA_HUMANS = 10  # answers per question in VQA-style annotations
+
+
 def accuracy(prediction: str, answers: Sequence[str]) -> float:
-    """Exact match for single-answer truth, VQA soft accuracy for multi-answer truth."""
-    return vqa_accuracy(prediction, answers) if len(answers) > 1 else exact_match(prediction, answers)
+    """VQA soft accuracy for VQA-style truth (10 human answers); otherwise exact match against any of
+    the accepted answers (a list of synonyms must not score a right answer 1/3)."""
+    if len(answers) >= VQA_HUMANS:
+        return vqa_accuracy(prediction, answers)
+    return exact_match(prediction, answers)
 
 
 def agrees(prediction: str, reference: str) -> float:

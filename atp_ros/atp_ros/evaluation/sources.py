@@ -79,8 +79,8 @@ def read_truth(path: Path) -> dict[int, dict]:
     truth: dict[int, dict] = {}
     try:
         lines = path.read_text().splitlines()
-    except OSError as err:
-        raise SourceError(f"cannot read ground truth {path}: {err.strerror or err}") from None
+    except (OSError, ValueError) as err:  # missing, unreadable, not UTF-8
+        raise SourceError(f"cannot read ground truth {path}: {getattr(err, 'strerror', None) or err}") from None
     for n, line in enumerate(lines, 1):
         if not line.strip():
             continue
@@ -94,11 +94,21 @@ def read_truth(path: Path) -> dict[int, dict]:
 
 
 def _truth_fields(rec: dict | None) -> tuple[tuple[str, ...], tuple]:
+    """``(answers, evidence boxes)`` of a truth record; ValueError naming what is malformed."""
     if not rec:
         return (), ()
     answers = rec.get("answers") or ([rec["answer"]] if rec.get("answer") else [])
-    evidence = tuple(tuple(float(v) for v in box) for box in rec.get("evidence") or ())
-    return tuple(str(a) for a in answers), evidence
+    if isinstance(answers, str):
+        answers = [answers]
+    if not isinstance(answers, list):
+        raise ValueError(f"answers must be a list of strings, got {type(answers).__name__}")
+    evidence = []
+    for box in rec.get("evidence") or ():
+        values = [float(v) for v in box]
+        if len(values) != 4 or not all(np.isfinite(values)):
+            raise ValueError(f"an evidence box needs 4 finite numbers, got {box!r}")
+        evidence.append(tuple(values))
+    return tuple(str(a) for a in answers), tuple(evidence)
 
 
 def read_bag(
@@ -150,6 +160,7 @@ def read_bag(
         samples: list[Sample] = []
         question = ""
         queries_seen = frames_seen = 0
+        seen_keys: set[str] = set()
         for conn, _t, raw in reader.messages(connections=wanted):
             try:
                 msg = reader.deserialize(raw, conn.msgtype)
@@ -172,10 +183,19 @@ def read_bag(
             except BadImage as err:
                 problems.add(err.cause, f"frame {stamp}: {err}")
                 continue
-            answers, evidence = _truth_fields(rec)
+            try:
+                answers, evidence = _truth_fields(rec)
+            except (TypeError, ValueError) as err:
+                problems.add("truth", f"frame {stamp}: ground truth unusable ({err}); evaluated for fidelity only")
+                answers, evidence = (), ()
             if truth and rec is None:
                 problems.add("no_truth", f"frame {stamp} has no ground-truth line (evaluated for fidelity only)")
-            samples.append(Sample(str(stamp), rgb, asked, answers, evidence, stamp))
+            key = str(stamp)
+            if key in seen_keys:  # a repeated stamp (unset clocks): keep both frames apart
+                problems.add("duplicate_stamp", f"stamp {stamp} repeats; frames told apart by order")
+                key = f"{stamp}#{frames_seen}"
+            seen_keys.add(key)
+            samples.append(Sample(key, rgb, asked, answers, evidence, stamp))
             if limit and len(samples) >= limit:
                 break
     finally:
@@ -242,14 +262,18 @@ def read_dataset(root: Path, limit: int = 0, max_pixels: int = 4096 * 4096) -> L
     a_files = sorted(root.glob("*annotations*.json"))
     if jsonl.is_file():
         kind = "warehouse samples.jsonl"
-        for n, line in enumerate(jsonl.read_text().splitlines(), 1):
+        try:
+            text = jsonl.read_text()
+        except (OSError, ValueError) as err:  # unreadable or not UTF-8
+            raise SourceError(f"{jsonl}: cannot read ({err})") from None
+        for n, line in enumerate(text.splitlines(), 1):
             if not line.strip():
                 continue
             try:
                 rec = json.loads(line)
                 path = root / rec["image"]
-                answers = rec.get("answers") or ([rec["answer"]] if rec.get("answer") else [])
-                if add(f"{n}", path if path.is_file() else None, rec["question"], answers, rec.get("evidence", ())):
+                answers, evidence = _truth_fields(rec)
+                if add(f"{n}", path if path.is_file() else None, rec["question"], answers, evidence):
                     break
             except (ValueError, KeyError, TypeError) as err:
                 problems.add("record", f"samples.jsonl:{n}: {err}")

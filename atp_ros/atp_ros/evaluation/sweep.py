@@ -29,6 +29,7 @@ from atp_ros.evaluation.sources import Sample
 from atp_ros.scenes import evidence_mask
 
 REFERENCE = "full"  # the unpruned run every sweep includes
+CACHE_SCHEMA = 2  # bump when a record's fields change: older cache files are then recomputed
 BASELINES = ("random", "uniform", "cls_only", "text_only", "divprune")
 SELECTORS = ("atp", *BASELINES)
 
@@ -134,7 +135,8 @@ class Cache:
 
     def __init__(self, root: Path, context: dict) -> None:
         self.root = root
-        self.context = context  # everything besides the setting that determines a result
+        # everything besides the setting that determines a result, and the record format
+        self.context = {**context, "schema": CACHE_SCHEMA, "stages": list(STAGES)}
         root.mkdir(parents=True, exist_ok=True)
 
     def _path(self, setting: Setting) -> Path:
@@ -148,8 +150,11 @@ class Cache:
             return None
         try:
             entry = json.loads(path.read_text())
-            return {"records": entry["records"], "memory": entry.get("memory", {})}
-        except (OSError, ValueError, KeyError):  # a file cut short by a crash: recompute it
+            records = entry["records"]
+            if any(set(STAGES) - set(r["ms"]) for r in records):  # written by an older version
+                return None
+            return {"records": records, "memory": entry.get("memory", {})}
+        except (OSError, ValueError, KeyError, TypeError):  # a file cut short by a crash: recompute it
             return None
 
     def put(self, setting: Setting, entry: dict) -> None:
