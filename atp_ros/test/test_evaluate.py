@@ -89,6 +89,23 @@ def test_sqlite3_compressed_bag_skips_bad_messages_with_one_cause_each(tmp_path:
     assert "CompressedImage" in loaded.description
 
 
+def test_repeated_stamps_and_malformed_truth_are_counted_not_fatal(tmp_path: Path) -> None:
+    bag = tmp_path / "unset_clock"
+    with Writer(bag, version=9, storage_plugin=StoragePlugin.MCAP) as w:
+        ic = w.add_connection("/image", Img.__msgtype__, typestore=TS)
+        qc = w.add_connection("/q", Str.__msgtype__, typestore=TS)
+        w.write(qc, 1, TS.serialize_cdr(Str(data="is the aisle empty?"), Str.__msgtype__))
+        for i in range(3):  # a camera without a clock: every stamp 0
+            w.write(ic, 2 + i, TS.serialize_cdr(raw_image(0, rgb(i)), Img.__msgtype__))
+    truth = tmp_path / "truth.jsonl"
+    truth.write_text(json.dumps({"stamp": 0, "answers": ["yes"], "evidence": [[1, 2, 3]]}) + "\n")
+    loaded = read_bag(bag, "/image", "/q", truth)
+    assert [s.key for s in loaded.samples] == ["0", "0#2", "0#3"]  # told apart by order
+    assert all(s.answers == () for s in loaded.samples)  # a 3-number box: truth unusable, fidelity only
+    assert loaded.problems.counts["duplicate_stamp"] == 2 and loaded.problems.counts["truth"] == 3
+    assert metrics.accuracy("forklift", ["lift truck", "forklift"]) == 1.0  # synonyms: exact match, not 1/6
+
+
 def test_ros1_bag_and_unknown_encoding(tmp_path: Path) -> None:
     from rosbags.rosbag1 import Writer as Writer1
 
