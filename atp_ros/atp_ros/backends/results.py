@@ -15,7 +15,8 @@ import torch
 from atp_ros.atp import Selection
 
 # The stages of one call, in the order the data moves through them (the only definition). "setup" is
-# generate()'s own work before the prefill forward (input checks, expansion), so "prefill" is the forward.
+# generate()'s own work before the prefill forward (input checks, expansion), so "prefill" is the forward
+# (timed apart on the CPU; on CUDA it stays in "prefill", see timing.generate_timed).
 STAGES: tuple[str, ...] = ("preprocess", "vision", "scoring", "projector", "setup", "prefill", "decode")
 
 
