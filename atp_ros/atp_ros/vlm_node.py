@@ -271,10 +271,11 @@ class VlmNode(Node):
         for note in new:
             self.get_logger().warning(f"backend: {note}")
 
-    def _answer_msg(self, header: Header, question: str, result, received: float, mask=None) -> VlmAnswer:
+    def _answer_msg(self, header: Header, question: str, result, received: float, mask=None, scores=None) -> VlmAnswer:
         """The VlmAnswer of image 0 of ``result``; ``mask`` is its ``(h, w)`` keep mask when already at hand."""
         h, w = result.grid
         mask = result.keep_mask(0) if mask is None else mask
+        scores = _score_grid(result) if scores is None else scores
         msg = VlmAnswer()
         msg.header = header
         msg.query = question
@@ -287,7 +288,6 @@ class VlmNode(Node):
         msg.alpha = float(result.alpha_used)
         view = result.views[0]
         msg.view_box = [float(v) for v in view.as_tuple()]
-        scores = result.selection.scores[0].reshape(h, w).cpu().numpy()  # fused score on the patch grid
         msg.relevant_box = [float(v) for v in overlay.relevant_region(scores, view)]
         msg.inference_ms = float(result.timings.total)
         msg.latency_ms = float((time.monotonic() - received) * 1e3)
@@ -336,17 +336,17 @@ class VlmNode(Node):
     def _publish(self, frame: Frame, question: str, rgb, result) -> None:
         header = frame.msg.header
         mask = result.keep_mask(0)  # (h, w) uint8, shared by the answer, the mask image and the overlay
-        answer = self._answer_msg(header, question, result, frame.received, mask)
+        scores = _score_grid(result)  # (h, w) float32: one host copy, shared by the answer and ~/relevance
+        answer = self._answer_msg(header, question, result, frame.received, mask, scores)
         self.pub_answer.publish(answer)
         self.pub_text.publish(String(data=answer.answer))
         if self.pub_mask.get_subscription_count():
             self.pub_mask.publish(Image(header=header, **image_io.rgb_fields(overlay.mask_image(mask))))
         if self.pub_relevance.get_subscription_count():  # the fused score on the patch grid, 32FC1
-            gh, gw = result.grid
-            scores = result.selection.scores[0].reshape(gh, gw).cpu().numpy().astype("<f4")
+            gh, gw = scores.shape
             self.pub_relevance.publish(
                 Image(header=header, height=gh, width=gw, encoding="32FC1", is_bigendian=0, step=gw * 4,
-                      data=scores.tobytes())
+                      data=scores.astype("<f4").tobytes())
             )  # fmt: skip
         if self.pub_overlay.get_subscription_count():  # the overlay costs a full-frame pass: only when watched
             self.pub_overlay.publish(
@@ -431,6 +431,11 @@ class VlmNode(Node):
         self._stop.set()
         self.slot.wake()
         self._worker.join(timeout)
+
+
+def _score_grid(result):
+    """The fused ATP score of image 0 on its ``(h, w)`` patch grid, float32 on the host."""
+    return result.selection.scores[0].reshape(result.grid).cpu().numpy()
 
 
 def _rss_mb() -> float:
