@@ -5,3 +5,7 @@ from __future__ import annotations
 
 class ModelLoadError(RuntimeError):
     """A model could not be loaded; the message names the model and the reason."""
+
+
+class GenerationStopped(RuntimeError):
+    """``answer(..., stop=...)`` was told to stop (shutdown, a cancelled request) before it finished."""

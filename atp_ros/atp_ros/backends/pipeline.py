@@ -54,7 +54,7 @@ from atp_ros.atp import (
     patch_text_cosine,
     received_attention,
 )
-from atp_ros.backends.errors import ModelLoadError
+from atp_ros.backends.errors import GenerationStopped, ModelLoadError
 from atp_ros.backends.flops import scoring_flops, tower_flops
 from atp_ros.backends.loading import TextTower, load_checkpoint, load_text_tower
 from atp_ros.backends.results import PixelBox, ScoringInfo, VlmResult
@@ -138,6 +138,30 @@ def rgb_arrays(images: Sequence[np.ndarray]) -> list[np.ndarray]:
             raise ValueError(f"image {i}: expected an HxWx3 RGB array, got shape {arr.shape}")
         out.append(arr.astype(np.uint8, copy=False))
     return out
+
+
+class _Halt:
+    """``answer``'s ``stop`` hook: a check between stages and a stopping criterion for ``generate``."""
+
+    def __init__(self, stop: Callable[[], bool] | None) -> None:
+        self.stop = stop
+        self.fired = False
+
+    def check(self) -> None:
+        if self.fired or (self.stop is not None and self.stop()):
+            raise GenerationStopped("stopped before the answer was complete")
+
+    def criteria(self) -> Any:
+        from transformers import StoppingCriteria, StoppingCriteriaList
+
+        halt = self
+
+        class _Stop(StoppingCriteria):
+            def __call__(self, input_ids: Tensor, scores: Tensor, **kwargs: Any) -> Tensor:
+                halt.fired = halt.fired or bool(halt.stop())
+                return torch.full((input_ids.shape[0],), halt.fired, dtype=torch.bool, device=input_ids.device)
+
+        return StoppingCriteriaList([_Stop()])
 
 
 class VlmBackend(abc.ABC):
@@ -225,23 +249,35 @@ class VlmBackend(abc.ABC):
         questions: Sequence[str] | str,
         atp: AtpConfig = AtpConfig(),
         max_new_tokens: int = 32,
+        stop: Callable[[], bool] | None = None,
     ) -> VlmResult:
-        """Answer one question per image (a single string is asked of every image), ATP pruning the visual tokens."""
+        """Answer one question per image (a single string is asked of every image), ATP pruning the visual tokens.
+
+        ``stop`` is polled before each stage and after every generated token; once it returns
+        True the call raises :class:`GenerationStopped` (a shutdown or a cancelled request
+        ends a long decode within one token instead of waiting for ``max_new_tokens``).
+        """
         qs = self.questions(images, questions)
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         atp.check()
         watch = Stopwatch(self.device)
+        halt = _Halt(stop)
         with self._lock, torch.inference_mode():
+            halt.check()
             with watch.stage("preprocess"):
                 batch = self.preprocess(rgb_arrays(images), qs)
+            halt.check()
             with watch.stage("vision"):
                 vision = self.encode(batch.pixel_values)
             with watch.stage("scoring"):
                 selection, scoring, notes = self.score(vision, qs, atp)
             with watch.stage("projector"):
                 prompt = self.feed(vision, selection, batch, atp)
-            out = generate_timed(self.generator, watch, **prompt.generate_kwargs, **greedy(max_new_tokens))
+            halt.check()
+            extra = {"stopping_criteria": halt.criteria()} if stop is not None else {}
+            out = generate_timed(self.generator, watch, **prompt.generate_kwargs, **greedy(max_new_tokens), **extra)
+            halt.check()  # generate returns normally when the criterion fired: what it has is not an answer
             ids = self.new_tokens(out, prompt.input_len)
             answers = [a.strip() for a in self.tokenizer.batch_decode(ids, skip_special_tokens=True)]
         kept = [int(k) for k in selection.lengths.tolist()]
