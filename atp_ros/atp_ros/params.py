@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from atp_ros.atp import INTER_READOUTS, INTRA_SIGNALS, NORMALIZATIONS, POSITION_MODES, SELECTORS, AtpConfig
+from atp_ros.worker import RuntimeConfig
 
 
 @dataclass(frozen=True)
@@ -26,6 +27,26 @@ class Param:
 
 
 PARAMS: tuple[Param, ...] = (
+    Param(
+        "autostart",
+        True,
+        "configure and activate by itself (false: wait in 'unconfigured' for a lifecycle manager)",
+    ),
+    Param(
+        "cameras",
+        (),
+        "names of the cameras served with one model: inputs <name>/image and ~/<name>/query, outputs "
+        "~/<name>/answer, ...; unset = one camera on 'image' with outputs ~/answer, ...",
+    ),
+    Param(
+        "backend",
+        "local",
+        "local: load the model in this process; ray: send inference to an atp-serve deployment",
+        choices=("local", "ray"),
+    ),
+    Param("ray.address", "auto", "Ray cluster address for backend ray (auto, ray://host:10001, host:6379)"),
+    Param("ray.app", "atp_vlm", "Ray Serve application name of the atp-serve deployment"),
+    Param("ray.timeout_s", 10.0, "a Ray request slower than this counts as the service being down", 0.1, 3600.0),
     Param(
         "model_id",
         "warehouse-tiny",
@@ -138,6 +159,11 @@ def check(name: str, value: Any) -> str | None:
         if spec.high is not None and value > spec.high:
             return f"{name}={value} is outside [{spec.low}, {spec.high}]"
         return None
+    if isinstance(spec.default, tuple):
+        names = list(value or [])
+        if not all(isinstance(n, str) and n.replace("_", "").isalnum() and not n[0].isdigit() for n in names):
+            return f"{name} must be ROS name tokens (letters, digits, _; not starting with a digit), got {names}"
+        return None if len(set(names)) == len(names) else f"{name} has duplicates: {names}"
     if spec.choices and value not in spec.choices:
         return f"{name}={value!r} must be one of {', '.join(spec.choices)}"
     return None
@@ -157,3 +183,8 @@ def atp_config(values: dict[str, Any]) -> AtpConfig:
         positions=str(values["atp.positions"]),
         inter_readout=str(values["atp.inter_readout"]),
     )
+
+
+def runtime_config(values: dict[str, Any]) -> RuntimeConfig:
+    """The worker's :class:`RuntimeConfig` of a parameter snapshot ``{name: value}``."""
+    return RuntimeConfig(atp=atp_config(values), max_rate_hz=float(values["processing.max_rate_hz"]))

@@ -64,7 +64,7 @@ class Probe:
         )
         self.pub_image = self.node.create_publisher(Image, "image", qos_profile_sensor_data)
         self.pub_compressed = self.node.create_publisher(CompressedImage, "image/compressed", qos_profile_sensor_data)
-        self.pub_query = self.node.create_publisher(String, "query", standing)
+        self.pub_query = self.node.create_publisher(String, "atp_vlm/query", standing)
         self.answers: list[VlmAnswer] = []
         self.texts: list[str] = []
         self.masks: list[Image] = []
@@ -77,7 +77,7 @@ class Probe:
         self.node.create_subscription(Image, "atp_vlm/keep_mask", self._keep(self.masks), reliable)
         self.node.create_subscription(Image, "atp_vlm/overlay", self._keep(self.overlays), reliable)
         self.node.create_subscription(DiagnosticArray, "/diagnostics", self._keep(self.diagnostics), 50)
-        self.ask = self.node.create_client(Ask, "atp_vlm/ask")
+        self.ask = self.node.create_client(Ask, "atp_vlm/ask_sync")
         self.set_params = self.node.create_client(SetParameters, "atp_vlm/set_parameters")
         self.executor = SingleThreadedExecutor(context=context)
         self.executor.add_node(self.node)

@@ -1,0 +1,472 @@
+"""The inference worker of the atp_vlm node, without ROS: frames in, answers out.
+
+The node (``vlm_node``) is the ROS adapter around :class:`InferenceWorker`: its
+subscription callbacks call :meth:`InferenceWorker.put_frame` / :meth:`set_query`, its
+``~/ask`` action and service call :meth:`ask`, and the worker hands every answer to the
+node's ``on_answer`` callback, which publishes it. Everything here is tested without DDS.
+
+- One latest-frame slot per camera: a new frame replaces an unprocessed one (counted as
+  dropped), so a slow model never builds a queue; cameras are served in turn.
+- One thread runs the model. Asks go first (a priority queue), frames after them, at
+  most ``RuntimeConfig.max_rate_hz`` frames per second.
+- A stop hook reaches into the decode: :meth:`stop`, :meth:`pause` and a cancelled ask end
+  a running ``generate`` within one token (``GenerationStopped``), not after
+  ``max_new_tokens``.
+- Problems (bad frames, a failing model step, an unreachable service) are counted per
+  cause, kept for diagnostics, and logged the first time a cause occurs, then at its 10th,
+  100th, 1000th... occurrence: never a log line per frame.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+
+from atp_ros.atp import AtpConfig
+from atp_ros.backends.errors import GenerationStopped
+from atp_ros.backends.results import VlmResult
+from atp_ros.stats import Counters, LatencyWindow
+
+# Severity of a problem, numerically equal to diagnostic_msgs/DiagnosticStatus levels.
+OK, WARN, ERROR = 0, 1, 2
+
+
+class Answerer(Protocol):
+    """What the worker needs of a backend: a local ``VlmBackend`` or a remote client."""
+
+    num_visual_tokens: int
+
+    def answer(
+        self,
+        images: Sequence[np.ndarray],
+        questions: Sequence[str] | str,
+        atp: AtpConfig = ...,
+        max_new_tokens: int = ...,
+        stop: Callable[[], bool] | None = ...,
+    ) -> VlmResult: ...
+
+
+class BadInput(ValueError):
+    """A frame or question the worker rejects; ``cause`` names the kind (``encoding``, ``query_empty``...)."""
+
+    def __init__(self, cause: str, message: str) -> None:
+        super().__init__(message)
+        self.cause = cause
+
+
+@dataclass(frozen=True)
+class RuntimeConfig:
+    """The parameters that may change while the worker runs, replaced whole (never half-applied)."""
+
+    atp: AtpConfig = field(default_factory=AtpConfig)
+    max_rate_hz: float = 0.0  # frames per second at most; 0 = as fast as frames and the model allow
+
+
+@dataclass(frozen=True)
+class Frame:
+    """A received camera message (converted only when the worker takes it) and when it arrived."""
+
+    camera: str
+    payload: Any  # the camera message; ``decode`` turns it into HxWx3 uint8 RGB
+    received: float  # time.monotonic() at receipt
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """One answered frame: what the node publishes."""
+
+    frame: Frame
+    question: str
+    rgb: np.ndarray  # (H, W, 3) uint8, the decoded frame
+    result: VlmResult
+    started: float  # time.monotonic() when inference began
+
+
+@dataclass
+class AskTicket:
+    """A queued ask: ``future`` gets an :class:`Outcome` or the exception that ended the ask."""
+
+    camera: str
+    question: str
+    max_age_s: float
+    future: Future = field(default_factory=Future)
+    started: threading.Event = field(default_factory=threading.Event)  # the worker took it
+    cancelled: threading.Event = field(default_factory=threading.Event)
+
+    def cancel(self) -> None:
+        """End the ask: before it runs, or mid-decode (within one generated token)."""
+        self.cancelled.set()
+
+
+class LatestFrame:
+    """One-slot holder: ``put`` replaces an unconsumed frame (counted as dropped)."""
+
+    def __init__(self) -> None:
+        self._frame: Frame | None = None
+        self._lock = threading.Lock()
+        self.dropped = 0
+
+    def put(self, frame: Frame) -> None:
+        with self._lock:
+            if self._frame is not None:
+                self.dropped += 1
+            self._frame = frame
+
+    def take(self) -> Frame | None:
+        with self._lock:
+            frame, self._frame = self._frame, None
+            return frame
+
+    def clear(self) -> None:
+        with self._lock:
+            self._frame = None
+
+
+@dataclass(frozen=True)
+class Problem:
+    level: int
+    message: str
+    when: float  # time.monotonic()
+    count: int  # occurrences of this cause so far
+
+
+class Problems:
+    """Per-cause count and latest occurrence; says which occurrences deserve a log line."""
+
+    def __init__(self) -> None:
+        self._latest: dict[str, Problem] = {}
+        self._lock = threading.Lock()
+
+    def report(self, cause: str, level: int, message: str) -> str | None:
+        """Record one occurrence; the line to log when it is the 1st, 10th, 100th... of its cause, else None."""
+        with self._lock:
+            count = self._latest[cause].count + 1 if cause in self._latest else 1
+            self._latest[cause] = Problem(level, message, time.monotonic(), count)
+        if count == 1:
+            return f"[{cause}] {message}"
+        if _power_of_ten(count):
+            return f"[{cause}] {count} times so far, latest: {message}"
+        return None
+
+    def recent(self, within_s: float) -> dict[str, Problem]:
+        """The causes that occurred in the last ``within_s`` seconds."""
+        now = time.monotonic()
+        with self._lock:
+            return {c: p for c, p in self._latest.items() if now - p.when < within_s}
+
+    def counts(self) -> dict[str, int]:
+        with self._lock:
+            return {c: p.count for c, p in self._latest.items()}
+
+
+def _power_of_ten(n: int) -> bool:
+    while n % 10 == 0 and n > 1:
+        n //= 10
+    return n == 1
+
+
+def check_question(text: str, max_chars: int) -> str:
+    """The question stripped, or :class:`BadInput` when it is empty or longer than ``max_chars``."""
+    if not text.strip():
+        raise BadInput("query_empty", "empty question")
+    if len(text) > max_chars:
+        raise BadInput(
+            "query_too_long", f"question of {len(text)} characters exceeds limits.max_query_chars={max_chars}"
+        )
+    return text.strip()
+
+
+class InferenceWorker:
+    """Answers the standing question of each camera's newest frame on one thread; asks go first.
+
+    ``decode(payload) -> rgb`` converts a frame (raising :class:`BadInput` for unusable
+    ones); ``on_answer(outcome)`` publishes an answered frame (on the worker thread);
+    ``log(level, line)`` reports problems and notes.
+    """
+
+    def __init__(
+        self,
+        backend: Answerer,
+        cameras: Sequence[str],
+        decode: Callable[[Any], np.ndarray],
+        on_answer: Callable[[Outcome], None],
+        log: Callable[[int, str], None],
+        config: RuntimeConfig = RuntimeConfig(),
+        max_new_tokens: int = 32,
+        max_query_chars: int = 512,
+        latency_window: int = 100,
+    ) -> None:
+        if not cameras or len(set(cameras)) != len(cameras):
+            raise ValueError(f"cameras must be distinct and at least one, got {list(cameras)}")
+        self.backend = backend
+        self.cameras = tuple(cameras)
+        self._decode, self._on_answer, self._log = decode, on_answer, log
+        self._config = config
+        self.max_new_tokens = max_new_tokens
+        self.max_query_chars = max_query_chars
+        self.counters = Counters()
+        self.latency = LatencyWindow(latency_window)
+        self.problems = Problems()
+        self._slots = {c: LatestFrame() for c in self.cameras}
+        self._latest: dict[str, Frame] = {}  # newest frame per camera, kept for asks
+        self._queries: dict[str, str] = {}
+        self._asks: deque[AskTicket] = deque()
+        self._lock = threading.Lock()
+        self._wake = threading.Condition(self._lock)
+        self._notes_logged: set[str] = set()
+        self.notes: list[str] = []  # of the latest answer
+        self.last_kept: tuple[int, int] = (0, backend.num_visual_tokens)
+        self._busy_since: float | None = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._next_camera = 0
+
+    # ------------------------------------------------------------------ configuration and inputs
+
+    @property
+    def config(self) -> RuntimeConfig:
+        return self._config
+
+    def set_config(self, config: RuntimeConfig) -> None:
+        """Replace the run-time configuration whole; the next inference uses it."""
+        config.atp.check()
+        self._config = config
+
+    def set_query(self, text: str, camera: str | None = None) -> bool:
+        """Set the standing question of ``camera`` (None: of every camera); True when it changed.
+
+        An empty or too long question raises :class:`BadInput` and keeps the previous one.
+        """
+        question = check_question(text, self.max_query_chars)
+        targets = self.cameras if camera is None else (self._known(camera),)
+        with self._lock:
+            changed = any(self._queries.get(c) != question for c in targets)
+            self._queries.update(dict.fromkeys(targets, question))
+        return changed
+
+    def query(self, camera: str) -> str | None:
+        with self._lock:
+            return self._queries.get(camera)
+
+    def put_frame(self, camera: str, payload: Any) -> None:
+        """Store the newest frame of ``camera`` (replacing an unprocessed one); cheap, any thread."""
+        frame = Frame(self._known(camera), payload, time.monotonic())
+        self.counters.inc("frames_received")
+        with self._lock:
+            self._latest[camera] = frame
+            if self._thread is not None:
+                self._slots[camera].put(frame)
+                self._wake.notify()
+
+    def ask(self, question: str, camera: str = "", max_age_s: float = 0.0) -> AskTicket:
+        """Queue a question about ``camera``'s newest frame ahead of the stream.
+
+        The ticket's future gets an :class:`Outcome`, or :class:`BadInput` with the reason
+        (bad question, unknown camera, no or stale frame, not running), or
+        ``GenerationStopped`` when it was cancelled or processing stopped.
+        """
+        request = AskTicket(camera or self.cameras[0], question, max_age_s)
+        try:
+            request.question = check_question(question, self.max_query_chars)
+            self._known(request.camera)
+        except (BadInput, ValueError) as err:
+            request.future.set_exception(err if isinstance(err, BadInput) else BadInput("camera", str(err)))
+            return request
+        with self._lock:
+            if self._thread is None:
+                request.future.set_exception(BadInput("inactive", "not processing (the node is not active)"))
+            else:
+                self._asks.append(request)
+                self._wake.notify()
+        return request
+
+    def _known(self, camera: str) -> str:
+        if camera not in self._slots:
+            raise ValueError(f"unknown camera {camera!r} (cameras: {', '.join(self.cameras)})")
+        return camera
+
+    # ------------------------------------------------------------------ start / stop
+
+    @property
+    def running(self) -> bool:
+        return self._thread is not None
+
+    def start(self) -> None:
+        """Start processing (a no-op when running)."""
+        with self._lock:
+            if self._thread is not None:
+                return
+            self._stop.clear()
+            self._thread = threading.Thread(target=self._run, name="atp_vlm_inference", daemon=True)
+            self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> bool:
+        """Stop processing: end a running decode, fail queued asks, drop waiting frames, join.
+
+        True when the thread ended within ``timeout`` seconds. ``start`` resumes.
+        """
+        with self._lock:
+            thread, self._thread = self._thread, None
+            self._stop.set()
+            self._wake.notify_all()
+            asks = list(self._asks)
+            self._asks.clear()
+            for slot in self._slots.values():
+                slot.clear()
+        for request in asks:
+            if not request.future.done():
+                request.future.set_exception(GenerationStopped("processing stopped before this ask ran"))
+        if thread is None:
+            return True
+        thread.join(timeout)
+        return not thread.is_alive()
+
+    def request_stop(self) -> None:
+        """Tell a running decode to end now, without waiting (safe from a signal or shutdown hook)."""
+        self._stop.set()
+        with self._lock:
+            self._wake.notify_all()
+
+    # ------------------------------------------------------------------ statistics
+
+    def stats(self) -> dict[str, Any]:
+        """Counters, drops, problem counts and the age of the running inference, for diagnostics."""
+        with self._lock:
+            busy = self._busy_since
+        values: dict[str, Any] = dict(self.counters.snapshot())
+        values["frames_dropped"] = sum(s.dropped for s in self._slots.values())
+        if len(self.cameras) > 1:
+            values |= {f"{c}.frames_dropped": s.dropped for c, s in self._slots.items()}
+        values |= {f"errors.{c}": n for c, n in self.problems.counts().items()}
+        values["in_flight_ms"] = 0.0 if busy is None else (time.monotonic() - busy) * 1e3
+        return values
+
+    def problem(self, cause: str, level: int, message: str) -> None:
+        """Count one problem and log it when it deserves a line (see :class:`Problems`)."""
+        self.counters.inc(f"problems_{'error' if level >= ERROR else 'warn'}")
+        line = self.problems.report(cause, level, message)
+        if line:
+            self._log(level, line)
+
+    # ------------------------------------------------------------------ the thread
+
+    def _next(self) -> AskTicket | Frame | None:
+        """The next job: an ask, else the next camera's waiting frame (in turn), else None."""
+        if self._asks:
+            return self._asks.popleft()
+        for i in range(len(self.cameras)):
+            camera = self.cameras[(self._next_camera + i) % len(self.cameras)]
+            frame = self._slots[camera].take()
+            if frame is not None:
+                self._next_camera = (self._next_camera + i + 1) % len(self.cameras)
+                return frame
+        return None
+
+    def _run(self) -> None:
+        stop = self._stop
+        last_start = -1e9
+        waiting_logged = False
+        while not stop.is_set():
+            with self._lock:
+                job = self._asks.popleft() if self._asks else None
+                if job is None:
+                    rate = self._config.max_rate_hz
+                    pause = last_start + 1.0 / rate - time.monotonic() if rate > 0 else 0.0
+                    if pause > 0:
+                        self._wake.wait(pause)  # an ask or stop wakes it early
+                        continue
+                    job = self._next()
+                    if job is None:
+                        self._wake.wait(0.5)
+                        continue
+            if isinstance(job, AskTicket):
+                self._run_ask(job)
+                continue
+            question = self.query(job.camera)
+            if question is None:
+                self.counters.inc("frames_skipped_no_query")
+                if not waiting_logged:
+                    self._log(OK, "frames arriving but no query yet: publish a question on the query topic")
+                    waiting_logged = True
+                continue
+            last_start = time.monotonic()
+            self.latency.add({"queue_age": (last_start - job.received) * 1e3})
+            try:
+                outcome = self._infer(job, question, stop.is_set)
+            except GenerationStopped:
+                break
+            except BadInput as err:
+                self.problem(err.cause, WARN, f"frame skipped: {err}")
+                continue
+            except Exception as err:  # a failing model step (CUDA OOM, a lost service) must not end the worker
+                cause = getattr(err, "cause", "model")
+                self.problem(cause, ERROR, f"inference failed, frame skipped: {type(err).__name__}: {err}")
+                _release_cuda_cache()
+                continue
+            try:
+                self._on_answer(outcome)
+            except Exception as err:
+                if stop.is_set():
+                    break
+                self.problem("publish", ERROR, f"publishing failed: {type(err).__name__}: {err}")
+                continue
+            self.counters.inc("frames_processed")
+            if len(self.cameras) > 1:
+                self.counters.inc(f"{job.camera}.frames_processed")
+            self.latency.add(outcome.result.timings.as_dict() | {"latency": (time.monotonic() - job.received) * 1e3})
+
+    def _run_ask(self, request: AskTicket) -> None:
+        request.started.set()
+        if request.cancelled.is_set():
+            request.future.set_exception(GenerationStopped("cancelled before it ran"))
+            return
+        with self._lock:
+            frame = self._latest.get(request.camera)
+        try:
+            if frame is None:
+                raise BadInput("no_frame", f"no frame received yet from camera {request.camera or '(default)'}")
+            age = time.monotonic() - frame.received
+            if request.max_age_s > 0 and age > request.max_age_s:
+                raise BadInput("stale", f"latest frame is {age:.2f} s old (max_age_s={request.max_age_s})")
+            outcome = self._infer(frame, request.question, lambda: self._stop.is_set() or request.cancelled.is_set())
+        except Exception as err:
+            if not isinstance(err, (BadInput, GenerationStopped)):
+                _release_cuda_cache()
+            request.future.set_exception(err)
+            return
+        self.counters.inc("asks_answered")
+        request.future.set_result(outcome)
+
+    def _infer(self, frame: Frame, question: str, stop: Callable[[], bool]) -> Outcome:
+        rgb = self._decode(frame.payload)
+        started = time.monotonic()
+        with self._lock:
+            self._busy_since = started
+        try:
+            result = self.backend.answer(
+                [rgb], [question], self._config.atp, max_new_tokens=self.max_new_tokens, stop=stop
+            )
+        finally:
+            with self._lock:
+                self._busy_since = None
+        self.notes = list(result.notes)
+        new = [n for n in dict.fromkeys(result.notes) if n not in self._notes_logged]
+        self._notes_logged.update(new)
+        for note in new:
+            self._log(WARN, f"backend: {note}")
+        self.last_kept = (int(result.visual_tokens_kept[0]), int(result.visual_tokens_total))
+        return Outcome(frame, question, rgb, result, started)
+
+
+def _release_cuda_cache() -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
