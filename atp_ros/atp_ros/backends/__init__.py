@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 
 from atp_ros.atp import AtpConfig
-from atp_ros.backends.errors import GenerationStopped, ModelLoadError
+from atp_ros.backends.errors import GenerationStopped, ModelLoadError, ServiceUnavailable
 from atp_ros.backends.pipeline import VlmBackend
 from atp_ros.backends.results import STAGES, PixelBox, ScoringInfo, StageTimings, VlmResult
 
@@ -84,6 +84,7 @@ __all__ = [
     "ModelLoadError",
     "PixelBox",
     "ScoringInfo",
+    "ServiceUnavailable",
     "StageTimings",
     "VlmBackend",
     "VlmResult",

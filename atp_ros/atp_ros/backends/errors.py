@@ -9,3 +9,12 @@ class ModelLoadError(RuntimeError):
 
 class GenerationStopped(RuntimeError):
     """``answer(..., stop=...)`` was told to stop (shutdown, a cancelled request) before it finished."""
+
+
+class ServiceUnavailable(RuntimeError):
+    """A remote backend (the atp-serve deployment) is down, unreachable or slower than its timeout.
+
+    ``cause`` is the problem kind the node's diagnostics count it under.
+    """
+
+    cause = "service"

@@ -7,7 +7,7 @@ demo, the benchmarks); nothing is written back into it.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -116,3 +116,37 @@ class VlmResult:
     def keep_mask(self, b: int = 0) -> np.ndarray:
         """``(h, w)`` uint8 keep mask of image ``b`` (1 kept, 0 pruned)."""
         return self.selection.mask[b].to(torch.uint8).cpu().numpy()
+
+    def part(self, start: int, stop: int) -> VlmResult:
+        """Images ``start:stop`` as a result of their own (a batch served to several callers, split back).
+
+        Per-image fields are sliced (the selection's index padding trimmed to the part's longest
+        row); per-call fields are shared: ``timings`` (the call's wall time), ``scoring``,
+        ``notes`` and ``flops`` (the call's per-image mean).
+        """
+        if not 0 <= start < stop <= len(self.answers):
+            raise ValueError(f"part {start}:{stop} of a result of {len(self.answers)} images")
+        rows = slice(start, stop)
+        sel = self.selection
+        k_max = int(sel.lengths[rows].max())
+        selection = replace(  # clones: a view would carry the whole batch's storage when pickled
+            sel,
+            indices=sel.indices[rows, :k_max].clone(),
+            lengths=sel.lengths[rows].clone(),
+            mask=sel.mask[rows].clone(),
+            scores=sel.scores[rows].clone(),
+            s_intra=None if sel.s_intra is None else sel.s_intra[rows].clone(),
+            s_inter=None if sel.s_inter is None else sel.s_inter[rows].clone(),
+        )
+        return replace(
+            self,
+            answers=self.answers[rows],
+            selection=selection,
+            visual_tokens_kept=self.visual_tokens_kept[rows],
+            consumer_tokens=self.consumer_tokens[rows],
+            text_tokens=self.text_tokens[rows],
+            views=self.views[rows],
+            flops=dict(self.flops),
+            generated_ids=self.generated_ids[rows],
+            notes=list(self.notes),
+        )
