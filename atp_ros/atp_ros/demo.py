@@ -3,7 +3,7 @@
 Starts the installed ``vlm_node`` in its own process (exactly what ``ros2 run atp_ros
 vlm_node`` starts) with the bundled ``warehouse-tiny`` model, streams synthetic 640x480
 warehouse frames (test split) on ``/demo/image`` at camera rate with a standing sequence
-of questions on ``/demo/query``, and prints every ``VlmAnswer`` with the frame's ground
+of questions on ``/demo/atp_vlm/query``, and prints every ``VlmAnswer`` with the frame's ground
 truth, kept tokens and latency. Ends with accuracy and latency percentiles and writes the
 overlays (kept patches in color, pruned ones grayed: the paper's Figure 3) to ``out/demo/``.
 """
@@ -129,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     pub_image = node.create_publisher(Image, "image", qos_profile_sensor_data)
     standing = QoSProfile(depth=1, reliability=ReliabilityPolicy.RELIABLE, durability=DurabilityPolicy.TRANSIENT_LOCAL)
-    pub_query = node.create_publisher(String, "query", standing)
+    pub_query = node.create_publisher(String, "atp_vlm/query", standing)
     executor = SingleThreadedExecutor()
     executor.add_node(node)
     scenes: dict[tuple[int, int], object] = {}  # stamp -> scene (the ground truth of that frame)

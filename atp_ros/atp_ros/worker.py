@@ -400,7 +400,8 @@ class InferenceWorker:
             self.latency.add({"queue_age": (last_start - job.received) * 1e3})
             try:
                 outcome = self._infer(job, question, stop.is_set)
-            except GenerationStopped:
+            except GenerationStopped as err:
+                self._log(OK, f"inference {err} (stopping)")
                 break
             except BadInput as err:
                 self.problem(err.cause, WARN, f"frame skipped: {err}")

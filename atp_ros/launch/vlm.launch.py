@@ -21,6 +21,13 @@ def _node(context, *args, **kwargs):
     if overrides:
         parameters.append(overrides)  # later entries win over the file
     image_topic = LaunchConfiguration("image_topic")
+    remappings = [
+        ("image", image_topic),
+        ("image/compressed", [image_topic, "/compressed"]),  # image_transport naming
+    ]
+    query_topic = LaunchConfiguration("query_topic").perform(context)
+    if query_topic:  # else the node's own ~/query, as with `ros2 run atp_ros vlm_node`
+        remappings.append(("~/query", query_topic))
     return [
         Node(
             package="atp_ros",
@@ -30,11 +37,7 @@ def _node(context, *args, **kwargs):
             output="screen",
             emulate_tty=True,
             parameters=parameters,
-            remappings=[
-                ("image", image_topic),
-                ("image/compressed", [image_topic, "/compressed"]),  # image_transport naming
-                ("query", LaunchConfiguration("query_topic")),
-            ],
+            remappings=remappings,
         )
     ]
 
@@ -60,8 +63,9 @@ def generate_launch_description() -> LaunchDescription:
             ),
             DeclareLaunchArgument(
                 "query_topic",
-                default_value="atp_vlm/query",
-                description="std_msgs/String topic with the standing question (relative: inside 'namespace')",
+                default_value="",
+                description="std_msgs/String topic with the standing question (empty: the node's ~/query, "
+                "i.e. /<namespace>/atp_vlm/query, the same as `ros2 run atp_ros vlm_node`)",
             ),
             DeclareLaunchArgument("namespace", default_value="", description="namespace of the node"),
             DeclareLaunchArgument(

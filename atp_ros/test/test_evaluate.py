@@ -404,7 +404,7 @@ def test_live_replay_attaches_to_a_running_node(warehouse_bag: Path, tmp_path: P
     # A node listening on the bag's topics, the way a robot's launch file would remap them.
     ns = f"/attach_{os.getpid()}"
     cmd = [str(node_executable()), "--ros-args", "-r", f"__ns:={ns}", "-r", "image:=/camera/image_raw"]
-    cmd += ["-r", "query:=/atp_vlm/query", "-p", "model_id:=warehouse-tiny", "-p", "atp.alpha:=1.0"]
+    cmd += ["-r", "~/query:=/atp_vlm/query", "-p", "model_id:=warehouse-tiny", "-p", "atp.alpha:=1.0"]
     with (tmp_path / "node.log").open("w") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
     try:

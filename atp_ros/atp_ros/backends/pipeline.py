@@ -146,9 +146,12 @@ class _Halt:
     def __init__(self, stop: Callable[[], bool] | None) -> None:
         self.stop = stop
         self.fired = False
+        self.tokens = 0  # generated when the criterion last ran
 
     def check(self) -> None:
-        if self.fired or (self.stop is not None and self.stop()):
+        if self.fired:
+            raise GenerationStopped(f"stopped mid-decode after {self.tokens} new tokens")
+        if self.stop is not None and self.stop():
             raise GenerationStopped("stopped before the answer was complete")
 
     def criteria(self) -> Any:
@@ -158,6 +161,7 @@ class _Halt:
 
         class _Stop(StoppingCriteria):
             def __call__(self, input_ids: Tensor, scores: Tensor, **kwargs: Any) -> Tensor:
+                halt.tokens += 1
                 halt.fired = halt.fired or bool(halt.stop())
                 return torch.full((input_ids.shape[0],), halt.fired, dtype=torch.bool, device=input_ids.device)
 

@@ -46,7 +46,7 @@ def _node_command(args, setting: Setting, namespace: str, compressed: bool) -> l
         "processing.max_rate_hz": 0.0,
         **atp,
     }
-    cmd = [str(exe), "--ros-args", "-r", f"__ns:={namespace}", "-r", image_remap, "-r", f"query:={args.query_topic}"]
+    cmd = [str(exe), "--ros-args", "-r", f"__ns:={namespace}", "-r", image_remap, "-r", f"~/query:={args.query_topic}"]
     for name, value in params.items():
         if value == "":
             continue

@@ -1,0 +1,213 @@
+"""The node's inference worker without ROS: slots per camera, asks first, stop mid-decode, problems.
+
+Real backends throughout (the bundled warehouse-tiny, a tiny random LLaVA that talks for 1024
+tokens); the tests supply the worker's ``decode`` callable, and a gate inside it holds the
+worker on one frame so that what waits meanwhile is known exactly.
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+import time
+
+import numpy as np
+import pytest
+from atp_ros.atp import AtpConfig
+from atp_ros.backends import GenerationStopped, load_backend
+from atp_ros.scenes import render_scene
+from atp_ros.tiny.llava import save_tiny_llava
+from atp_ros.worker import ERROR, OK, WARN, BadInput, InferenceWorker, Problems, RuntimeConfig, check_question
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return load_backend("warehouse-tiny")
+
+
+@pytest.fixture(scope="module")
+def talker(tmp_path_factory):
+    """A random tiny LLaVA: it never says EOS, so an answer runs to max_new_tokens."""
+    return load_backend(str(save_tiny_llava(tmp_path_factory.mktemp("talker") / "ckpt")))
+
+
+class Harness:
+    """Frames are ``(name, rgb)``; decode waits at the gate for frames named in ``hold``."""
+
+    def __init__(self, backend, cameras=("",), hold=(), **kwargs) -> None:
+        self.answers: list = []
+        self.logs: list[tuple[int, str]] = []
+        self.gate = threading.Event()
+        self.at_gate = threading.Event()
+        self.hold = set(hold)
+        log = lambda lvl, line: self.logs.append((lvl, line))  # noqa: E731
+        self.worker = InferenceWorker(backend, cameras, self.decode, self.answers.append, log, **kwargs)
+
+    def decode(self, payload):
+        name, rgb = payload
+        if name == "bad":
+            raise BadInput("encoding", "unsupported encoding 'yuv9'")
+        if name in self.hold:
+            self.at_gate.set()
+            assert self.gate.wait(30), "gate never opened"
+        return rgb
+
+    def wait(self, predicate, what: str, timeout: float = 60.0) -> None:
+        deadline = time.monotonic() + timeout
+        while not predicate():
+            assert time.monotonic() < deadline, f"timed out waiting for {what}"
+            time.sleep(0.01)
+
+
+def scene(seed: int) -> np.ndarray:
+    return render_scene(seed, 192, 256).rgb
+
+
+def test_cameras_take_turns_and_the_newest_frame_wins(tiny) -> None:
+    h = Harness(tiny, cameras=("front", "wrist"), hold={"f1"}, max_new_tokens=4)
+    try:
+        h.worker.start()
+        h.worker.set_query("what color is the box?")
+        assert h.worker.set_query("is the aisle clear?", "wrist")
+        assert not h.worker.set_query("is the aisle clear?", "wrist")  # same question: no change
+        h.worker.put_frame("front", ("f1", scene(1)))
+        assert h.at_gate.wait(30)
+        h.worker.put_frame("front", ("f2", scene(2)))  # replaced by f3 before the worker is free
+        h.worker.put_frame("front", ("f3", scene(3)))
+        h.worker.put_frame("wrist", ("w1", scene(4)))
+        h.gate.set()
+        h.wait(lambda: len(h.answers) == 3, "three answers")
+        served = [(o.frame.camera, o.frame.payload[0], o.question) for o in h.answers]
+        assert served == [
+            ("front", "f1", "what color is the box?"),
+            ("wrist", "w1", "is the aisle clear?"),  # the other camera's turn comes before front's newer frame
+            ("front", "f3", "what color is the box?"),
+        ]
+        stats = h.worker.stats()
+        assert stats["frames_received"] == 4 and stats["frames_processed"] == 3
+        assert stats["frames_dropped"] == 1
+        assert stats["front.frames_dropped"] == 1 and stats["wrist.frames_dropped"] == 0
+    finally:
+        h.gate.set()
+        assert h.worker.stop()
+
+
+def test_an_ask_goes_before_waiting_frames_and_reports_why_it_fails(tiny) -> None:
+    h = Harness(tiny, hold={"a"}, max_new_tokens=4)
+    try:
+        early = h.worker.ask("what color is the box?")
+        assert isinstance(early.future.exception(), BadInput) and "not active" in str(early.future.exception())
+        h.worker.start()
+        no_frame = h.worker.ask("what color is the box?")
+        assert "no frame received yet" in str(no_frame.future.exception(timeout=30))
+        h.worker.set_query("how many boxes are on the floor?")
+        h.worker.put_frame("", ("a", scene(5)))
+        assert h.at_gate.wait(30)
+        h.worker.put_frame("", ("b", scene(6)))  # waits in the slot
+        ticket = h.worker.ask("  what color is the box?  ")
+        h.gate.set()
+        outcome = ticket.future.result(timeout=60)
+        h.wait(lambda: len(h.answers) == 2, "the streamed frames")
+        assert outcome.question == "what color is the box?" and outcome.frame.payload[0] == "b"  # newest frame
+        assert [o.frame.payload[0] for o in h.answers] == ["a", "b"]
+        assert outcome.started < h.answers[1].started  # the ask ran before the waiting frame
+        assert outcome.result.answers == tiny.answer([scene(6)], "what color is the box?", max_new_tokens=4).answers
+        for question, camera, age, words in (
+            ("", "", 0.0, "empty question"),
+            ("x" * 600, "", 0.0, "limits.max_query_chars=512"),
+            ("anything?", "left", 0.0, "unknown camera 'left'"),
+            ("anything?", "", 1e-6, "max_age_s"),
+        ):
+            err = h.worker.ask(question, camera, age).future.exception(timeout=30)
+            assert isinstance(err, BadInput) and words in str(err), (question, err)
+        assert h.worker.stats()["asks_answered"] == 1
+    finally:
+        h.gate.set()
+        assert h.worker.stop()
+
+
+def test_stop_and_cancel_end_a_long_decode_within_tokens(talker) -> None:
+    h = Harness(talker, max_new_tokens=1024)
+    try:
+        h.worker.start()
+        h.worker.put_frame("", ("a", np.zeros((64, 64, 3), np.uint8)))  # no query yet: skipped, kept for asks
+        h.wait(lambda: h.worker.stats().get("frames_skipped_no_query") == 1, "the frame skipped")
+        ticket = h.worker.ask("say something long")
+        h.wait(lambda: h.worker.stats()["in_flight_ms"] > 0, "the ask running")
+        ticket.cancel()
+        err = ticket.future.exception(timeout=60)
+        assert isinstance(err, GenerationStopped)
+        assert int(re.search(r"after (\d+) new tokens", str(err)).group(1)) < 1024  # ended mid-decode
+
+        h.worker.set_query("say something long")
+        h.worker.put_frame("", ("b", np.zeros((64, 64, 3), np.uint8)))
+        h.wait(lambda: h.worker.stats()["in_flight_ms"] > 0, "the frame running")
+        assert h.worker.stop(timeout=60)
+        stopped = [line for _lvl, line in h.logs if "stopped mid-decode" in line]
+        assert len(stopped) == 1 and int(re.search(r"after (\d+) new tokens", stopped[0]).group(1)) < 1024
+        assert h.answers == [] and not h.worker.running
+        assert "not active" in str(h.worker.ask("anything?").future.exception())
+    finally:
+        h.worker.stop()
+
+
+def test_bad_frames_and_a_failing_model_step_are_counted_and_logged_once_per_cause(tiny) -> None:
+    h = Harness(tiny, max_new_tokens=2)
+    real = tiny.answer
+    calls: list[int] = []
+
+    def failing_once(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real(*args, **kwargs)
+
+    try:
+        h.worker.start()
+        h.worker.set_query("what color is the box?")
+        for i in range(12):
+            h.worker.put_frame("", ("bad", None))
+            h.wait(lambda i=i: h.worker.stats().get("errors.encoding") == i + 1, "the bad frame counted")
+        tiny.answer = failing_once
+        h.worker.put_frame("", ("oom", scene(7)))
+        h.wait(lambda: h.worker.stats().get("errors.model") == 1, "the model error counted")
+        h.worker.put_frame("", ("ok", scene(8)))
+        h.wait(lambda: len(h.answers) == 1, "the next frame answered")
+    finally:
+        del tiny.answer  # back to the class's method: the backend is shared by the module's tests
+        h.worker.stop()
+    assert h.answers[0].frame.payload[0] == "ok"
+    lines = [line for _lvl, line in h.logs if line.startswith("[encoding]")]
+    assert lines == ["[encoding] frame skipped: unsupported encoding 'yuv9'", "[encoding] 10 times so far, latest: "
+                     "frame skipped: unsupported encoding 'yuv9'"]  # fmt: skip
+    assert [lvl for lvl, line in h.logs if line.startswith("[model]")] == [ERROR]
+    assert set(h.worker.problems.recent(60)) == {"encoding", "model"}
+
+
+def test_problems_log_the_first_then_each_power_of_ten() -> None:
+    problems = Problems()
+    logged = [n for n in range(1, 1201) if problems.report("crc", WARN, f"bad #{n}")]
+    assert logged == [1, 10, 100, 1000]
+    assert problems.counts() == {"crc": 1200} and problems.recent(60)["crc"].message == "bad #1200"
+
+
+def test_config_is_replaced_whole_and_questions_are_checked(tiny) -> None:
+    h = Harness(tiny)
+    config = RuntimeConfig(AtpConfig(keep_ratio=0.5), max_rate_hz=2.0)
+    h.worker.set_config(config)
+    assert h.worker.config == config
+    with pytest.raises(ValueError):
+        h.worker.set_config(RuntimeConfig(AtpConfig(selector="magic")))
+    assert h.worker.config == config
+    assert check_question("  where?  ", 10) == "where?"
+    for text, cause in (("   ", "query_empty"), ("x" * 11, "query_too_long")):
+        with pytest.raises(BadInput) as err:
+            check_question(text, 10)
+        assert err.value.cause == cause
+    h.worker.set_query("first?")
+    with pytest.raises(BadInput):
+        h.worker.set_query("")
+    assert h.worker.query("") == "first?"  # a rejected question keeps the previous one
+    with pytest.raises(ValueError, match="distinct"):
+        InferenceWorker(tiny, ["a", "a"], h.decode, print, print)
+    assert OK == 0 and WARN == 1 and ERROR == 2  # = diagnostic_msgs/DiagnosticStatus levels
