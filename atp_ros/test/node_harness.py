@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import signal
 import subprocess
 import threading
 import time
@@ -14,14 +15,18 @@ import numpy as np
 import rclpy
 from atp_ros.node_process import node_executable, stop_node  # noqa: F401  (the tests import stop_node from here)
 from diagnostic_msgs.msg import DiagnosticArray
+from lifecycle_msgs.msg import Transition
+from lifecycle_msgs.srv import ChangeState, GetState
 from rcl_interfaces.msg import Parameter, ParameterType, ParameterValue
 from rcl_interfaces.srv import SetParameters
+from rclpy.action import ActionClient
 from rclpy.executors import SingleThreadedExecutor
 from rclpy.qos import DurabilityPolicy, QoSProfile, ReliabilityPolicy, qos_profile_sensor_data
 from sensor_msgs.msg import CompressedImage, Image
 from std_msgs.msg import String
 
 from atp_ros import image_io
+from atp_ros_msgs.action import Ask as AskAction
 from atp_ros_msgs.msg import VlmAnswer
 from atp_ros_msgs.srv import Ask
 
@@ -29,13 +34,24 @@ _namespaces = itertools.count()
 
 
 def start_node(model_dir: Path | str, namespace: str, log: Path, **overrides) -> subprocess.Popen:
-    """Launch ``vlm_node`` in its own process with ``-p name:=value`` overrides."""
+    """Launch ``vlm_node`` in its own process with ``-p name:=value`` overrides (``a__b`` for ``a.b``).
+
+    Its SIGINT disposition is the default even when the test runner was started in the
+    background (where children inherit SIGINT ignored): the tests send it Ctrl-C.
+    """
     args = [str(node_executable()), "--ros-args", "-r", f"__ns:={namespace}", "-p", f"model_id:={model_dir}"]
     for name, value in overrides.items():
         if isinstance(value, bool):
             value = str(value).lower()
         args += ["-p", f"{name.replace('__', '.')}:={value}"]
-    return subprocess.Popen(args, stdout=log.open("w"), stderr=subprocess.STDOUT, env=os.environ.copy())
+    with log.open("w") as out:
+        return subprocess.Popen(
+            args, stdout=out, stderr=subprocess.STDOUT, env=os.environ.copy(), preexec_fn=_default_sigint
+        )
+
+
+def _default_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def new_namespace() -> str:
@@ -79,6 +95,9 @@ class Probe:
         self.node.create_subscription(DiagnosticArray, "/diagnostics", self._keep(self.diagnostics), 50)
         self.ask = self.node.create_client(Ask, "atp_vlm/ask_sync")
         self.set_params = self.node.create_client(SetParameters, "atp_vlm/set_parameters")
+        self.get_state_client = self.node.create_client(GetState, "atp_vlm/get_state")
+        self.change_state_client = self.node.create_client(ChangeState, "atp_vlm/change_state")
+        self.ask_action = ActionClient(self.node, AskAction, "atp_vlm/ask")
         self.executor = SingleThreadedExecutor(context=context)
         self.executor.add_node(self.node)
         self._spin = threading.Thread(target=self.executor.spin, daemon=True)
@@ -123,6 +142,28 @@ class Probe:
         future = self.ask.call_async(Ask.Request(question=question, max_age_s=max_age_s))
         self.wait_for(future.done, timeout, f"~/ask({question!r})")
         return future.result()
+
+    def call(self, client, request, what: str, timeout: float = 60.0):
+        """Call a service and wait for the response."""
+        self.wait_for(client.service_is_ready, 30, f"{what} service")
+        future = client.call_async(request)
+        self.wait_for(future.done, timeout, what)
+        return future.result()
+
+    def lifecycle_state(self) -> str:
+        return self.call(self.get_state_client, GetState.Request(), "get_state").current_state.label
+
+    def transition(self, name: str) -> bool:
+        """Trigger a lifecycle transition by name (configure, activate, deactivate, cleanup, shutdown)."""
+        ids = {
+            "configure": Transition.TRANSITION_CONFIGURE,
+            "activate": Transition.TRANSITION_ACTIVATE,
+            "deactivate": Transition.TRANSITION_DEACTIVATE,
+            "cleanup": Transition.TRANSITION_CLEANUP,
+            "shutdown": Transition.TRANSITION_ACTIVE_SHUTDOWN,
+        }
+        request = ChangeState.Request(transition=Transition(id=ids[name]))
+        return self.call(self.change_state_client, request, name).success
 
     def set_parameter(self, name: str, value) -> tuple[bool, str]:
         if isinstance(value, bool):
