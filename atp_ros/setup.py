@@ -33,6 +33,7 @@ setup(
             "warehouse = atp_ros.warehouse:main",
             "train_tiny = atp_ros.train_tiny:main",
             "evaluate = atp_ros.evaluate:main",
+            "atp-serve = atp_ros.serve:main",
         ],
     },
 )
