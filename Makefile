@@ -7,13 +7,14 @@ VENV := .venv
 ENV := . $(VENV)/bin/activate && source install/setup.bash &&
 PYTEST_ARGS ?=
 
-.PHONY: help setup demo test bench lint format clean train-tiny model-card eval
+.PHONY: help setup demo test bench lint format clean train-tiny model-card eval soak
 
 help:
 	@echo "make demo   - set up if needed, then run the node on a camera stream over DDS and print its answers"
 	@echo "make test   - set up if needed, then run every test against the colcon install space"
 	@echo "make bench  - FLOPs/KV of real architectures, realistic-width latency, node throughput (bench/results/)"
 	@echo "make eval   - replay evaluation on a warehouse test bag: sweep, robustness, live replay (out/eval/report)"
+	@echo "make soak   - 10 min of 30 Hz 640x480 frames through the node: RSS growth, crashes, answers, drops (bench/results/soak)"
 	@echo "make lint   - ruff check + format check"
 	@echo "make train-tiny - retrain warehouse-tiny from nothing (CPU, resumable; out/warehouse-tiny)"
 	@echo "make model-card - validation-chosen defaults + test tables of a warehouse model (out/model_card)"
@@ -55,3 +56,7 @@ format: setup
 
 clean:
 	rm -rf build install log out .pytest_cache .ruff_cache
+
+# Reliability (#12): 10 minutes at 30 Hz; SOAK_ARGS="--minutes 1" for the short version.
+soak: setup
+	@$(ENV) python bench/soak.py $(SOAK_ARGS)
