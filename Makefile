@@ -7,12 +7,13 @@ VENV := .venv
 ENV := . $(VENV)/bin/activate && source install/setup.bash &&
 PYTEST_ARGS ?=
 
-.PHONY: help setup demo test bench lint format clean train-tiny model-card eval soak
+.PHONY: help setup demo test bench lint format clean train-tiny model-card eval soak serve-demo
 
 help:
 	@echo "make demo   - set up if needed, then run the node on a camera stream over DDS and print its answers"
 	@echo "make test   - set up if needed, then run every test against the colcon install space"
 	@echo "make bench  - FLOPs/KV of real architectures, realistic-width latency, node throughput (bench/results/)"
+	@echo "make serve-demo - three camera nodes sharing one batched VLM on Ray Serve (backend:=ray)"
 	@echo "make eval   - replay evaluation on a warehouse test bag: sweep, robustness, live replay (out/eval/report)"
 	@echo "make soak   - 10 min of 30 Hz 640x480 frames through the node: RSS growth, crashes, answers, drops (bench/results/soak)"
 	@echo "make lint   - ruff check + format check"
@@ -56,6 +57,9 @@ format: setup
 
 clean:
 	rm -rf build install log out .pytest_cache .ruff_cache
+
+serve-demo: setup
+	@$(ENV) python -m atp_ros.serve_demo $(DEMO_ARGS)
 
 # Reliability (#12): 10 minutes at 30 Hz; SOAK_ARGS="--minutes 1" for the short version.
 soak: setup

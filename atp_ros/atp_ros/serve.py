@@ -731,7 +731,7 @@ def main(argv: list[str] | None = None) -> int:
         except RuntimeError as err:
             raise RuntimeError(_deploy_failure(cfg.app, err)) from None
         deployed = True
-        address = ray.get_runtime_context().gcs_address
+        address = cluster_address()
         print(
             f"atp-serve: app {cfg.app!r} ready: {cfg.model_id}, {cfg.num_replicas} replica(s) x "
             f"{cfg.num_cpus:g} CPU / {cfg.num_gpus:g} GPU, batches of <= {cfg.max_batch_size} requests, wait "
@@ -748,12 +748,12 @@ def main(argv: list[str] | None = None) -> int:
         rc = 1
     finally:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second signal must not cut the shutdown short
-        _shutdown(cfg, deployed)
+        shutdown(cfg.app if deployed else None)
     return rc
 
 
-def _shutdown(cfg: ServeConfig, deployed: bool) -> None:
-    """Undo what main started: delete the app (its replicas stop), then leave Ray.
+def shutdown(app: str | None) -> None:
+    """Undo a deploy: delete ``app`` (its replicas stop; None: nothing to delete), then leave Ray.
 
     A local instance ends with this process's ``ray.shutdown`` (Serve with it); on a joined
     cluster Serve and any other apps stay. (``serve.shutdown`` first would only add Ray's
@@ -762,10 +762,15 @@ def _shutdown(cfg: ServeConfig, deployed: bool) -> None:
     if not ray.is_initialized():
         return
     try:
-        if deployed:
-            serve.delete(cfg.app)
+        if app is not None:
+            serve.delete(app)
     finally:
         ray.shutdown()
+
+
+def cluster_address() -> str:
+    """The GCS address of the Ray cluster this process is connected to (what clients join)."""
+    return ray.get_runtime_context().gcs_address
 
 
 if __name__ == "__main__":
