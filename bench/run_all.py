@@ -2,9 +2,10 @@
 
 python bench/run_all.py [--quick]
 
-Full run (about 13 minutes on 2 CPU cores): analytic FLOPs/KV of five real architectures, measured
-latency at realistic widths (plus peak memory per keep ratio), node throughput over DDS, the ATP
-core, warehouse-tiny at 640x480. ``--quick``: a smoke run of each (small shapes, few rounds; the
+Full run (about 13 minutes on 2 CPU cores, plus bench_serve's): analytic FLOPs/KV of five real
+architectures, measured latency at realistic widths (plus peak memory per keep ratio), node
+throughput over DDS, the ATP core, warehouse-tiny at 640x480, Ray Serve throughput vs camera
+streams with batching on and off. ``--quick``: a smoke run of each (small shapes, few rounds; the
 tiny-width pipeline table lives only here), its files suffixed ``_quick``.
 """
 
@@ -15,8 +16,15 @@ import sys
 import time
 from pathlib import Path
 
-FULL = ("bench_flops.py", "bench_realistic.py", "bench_node.py", "bench_atp.py", "bench_warehouse.py")
-QUICK = ("bench_flops.py", "bench_realistic.py", "bench_atp.py", "bench_pipeline.py", "bench_warehouse.py")
+FULL = ("bench_flops.py", "bench_realistic.py", "bench_node.py", "bench_atp.py", "bench_warehouse.py", "bench_serve.py")
+QUICK = (
+    "bench_flops.py",
+    "bench_realistic.py",
+    "bench_atp.py",
+    "bench_pipeline.py",
+    "bench_warehouse.py",
+    "bench_serve.py",
+)
 
 
 def main() -> int:

@@ -26,6 +26,7 @@ import asyncio
 import io
 import logging
 import math
+import os
 import signal
 import socket
 import sys
@@ -356,6 +357,9 @@ def start_ray(address: str = "", num_cpus: int = 0) -> bool:
         maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
         ray.init(address=address, **quiet)
         return False
+    # Ray starts workers at niceness 15 (its raylet first); the replica IS the service here, and on a
+    # robot computer sharing its cores a niced model falls far behind whatever else runs there.
+    os.environ.setdefault("RAY_worker_niceness", "0")
     ray.init(num_cpus=num_cpus or None, include_dashboard=False, **quiet)
     return True
 
