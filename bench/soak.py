@@ -328,6 +328,9 @@ def run(args: argparse.Namespace, record: Record, log: Path) -> dict[str, Any]:
                 )
                 time.sleep(0.2)
             progress.update(task, completed=min(record.now(), duration))
+        rss = proc_rss_mb(proc.pid)  # the end of the stream: the /proc figure the growth is measured at
+        if rss is not None:
+            record.proc_rss.append((round(record.now(), 2), round(rss, 2)))
         stop_stream.set()
         publisher.join(5)
         ended["stream_s"] = round(record.now(), 2)
@@ -411,7 +414,7 @@ def analyse(args: argparse.Namespace, record: Record, ended: dict[str, Any]) -> 
 
     # memory: the node's own figure and /proc, at the end of warm-up and at the end of the stream
     diag_rss = [(d["t"], d.get("memory_rss_mb")) for d in diags if d.get("memory_rss_mb") is not None]
-    proc_rss = [(t, v) for t, v in record.proc_rss if t <= duration + 20]
+    proc_rss = [(t, v) for t, v in record.proc_rss if t <= duration]  # the one taken once idle is in the series
     memory: dict[str, Any] = {}
     for name, series in (("diagnostics", diag_rss), ("proc", proc_rss)):
         warm = _value_at(series, args.warmup_s)
@@ -537,6 +540,7 @@ def analyse(args: argparse.Namespace, record: Record, ended: dict[str, Any]) -> 
         "latency_ms_p50": _pct(lat, 50),
         "latency_ms_p95": _pct(lat, 95),
         "node_stage_ms_p50": {k[: -len("_ms_p50")]: v for k, v in final.items() if k.endswith("_ms_p50")},
+        "node_stage_ms_p95": {k[: -len("_ms_p95")]: v for k, v in final.items() if k.endswith("_ms_p95")},
         "memory": memory,
         "load_avg_1min": {
             "min": min((v for _, v in record.load), default=None),
@@ -548,7 +552,7 @@ def analyse(args: argparse.Namespace, record: Record, ended: dict[str, Any]) -> 
         "targets": targets,
         "pass": all(t["pass"] for t in targets.values()),
         "series": {
-            "diagnostics": diags,
+            "diagnostics": [_slim(d) for d in diags],
             "proc_rss_mb": record.proc_rss,
             "load_avg_1min": record.load,
             "answers": {
@@ -559,6 +563,15 @@ def analyse(args: argparse.Namespace, record: Record, ended: dict[str, Any]) -> 
             "queries": record.queries,
         },
     }
+
+
+# What the per-second series keeps of each diagnostics reading (the stage percentiles are in the
+# final reading, ``node.idle``; every second of them would make soak.json several times larger).
+SERIES_KEYS = ("t", "level", "lifecycle_state", "memory_rss_mb", "in_flight_ms", "latency_ms_p50", "total_ms_p50")
+
+
+def _slim(sample: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in sample.items() if k in SERIES_KEYS or k.startswith(("frames_", "errors."))}
 
 
 def _fmt(value: float | None, spec: str) -> str:
