@@ -45,7 +45,7 @@ from sensor_msgs.msg import CompressedImage, Image
 from std_msgs.msg import String
 
 from atp_ros import __version__, image_io, overlay, params
-from atp_ros.backends.errors import GenerationStopped, ModelLoadError
+from atp_ros.backends.errors import GenerationStopped, ModelLoadError, ServiceUnavailable
 from atp_ros.worker import ERROR, OK, WARN, BadInput, InferenceWorker, Outcome
 from atp_ros_msgs.action import Ask as AskAction
 from atp_ros_msgs.msg import VlmAnswer
@@ -142,11 +142,14 @@ class VlmNode(LifecycleNode):
             return TransitionCallbackReturn.FAILURE
         self.start_error = ""
         b = self.backend
-        self.get_logger().info(
-            f"loaded {self.model_id} ({b.family}) on {b.device} {b.dtype} in {time.monotonic() - started:.1f} s: "
-            f"{b.num_visual_tokens} visual tokens on a {b.grid[0]}x{b.grid[1]} grid"
-        )
-        self._log_notes(getattr(self.backend, "load_notes", []))
+        try:
+            self.get_logger().info(
+                f"loaded {self.model_id} ({b.family}) on {b.device} {b.dtype} in {time.monotonic() - started:.1f} s:"
+                f" {b.num_visual_tokens} visual tokens on a {b.grid[0]}x{b.grid[1]} grid"
+            )
+            self._log_notes(b.load_notes)
+        except ServiceUnavailable as err:  # backend ray: the service may come later; frames count it till then
+            self.get_logger().warning(f"{err} (answering once it is reachable)")
         self.worker = InferenceWorker(
             self.backend,
             [c.name for c in self.cameras],
@@ -447,9 +450,18 @@ class VlmNode(LifecycleNode):
 
     # ------------------------------------------------------------------ diagnostics
 
+    def _backend_facts(self) -> dict[str, Any]:
+        """Device, dtype and load notes of the backend; empty while a remote one is unreachable."""
+        backend = self.backend
+        try:
+            return {"device": backend.device, "dtype": backend.dtype, "load_notes": list(backend.load_notes)}
+        except (AttributeError, ServiceUnavailable):
+            return {}
+
     def _publish_diagnostics(self) -> None:
         worker, backend = self.worker, self.backend
-        device = str(getattr(backend, "device", "")) if backend is not None else ""
+        facts = self._backend_facts() if backend is not None else {}
+        device = str(facts.get("device", ""))
         status = DiagnosticStatus(name=f"{self.get_fully_qualified_name()}: vlm pipeline", hardware_id=device)
         values: dict[str, str] = {
             "lifecycle_state": self.state,
@@ -477,11 +489,11 @@ class VlmNode(LifecycleNode):
                 status.level, status.message = DiagnosticStatus.OK, "answering"
             values |= {
                 "device": device,
-                "dtype": str(getattr(backend, "dtype", "")).removeprefix("torch."),
+                "dtype": str(facts.get("dtype", "")).removeprefix("torch."),
                 "query": " | ".join(f"{c}: {q}" if c else q for c, q in queries.items() if q),
                 "visual_tokens_kept": str(worker.last_kept[0]),
                 "visual_tokens_total": str(worker.last_kept[1]),
-                "load_notes": " | ".join(getattr(backend, "load_notes", [])),
+                "load_notes": " | ".join(facts.get("load_notes", [])),
                 "notes": " | ".join(worker.notes),
             }
             stats = worker.stats()
@@ -489,7 +501,7 @@ class VlmNode(LifecycleNode):
             for stage, (p50, p95, _count) in sorted(worker.latency.summary().items()):
                 values[f"{stage}_ms_p50"] = f"{p50:.2f}"
                 values[f"{stage}_ms_p95"] = f"{p95:.2f}"
-            values |= _cuda_memory(getattr(backend, "device", None))
+            values |= _cuda_memory(facts.get("device"))
         status.values = [KeyValue(key=k, value=v) for k, v in values.items()]
         array = DiagnosticArray(status=[status])
         array.header.stamp = self.get_clock().now().to_msg()

@@ -222,7 +222,7 @@ class InferenceWorker:
         self._wake = threading.Condition(self._lock)
         self._notes_logged: set[str] = set()
         self.notes: list[str] = []  # of the latest answer
-        self.last_kept: tuple[int, int] = (0, backend.num_visual_tokens)
+        self.last_kept: tuple[int, int] = (0, 0)  # of the latest answer (a remote backend may be down now)
         self._busy_since: float | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
