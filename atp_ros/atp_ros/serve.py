@@ -395,6 +395,18 @@ def _probe(address: str, timeout: float) -> None:
         raise ServiceUnavailable(f"Ray at {address} is unreachable ({err})") from None
 
 
+def _forget_controller() -> None:
+    """Drop Serve's cached handle of its controller in this process.
+
+    Serve keeps it for the whole Ray session; after Serve was shut down and started again (a
+    restarted atp-serve on a ``ray start`` cluster) it names a dead actor, and every later
+    ``get_app_handle`` would fail. Without it, the next one finds the live controller by name.
+    """
+    from ray.serve import context
+
+    context._disconnect()
+
+
 def _resolve(address: str) -> str:
     """``auto`` (or RAY_ADDRESS) -> the host:port of a running cluster; others unchanged."""
     if address.startswith("ray://"):
@@ -496,14 +508,23 @@ class RemoteBackend:
                 except ServiceUnavailable as err:
                     raise self._unavailable(str(err)) from None
                 try:
-                    handle = serve.get_app_handle(self.app_name)
+                    handle = self._app_handle()
                     self._meta = handle.describe.remote().result(timeout_s=self.timeout_s)
                 except TimeoutError:
+                    _forget_controller()
                     raise self._unavailable(f"no description within {self.timeout_s:g} s") from None
                 except SERVICE_ERRORS as err:
+                    _forget_controller()
                     raise self._unavailable(_lost(err)) from None
                 self._handle = handle
             return self._handle
+
+    def _app_handle(self) -> Any:
+        try:
+            return serve.get_app_handle(self.app_name)
+        except ray.exceptions.RayActorError:  # Serve's cached controller died (Serve restarted): once more
+            _forget_controller()
+            return serve.get_app_handle(self.app_name)
 
     def close(self) -> None:
         """Forget the handle; disconnect from Ray if this client connected."""

@@ -325,10 +325,13 @@ def test_client_raises_service_unavailable_then_recovers(app, local, frames) -> 
     with pytest.raises(ServiceUnavailable) as err:
         remote.answer([rgb], q, AtpConfig(keep_ratio=0.25), 4)
     assert "\n" not in str(err.value) and APP in str(err.value)
+    stale = serve.context._global_client  # this process's handle of the Serve controller
     serve.shutdown()
     with pytest.raises(ServiceUnavailable, match="no Serve instance"):
         remote.answer([rgb], q, AtpConfig(keep_ratio=0.25), 4)
-    deploy(CFG)  # back up: the same client answers again
+    deploy(CFG)  # back up: the same client answers again...
+    # ...even holding what a node process holds when another process restarted Serve: the dead controller
+    serve.context._set_global_client(stale)
     again = remote.answer([rgb], q, AtpConfig(keep_ratio=0.25), 4)
     _same(again, first)
     _same(again, local.answer([rgb], q, AtpConfig(keep_ratio=0.25), 4))
