@@ -22,8 +22,9 @@ SOAK = Path(__file__).resolve().parents[2] / "bench" / "soak.py"
 MAX_GROWTH = 0.05
 
 
-def _stop_group(pgid: int) -> None:
+def _stop_group(proc: subprocess.Popen) -> None:
     """SIGINT the script's process group (the script and the node it started), SIGKILL what is left."""
+    pgid = proc.pid  # its own session: the group id is its pid
     for sig, grace in ((signal.SIGINT, 20.0), (signal.SIGKILL, 5.0)):
         try:
             os.killpg(pgid, sig)
@@ -31,6 +32,7 @@ def _stop_group(pgid: int) -> None:
             return
         deadline = time.monotonic() + grace
         while time.monotonic() < deadline:
+            proc.poll()  # reap the script: a zombie still counts as a member of the group
             try:
                 os.killpg(pgid, 0)
             except ProcessLookupError:
@@ -83,4 +85,4 @@ def test_soak_one_minute(tmp_path: Path) -> None:
                 f"({memory['warmup_mb']} -> {memory['end_mb']} MB){context}"
             )
     finally:
-        _stop_group(proc.pid)
+        _stop_group(proc)
