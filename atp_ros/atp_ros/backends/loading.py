@@ -1,9 +1,12 @@
 """Loading shared by the backends: the HF checkpoint and processor, and the joint-space text tower.
 
-Every backend loads the same way: safetensors only, no remote code, SDPA attention, offline
-from a local directory, frozen and in eval mode. The text tower for ``S_inter`` is looked up
-in one order (:func:`find_text_tower`) and loaded by :func:`load_text_tower`, which decides
-when a missing tower is an error and when it leaves the backend CLS-only.
+Every backend loads the same way: safetensors only (a local checkpoint with only pickle weights
+is refused before anything is read: :func:`require_safetensors`), no remote code
+(``trust_remote_code=False``: a config's ``auto_map`` is ignored and the stock transformers class
+is used), SDPA attention, offline from a local directory, frozen and in eval mode. The text
+tower for ``S_inter`` is looked up in one order (:func:`find_text_tower`) and loaded by
+:func:`load_text_tower`, which decides when a missing tower is an error and when it leaves the
+backend CLS-only.
 """
 
 from __future__ import annotations
@@ -42,6 +45,29 @@ KNOWN_TEXT_TOWERS: dict[str, str] = {
     "HuggingFaceM4/idefics-80b": CLIP_VIT_H14,
     "HuggingFaceM4/idefics-80b-instruct": CLIP_VIT_H14,
 }
+
+
+# Weight files that are Python pickles (torch.save, numpy, joblib): loading one can run arbitrary code.
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle", ".npy", ".npz", ".joblib")
+
+
+def require_safetensors(model_id: str | Path) -> None:
+    """Refuse a local checkpoint directory whose weights exist only as pickle files.
+
+    :class:`ModelLoadError` with one line naming the directory and what to do; nothing is read.
+    Directories with ``*.safetensors`` pass (pickles beside them are ignored by every loader here),
+    and so do hub ids and directories without weights (the loader reports those itself).
+    """
+    path = Path(model_id)
+    if not path.is_dir() or any(path.glob("*.safetensors")):
+        return
+    pickles = sorted(f.name for f in path.iterdir() if f.is_file() and f.suffix in PICKLE_SUFFIXES)
+    if pickles:
+        raise ModelLoadError(
+            f"{model_id} has no safetensors weights (only {', '.join(pickles)}); convert it to safetensors "
+            "once, on a machine where you trust its origin (load it, then save_pretrained(...), which writes "
+            "model.safetensors) (pickle files are never loaded)"
+        )
 
 
 def checkpoint_name(model_id: str) -> str:
@@ -105,7 +131,10 @@ def load_checkpoint(
     except ValueError as err:
         raise ModelLoadError(f"{model_id}: {err}") from err
     local = Path(model_id).is_dir()  # a local checkpoint never reaches for the hub
+    require_safetensors(model_id)
     try:
+        # use_safetensors=True: transformers never falls back to pytorch_model.bin (a pickle), also on the
+        # hub; trust_remote_code=False: an auto_map in config.json never imports code from the checkpoint.
         model = model_cls.from_pretrained(
             model_id,
             dtype=dt,

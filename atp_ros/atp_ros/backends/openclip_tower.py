@@ -14,8 +14,10 @@ Sources (``load_openclip_joint_space``):
 * ``hf-hub:<org>/<repo>`` in that same layout;
 * ``<open_clip model name>:<pretrained tag>``, e.g. ``EVA01-g-14:laion400m_s11b_b41k``.
 
-Only safetensors weights are read from local directories. Hub sources go through
-open_clip's own download cache (offline works once cached).
+Only safetensors weights are ever read, from local directories and from the hub alike: the model
+is built without weights and then given the safetensors file (a source published only as a pickle,
+``*.bin`` / ``*.pt``, is refused: :class:`atp_ros.backends.errors.ModelLoadError`). Hub files go through
+the Hugging Face cache (offline works once cached).
 """
 
 from __future__ import annotations
@@ -29,6 +31,8 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from atp_ros.backends.errors import ModelLoadError
+from atp_ros.backends.loading import require_safetensors
 from atp_ros.backends.text_towers import JointSpace
 
 OPENCLIP_CONFIG = "open_clip_config.json"
@@ -135,25 +139,80 @@ def _quiet_root_log(prefix: str) -> Iterator[None]:
         logging.getLogger().removeFilter(flt)
 
 
+def _build(name: str, weights: Path) -> nn.Module:
+    """The open_clip model ``name`` built without weights, then given the safetensors file ``weights``."""
+    import open_clip
+
+    if weights.suffix != ".safetensors":  # open_clip.load_checkpoint would torch.load (unpickle) anything else
+        raise ModelLoadError(f"{weights}: not a safetensors file (pickle files are never loaded)")
+    # pretrained_text/_image=False: no tower weights fetched on the side (an HF text tower's own
+    # pytorch_model.bin). open_clip logs "initialized randomly" for the empty build; false here.
+    with _quiet_root_log("No pretrained weights loaded"):
+        model = open_clip.create_model(name, load_weights=False, pretrained_text=False, pretrained_image=False)
+    open_clip.load_checkpoint(model, str(weights))
+    return model
+
+
+def hub_weight_candidates(filename: str = "") -> list[str]:
+    """Safetensors names to look for in an open_clip hub repository whose pickle weights are ``filename``.
+
+    ``""`` is open_clip's default ``open_clip_pytorch_model.bin``, published in safetensors as
+    ``open_clip_model.safetensors``; ``foo.bin`` / ``foo.pth`` -> ``foo.safetensors`` first.
+    """
+    names = [filename] if filename.endswith(".safetensors") else []
+    if filename.endswith((".bin", ".pth")) and filename != "open_clip_pytorch_model.bin":
+        names.append(filename.rsplit(".", 1)[0] + ".safetensors")
+    names.append(OPENCLIP_WEIGHTS)
+    return list(dict.fromkeys(names))
+
+
+def _hub_weights(repo_id: str, filename: str = "") -> Path:
+    """The first safetensors weights of ``repo_id`` found (downloaded, or in the HF cache)."""
+    from huggingface_hub import hf_hub_download
+
+    names = hub_weight_candidates(filename)
+    for name in names:
+        try:
+            return Path(hf_hub_download(repo_id, name))
+        except Exception:  # not in the repository / not cached offline: the next name
+            continue
+    raise ModelLoadError(
+        f"hf-hub:{repo_id} has no safetensors weights ({' or '.join(names)} neither cached nor downloadable); "
+        "convert it to safetensors once where you trust its origin (pickle files are never loaded)"
+    )
+
+
 def _create(source: str) -> tuple[nn.Module, object]:
     import open_clip
 
     path = Path(source)
     if path.is_dir():
+        require_safetensors(path)
         weights = path / OPENCLIP_WEIGHTS
         if not (path / OPENCLIP_CONFIG).is_file() or not weights.is_file():
             raise FileNotFoundError(f"{source}: expected {OPENCLIP_CONFIG} and {OPENCLIP_WEIGHTS}")
         name = f"local-dir:{path}"
-        # Build without weights, then read only the safetensors file (never a pickle). open_clip
-        # logs "initialized randomly" for the empty build; that line would be false here.
-        with _quiet_root_log("No pretrained weights loaded"):
-            model = open_clip.create_model(name, load_weights=False)
-        open_clip.load_checkpoint(model, str(weights))
-        return model, open_clip.get_tokenizer(name)
+        return _build(name, weights), open_clip.get_tokenizer(name)
     if source.startswith("hf-hub:"):
-        return open_clip.create_model(source), open_clip.get_tokenizer(source)
+        from huggingface_hub import hf_hub_download
+
+        repo_id = source.removeprefix("hf-hub:")
+        weights = _hub_weights(repo_id)
+        # The config beside the weights in the cache's snapshot folder: then it builds like a local dir.
+        config = Path(hf_hub_download(repo_id, OPENCLIP_CONFIG))
+        name = f"local-dir:{config.parent}"
+        if weights.parent != config.parent:
+            raise ModelLoadError(f"{source}: {weights.name} and {OPENCLIP_CONFIG} are from different revisions")
+        return _build(name, weights), open_clip.get_tokenizer(name)
     name, _, tag = source.partition(":")
-    return open_clip.create_model(name, pretrained=tag or None), open_clip.get_tokenizer(name)
+    cfg = open_clip.get_pretrained_cfg(name, tag) if tag else {}
+    if not cfg.get("hf_hub"):
+        known = ", ".join(open_clip.list_pretrained_tags_by_model(name)) or "none"
+        raise ModelLoadError(f"{source}: not an open_clip name:tag with hub weights (tags of {name}: {known})")
+    repo_id, filename = cfg["hf_hub"].rstrip("/"), ""
+    if not cfg["hf_hub"].endswith("/"):  # 'org/repo/file.bin': a file named by the tag
+        repo_id, _, filename = cfg["hf_hub"].rpartition("/")
+    return _build(name, _hub_weights(repo_id, filename)), open_clip.get_tokenizer(name)
 
 
 def load_openclip_joint_space(
@@ -170,6 +229,7 @@ __all__ = [
     "OPENCLIP_CONFIG",
     "OPENCLIP_WEIGHTS",
     "OpenClipJointSpace",
+    "hub_weight_candidates",
     "load_openclip_joint_space",
     "save_openclip_tower",
     "visual_patch_head",

@@ -31,7 +31,8 @@ SigLIP (:class:`SiglipJointSpace`, any ``SiglipModel`` directory or hub id)
     probe attention: ``softmax(q_probe . k_i / sqrt(d))`` per head of the same head, averaged over
     heads -- SigLIP's own "which patches matter" signal, standing in for CLIP's CLS attention.
 
-Both load with ``use_safetensors=True``, ``trust_remote_code=False``, offline from a local
+Both load with ``use_safetensors=True``, ``trust_remote_code=False`` (a local directory with only
+pickle weights is refused: :func:`atp_ros.backends.loading.require_safetensors`), offline from a local
 directory. The loaded model is pruned to the parts above (the vision encoder is dropped: the
 VLM already has one).
 """
@@ -46,6 +47,7 @@ from torch import Tensor, nn
 from transformers import AutoConfig, AutoModel, AutoTokenizer
 
 from atp_ros.atp import cls_attention
+from atp_ros.backends.loading import require_safetensors
 
 JOINT_SPACE_TYPES = ("clip", "siglip")
 
@@ -257,6 +259,7 @@ def load_joint_space(model_id: str | Path, device: torch.device, dtype: torch.dt
     moves those to ``device``/``dtype`` and lets the rest (the vision encoder) go.
     """
     model_id = str(model_id)
+    require_safetensors(model_id)
     kind = joint_space_type(model_id)
     model = AutoModel.from_pretrained(
         model_id, trust_remote_code=False, use_safetensors=True, dtype=dtype, attn_implementation="sdpa"
