@@ -196,3 +196,81 @@ def test_hub_weight_names_are_safetensors_only() -> None:
     assert hub_weight_candidates("pytorch_model.bin") == ["pytorch_model.safetensors", OPENCLIP_WEIGHTS]
     assert hub_weight_candidates("weights.safetensors") == ["weights.safetensors", OPENCLIP_WEIGHTS]
     assert hub_weight_candidates("epoch_32.pt") == [OPENCLIP_WEIGHTS]  # no .pt -> .safetensors guess
+
+
+# ---------------------------------------------------------------- SROS2 policy
+
+POLICY = Path(__file__).resolve().parents[1] / "config" / "sros2_policy.xml"
+# In the policy for setups the test does not start: simulated time, image_transport: compressed.
+POLICY_OPTIONAL = {"/clock", "/camera/image_raw/compressed"}
+
+
+def _policy_names(enclave: str, node: str = "atp_vlm") -> dict[str, set[str]]:
+    """``{"publish": {...}, "subscribe": ..., "reply": ..., "request": ..., "execute": ..., "call": ...}``:
+    the fully qualified names ``enclave``'s profile allows (``~/x`` -> ``/<node>/x``, ns ``/``)."""
+    import xml.etree.ElementTree as ET
+
+    root = ET.parse(POLICY).getroot()
+    assert root.tag == "policy" and root.get("version") == "0.2.0"
+    (profile,) = root.findall(f"enclaves/enclave[@path='{enclave}']/profiles/profile")
+    assert (profile.get("ns"), profile.get("node")) == ("/", node)
+    allowed: dict[str, set[str]] = {}
+    for group in profile:
+        for kind, rule in group.attrib.items():
+            assert rule == "ALLOW", (group.tag, kind, rule)
+            names = {n.text.replace("~/", f"/{node}/", 1) for n in group}
+            allowed.setdefault(kind, set()).update(names)
+    return allowed
+
+
+def test_sros2_policy_covers_everything_the_node_uses(rclpy_context, tmp_path: Path) -> None:
+    """Start the installed node as the launch file does (node atp_vlm in /, camera remapped to
+    /camera/image_raw), read its topics, services and action off the ROS graph, and check each is allowed
+    by the atp_vlm enclave of config/sros2_policy.xml -- and that the policy allows nothing else."""
+    import subprocess
+    import time
+
+    import rclpy
+    from atp_ros.node_process import node_executable, stop_node
+    from rclpy.action import get_action_server_names_and_types_by_node
+
+    allowed = _policy_names("/atp_vlm")
+    model = save_tiny_llava(tmp_path / "llava")
+    cmd = [str(node_executable()), "--ros-args", "-r", "image:=/camera/image_raw", "-p", f"model_id:={model}"]
+    with (tmp_path / "node.log").open("w") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+    probe = rclpy.create_node("atp_policy_probe", context=rclpy_context)
+    try:
+        deadline = time.monotonic() + 90
+        while not probe.count_publishers("/atp_vlm/answer") or not probe.count_subscribers("/atp_vlm/query"):
+            assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "node.log").read_text()
+            time.sleep(0.1)
+        time.sleep(1.0)  # the rest of the graph (services, action) reaches the probe too
+        publishes = {n for n, _ in probe.get_publisher_names_and_types_by_node("atp_vlm", "/")}
+        subscribes = {n for n, _ in probe.get_subscriber_names_and_types_by_node("atp_vlm", "/")}
+        serves = {n for n, _ in probe.get_service_names_and_types_by_node("atp_vlm", "/")}
+        actions = {n for n, _ in get_action_server_names_and_types_by_node(probe, "atp_vlm", "/")}
+    finally:
+        probe.destroy_node()
+        stop_node(proc)
+
+    def plain(names: set[str]) -> set[str]:  # the action's own topics/services are covered by its name
+        return {n for n in names if "/_action/" not in n}
+
+    assert actions == allowed["execute"] == {"/atp_vlm/ask"}
+    assert {"/atp_vlm/answer", "/diagnostics", "/rosout", "/atp_vlm/transition_event"} <= publishes
+    assert plain(publishes) <= allowed["publish"], plain(publishes) - allowed["publish"]
+    assert plain(subscribes) <= allowed["subscribe"], plain(subscribes) - allowed["subscribe"]
+    assert plain(serves) <= allowed["reply"], plain(serves) - allowed["reply"]
+    # nothing in the policy the node does not use (beyond the documented optional setups)
+    assert allowed["publish"] - plain(publishes) == set()
+    assert allowed["subscribe"] - plain(subscribes) <= POLICY_OPTIONAL
+    assert allowed["reply"] - plain(serves) == set()
+
+
+def test_sros2_policy_planner_enclave_matches_the_node() -> None:
+    node, planner = _policy_names("/atp_vlm"), _policy_names("/planner", node="planner")
+    assert planner["call"] == node["execute"]
+    assert planner["request"] == {"/atp_vlm/ask_sync"} <= node["reply"]
+    assert "/atp_vlm/query" in planner["publish"] and "/atp_vlm/query" in node["subscribe"]
+    assert "/atp_vlm/answer" in planner["subscribe"] and "/atp_vlm/answer" in node["publish"]
