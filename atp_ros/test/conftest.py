@@ -1,4 +1,4 @@
-"""Shared fixtures: an isolated DDS domain per test session, rclpy contexts, tiny checkpoints."""
+"""Shared fixtures: an isolated DDS domain per test session, ROS logs in pytest's temp folder, rclpy contexts."""
 
 from __future__ import annotations
 
@@ -26,6 +26,20 @@ def pytest_report_header(config: pytest.Config) -> list[str]:
         f"atp_ros imported from: {where}",
         f"ROS_DOMAIN_ID={os.environ['ROS_DOMAIN_ID']} python={sys.executable}",
     ]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def ros_log_dir(tmp_path_factory: pytest.TempPathFactory):
+    """rcl writes one log file per process to ~/.ros/log; this session's go to pytest's temp folder
+    (kept for the last few sessions, like tmp_path), and the node processes the tests start inherit it."""
+    if os.environ.get("ROS_LOG_DIR"):  # the caller chose a place
+        yield os.environ["ROS_LOG_DIR"]
+        return
+    os.environ["ROS_LOG_DIR"] = str(tmp_path_factory.mktemp("ros_log"))
+    try:
+        yield os.environ["ROS_LOG_DIR"]
+    finally:
+        del os.environ["ROS_LOG_DIR"]
 
 
 @pytest.fixture

@@ -11,6 +11,7 @@ launch_pytest = pytest.importorskip(
 pytest.importorskip("launch_ros", reason="launch_ros is not installed")
 
 import os  # noqa: E402
+from pathlib import Path  # noqa: E402
 
 from ament_index_python.packages import get_package_share_directory  # noqa: E402
 from atp_ros.tiny.llava import save_tiny_llava  # noqa: E402
@@ -18,22 +19,21 @@ from launch import LaunchDescription  # noqa: E402
 from launch.actions import IncludeLaunchDescription  # noqa: E402
 from launch.launch_description_sources import PythonLaunchDescriptionSource  # noqa: E402
 
-MODEL_DIR = os.path.join(os.environ.get("TMPDIR", "/tmp"), f"atp_launch_test_{os.getpid()}")
-PARAMS_FILE = MODEL_DIR + ".yaml"
-
 
 @launch_pytest.fixture
-def launch_description():
-    save_tiny_llava(MODEL_DIR)
+def launch_description(tmp_path: Path):
+    # The model and the params file live in pytest's tmp_path (a launch_pytest fixture is a pytest
+    # fixture): nothing is left in $TMPDIR or the working directory.
+    model_dir = save_tiny_llava(tmp_path / "model")
+    params_file = tmp_path / "params.yaml"
     # model_id and device come only from the params file (no launch arguments for them): the
     # launch file must not override them with defaults. A namespace: the file must still apply.
-    with open(PARAMS_FILE, "w") as f:
-        f.write(f'/**/atp_vlm:\n  ros__parameters:\n    model_id: "{MODEL_DIR}"\n    device: "cpu"\n')
+    params_file.write_text(f'/**/atp_vlm:\n  ros__parameters:\n    model_id: "{model_dir}"\n    device: "cpu"\n')
     launch_file = os.path.join(get_package_share_directory("atp_ros"), "launch", "vlm.launch.py")
     include = IncludeLaunchDescription(
         PythonLaunchDescriptionSource(launch_file),
         launch_arguments={
-            "params_file": PARAMS_FILE,
+            "params_file": str(params_file),
             "namespace": "/launch_ns",
             "image_topic": "/launch_test/image",
         }.items(),
