@@ -9,6 +9,7 @@ decode) and compares answers, generated ids, keep masks and kept counts.
 
 from __future__ import annotations
 
+import asyncio
 import queue
 import re
 import signal
@@ -27,6 +28,7 @@ ray = pytest.importorskip("ray")
 serve = pytest.importorskip("ray.serve")
 from atp_ros.serve import (  # noqa: E402  (after the skip: Ray is an optional dependency elsewhere)
     NAMESPACE,
+    Coalescer,
     RemoteBackend,
     ServeConfig,
     ServeRequest,
@@ -172,6 +174,28 @@ def test_answer_requests_one_call_per_setting_and_bad_requests_alone(local, fram
     assert [o.offset for o in (out[0], out[3])] == [0, 1] and out[0].call_id == out[3].call_id
     assert all(o.batch_size == 4 for o in (out[0], out[1], out[3]))
     assert _replay(local, [reqs[i] for i in (0, 1, 3)], [out[i] for i in (0, 1, 3)]) == 2
+
+
+def test_coalescer_merges_the_batches_that_queued_while_the_model_ran() -> None:
+    started, release, runs = threading.Event(), threading.Event(), []
+
+    def run(requests: list) -> list:
+        runs.append(list(requests))
+        started.set()
+        release.wait(30)  # the first run holds the model until the others have queued
+        return [r * 10 for r in requests]
+
+    async def main() -> list:
+        coalescer = Coalescer(run, max_batch_size=4)
+        first = asyncio.ensure_future(coalescer.submit([1]))
+        await asyncio.to_thread(started.wait, 30)
+        later = [asyncio.ensure_future(coalescer.submit([i])) for i in range(2, 7)]  # five single batches
+        await asyncio.sleep(0)  # they join the pending list
+        release.set()
+        return [await first, *[await f for f in later]]
+
+    assert asyncio.run(main()) == [[10], [20], [30], [40], [50], [60]]
+    assert runs == [[1], [2, 3, 4, 5], [6]]  # one run per free model, up to max_batch_size
 
 
 # ----------------------------------------------------------------------------- atp-serve
