@@ -39,7 +39,7 @@ command -v "$PY" >/dev/null || {
   echo "setup: $PY not found (without ROS: CPython 3.11 for the ROS 2 wheels; PYTHON=... picks another)" >&2
   exit 1
 }
-want_py=$("$PY" -c 'import sys; print("%d.%d" % sys.version_info[:2])')
+want_py=$("$PY" -c 'import sys; print("%d.%d" % sys.version_info[:2])') || { echo "setup: $PY does not run" >&2; exit 1; }
 if [ ! -x "$VENV/bin/python" ]; then
   echo "setup: creating $VENV with $($PY --version)"
   "$PY" -m venv $VENV_FLAGS "$VENV"
