@@ -23,7 +23,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import hashlib
 import io
+import json
 import logging
 import math
 import os
@@ -377,6 +379,19 @@ def config_from_yaml(path: Path, base: ServeConfig = ServeConfig()) -> ServeConf
 # =============================================================================== deploying
 
 
+def code_version(cfg: ServeConfig) -> str:
+    """What the replicas run: the model settings, atp_ros's version and this file.
+
+    ``serve.run`` gives an unversioned deployment a random version, so every deploy restarted the
+    replicas (reloading the model) even when only ``user_config`` changed. With a version that
+    stays the same for the same code and model, Serve reconfigures running replicas in place.
+    """
+    from atp_ros import __version__
+
+    text = json.dumps(cfg.model_kwargs(), sort_keys=True) + __version__ + Path(__file__).read_text()
+    return hashlib.sha1(text.encode()).hexdigest()[:16]
+
+
 def build_app(cfg: ServeConfig) -> serve.Application:
     """The Serve application of ``cfg`` (replicas, actor resources, batching as user_config)."""
     return AtpVlmServer.options(
@@ -384,6 +399,8 @@ def build_app(cfg: ServeConfig) -> serve.Application:
         ray_actor_options={"num_cpus": cfg.num_cpus, "num_gpus": cfg.num_gpus},
         max_ongoing_requests=cfg.ongoing,
         user_config=cfg.user_config(),
+        version=code_version(cfg),
+        _internal=True,  # Serve keeps explicit versions to itself since 2.x; this is what its config files do
     ).bind(cfg.model_kwargs())
 
 
