@@ -37,6 +37,7 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, fields, replace
 from functools import partial
 from pathlib import Path
@@ -201,6 +202,9 @@ class Coalescer:
         self._pending: list[tuple[ServeRequest, asyncio.Future]] = []
         self._draining = False
         self._drainer: asyncio.Task | None = None
+        # One thread runs the model, always the same: torch's OpenMP pool belongs to the calling thread,
+        # and a pool per thread of asyncio's default executor would spin on the same cores.
+        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="atp-model")
 
     async def submit(self, requests: list[ServeRequest]) -> list:
         """The result of each request, once a model run that took it has finished."""
@@ -221,8 +225,9 @@ class Coalescer:
                 if not live:
                     continue
                 self.run_sizes[len(live)] += 1
-                try:  # in a thread: the loop keeps accepting requests, describe() and health checks
-                    results = await asyncio.to_thread(self.run, [r for r, _ in live])
+                try:  # off the loop: it keeps accepting requests, describe() and health checks
+                    loop = asyncio.get_running_loop()
+                    results = await loop.run_in_executor(self._thread, self.run, [r for r, _ in live])
                 except Exception as err:  # not a request's own error: every request of the run gets it
                     results = [err] * len(live)
                 for (_, future), result in zip(live, results, strict=True):
