@@ -52,3 +52,23 @@ def rclpy_context():
         yield context
     finally:
         rclpy.try_shutdown(context=context)
+
+
+@pytest.fixture(scope="module")
+def ros_ctx():
+    """An rclpy context shared by one module's tests (node processes are started per test or module)."""
+    rclpy = pytest.importorskip("rclpy")
+    context = rclpy.context.Context()
+    rclpy.init(context=context)
+    try:
+        yield context
+    finally:
+        rclpy.try_shutdown(context=context)
+
+
+@pytest.fixture(scope="module")
+def tiny_llava(tmp_path_factory: pytest.TempPathFactory):
+    """A tiny random LLaVA checkpoint (64 visual tokens on an 8x8 grid) with its text tower."""
+    from atp_ros.tiny.llava import save_tiny_llava
+
+    return save_tiny_llava(tmp_path_factory.mktemp("tiny_llava") / "ckpt")

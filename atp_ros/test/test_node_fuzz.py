@@ -20,7 +20,6 @@ rclpy = pytest.importorskip("rclpy")
 pytest.importorskip("atp_ros_msgs.msg")
 
 from atp_ros.scenes import render_scene  # noqa: E402
-from atp_ros.tiny.llava import save_tiny_llava  # noqa: E402
 from node_harness import Probe, image_msg, new_namespace, publish_until_answer, start_node, stop_node  # noqa: E402
 from PIL import Image as PilImage  # noqa: E402
 from rclpy.qos import qos_profile_sensor_data  # noqa: E402
@@ -71,19 +70,6 @@ def compressed_images(draw) -> CompressedImage:
 
 
 questions = st.text(max_size=700) | st.sampled_from(["", "   ", "\n\t", "ok?", "x" * 513, "🤖 where is the 📦?"])
-
-
-@pytest.fixture(scope="module")
-def tiny_llava(tmp_path_factory):
-    return save_tiny_llava(tmp_path_factory.mktemp("tiny_llava") / "ckpt")
-
-
-@pytest.fixture(scope="module")
-def ros_ctx():
-    context = rclpy.context.Context()
-    rclpy.init(context=context)
-    yield context
-    rclpy.try_shutdown(context=context)
 
 
 def settled_values(probe: Probe) -> dict[str, str]:

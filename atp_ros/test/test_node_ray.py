@@ -36,14 +36,6 @@ def cluster():
         ray.shutdown()
 
 
-@pytest.fixture(scope="module")
-def ros_ctx():
-    context = rclpy.context.Context()
-    rclpy.init(context=context)
-    yield context
-    rclpy.try_shutdown(context=context)
-
-
 def frame(seed: int, stamp: int):
     return image_msg(render_scene(seed, 240, 320).rgb, stamp)
 

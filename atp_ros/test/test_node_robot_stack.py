@@ -43,22 +43,9 @@ LONG = 1024  # max_new_tokens of the talker: a full answer takes tens of seconds
 
 
 @pytest.fixture(scope="module")
-def tiny_llava(tmp_path_factory):
-    return save_tiny_llava(tmp_path_factory.mktemp("tiny_llava") / "ckpt")
-
-
-@pytest.fixture(scope="module")
 def talker(tmp_path_factory):
     """A random LLaVA with a wider, deeper LLM that never says EOS: every answer runs to max_new_tokens."""
     return save_tiny_llava(tmp_path_factory.mktemp("talker") / "ckpt", text_hidden=256, text_layers=6)
-
-
-@pytest.fixture(scope="module")
-def ros_ctx():
-    context = rclpy.context.Context()
-    rclpy.init(context=context)
-    yield context
-    rclpy.try_shutdown(context=context)
 
 
 def frame(seed: int, stamp: int, frame_id: str = "camera") -> Image:

@@ -32,19 +32,6 @@ N_TOKENS = 64  # tiny LLaVA: 64 px / patch 8 -> 8x8 grid
 
 
 @pytest.fixture(scope="module")
-def tiny_llava(tmp_path_factory):
-    return save_tiny_llava(tmp_path_factory.mktemp("tiny_llava") / "ckpt")
-
-
-@pytest.fixture(scope="module")
-def ros_ctx():
-    context = rclpy.context.Context()
-    rclpy.init(context=context)
-    yield context
-    rclpy.try_shutdown(context=context)
-
-
-@pytest.fixture(scope="module")
 def running(tiny_llava, ros_ctx, tmp_path_factory):
     """One node process shared by the tests of this module (startup imports torch: seconds)."""
     ns = new_namespace()
