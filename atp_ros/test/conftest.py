@@ -42,9 +42,7 @@ def ros_log_dir(tmp_path_factory: pytest.TempPathFactory):
         del os.environ["ROS_LOG_DIR"]
 
 
-@pytest.fixture
-def rclpy_context():
-    """A fresh rclpy context for one test, shut down afterwards."""
+def _context():
     rclpy = pytest.importorskip("rclpy")
     context = rclpy.context.Context()
     rclpy.init(context=context)
@@ -52,18 +50,18 @@ def rclpy_context():
         yield context
     finally:
         rclpy.try_shutdown(context=context)
+
+
+@pytest.fixture
+def rclpy_context():
+    """A fresh rclpy context for one test, shut down afterwards."""
+    yield from _context()
 
 
 @pytest.fixture(scope="module")
 def ros_ctx():
     """An rclpy context shared by one module's tests (node processes are started per test or module)."""
-    rclpy = pytest.importorskip("rclpy")
-    context = rclpy.context.Context()
-    rclpy.init(context=context)
-    try:
-        yield context
-    finally:
-        rclpy.try_shutdown(context=context)
+    yield from _context()
 
 
 @pytest.fixture(scope="module")
