@@ -19,11 +19,15 @@ from typing import Any
 
 import numpy as np
 from PIL import Image as PILImage
-from rosbags.image import ImageError, message_to_cvimage
+from rosbags.image import message_to_cvimage
 from rosbags.image.image import ENCODINGMAP
 
 # Encodings we accept on the raw topic: everything rosbags-image converts to rgb8.
 SUPPORTED_ENCODINGS: frozenset[str] = frozenset(ENCODINGMAP)
+# Chroma-subsampled layouts: 4:2:2 packs two pixels per chroma pair (even width), 4:2:0 also
+# halves the rows (even height). OpenCV raises on other sizes.
+_EVEN_WIDTH = frozenset({"uyvy", "yuv422", "yuyv", "yuv422_yuy2", "nv12", "nv21"})
+_EVEN_HEIGHT = frozenset({"nv12", "nv21"})
 
 
 class BadImage(ValueError):
@@ -57,8 +61,13 @@ def raw_to_rgb(msg: Any, limits: ImageLimits = ImageLimits()) -> np.ndarray:
         raise BadImage(
             "too_large", f"image {msg.width}x{msg.height} exceeds limits.max_image_pixels={limits.max_pixels}"
         )
+    if msg.encoding in _EVEN_WIDTH and (msg.width % 2 or (msg.encoding in _EVEN_HEIGHT and msg.height % 2)):
+        need = "width and height" if msg.encoding in _EVEN_HEIGHT else "width"
+        raise BadImage("layout", f"{msg.encoding} needs an even {need}, got {msg.width}x{msg.height}")
     row = msg.width * _bytes_per_pixel(msg.encoding)
-    if msg.encoding in ("nv12", "nv21"):  # planar YUV 4:2:0: 1.5 rows of luma bytes per pixel row
+    # height is the image's height (sensor_msgs/Image: "number of rows" of the picture); planar
+    # YUV 4:2:0 stores 1.5 buffer rows of luma-width bytes per picture row.
+    if msg.encoding in _EVEN_HEIGHT:
         row, rows = msg.width, msg.height * 3 // 2
     else:
         rows = msg.height
@@ -69,13 +78,14 @@ def raw_to_rgb(msg: Any, limits: ImageLimits = ImageLimits()) -> np.ndarray:
     data = np.frombuffer(msg.data, dtype=np.uint8)
     if msg.step != row:  # padded rows: rosbags-image assumes packed rows, so strip the padding
         data = data.reshape(rows, msg.step)[:, :row].tobytes()
+    # rosbags-image reads ``height`` as the buffer's rows (4:2:0 included), not the picture's.
     packed = SimpleNamespace(
-        encoding=msg.encoding, height=msg.height, width=msg.width, is_bigendian=msg.is_bigendian, data=data
+        encoding=msg.encoding, height=rows, width=msg.width, is_bigendian=msg.is_bigendian, data=data
     )
     try:
         rgb = message_to_cvimage(packed, "rgb8")
-    except (ImageError, ValueError, TypeError) as err:
-        raise BadImage("encoding", f"cannot convert {msg.encoding} to rgb8: {err}") from err
+    except Exception as err:  # ImageError, ValueError, and OpenCV's cv2.error, which is none of those
+        raise BadImage("encoding", f"cannot convert {msg.encoding} to rgb8: {type(err).__name__}: {err}") from err
     return _as_rgb_u8(rgb)
 
 
@@ -90,7 +100,7 @@ def compressed_to_rgb(msg: Any, limits: ImageLimits = ImageLimits()) -> np.ndarr
         raise BadImage("too_large", f"compressed image of {size[0]}x{size[1]} exceeds max_image_pixels")
     try:
         rgb = message_to_cvimage(msg, "rgb8")
-    except (AssertionError, ImageError, ValueError) as err:  # rosbags asserts on undecodable data
+    except Exception as err:  # rosbags asserts on undecodable data; OpenCV raises cv2.error
         raise BadImage("corrupt", f"cannot decode compressed image (format {msg.format!r})") from err
     if rgb.shape[0] * rgb.shape[1] > limits.max_pixels:
         raise BadImage("too_large", f"decoded image {rgb.shape[1]}x{rgb.shape[0]} exceeds max_image_pixels")

@@ -136,6 +136,13 @@ PARAMS: tuple[Param, ...] = (
     ),
     Param("limits.max_image_pixels", 4096 * 4096, "frames with more pixels are rejected", 1, 1 << 30),
     Param("limits.max_query_chars", 512, "longer questions are rejected", 1, 100000),
+    Param(
+        "limits.ask_timeout_s",
+        60.0,
+        "an ask (~/ask_sync, ~/ask) not answered within this many seconds is cancelled and fails",
+        0.1,
+        86400.0,
+    ),
     Param("diagnostics.window", 100, "frames in the p50/p95 latency window", 1, 100000),
 )
 BY_NAME: dict[str, Param] = {p.name: p for p in PARAMS}

@@ -24,9 +24,10 @@ import os
 import resource
 import sys
 import time
+from collections.abc import Callable
 from concurrent import futures
 from dataclasses import dataclass
-from functools import partial
+from functools import partial, wraps
 from typing import Any
 
 import rclpy
@@ -54,6 +55,24 @@ from atp_ros_msgs.srv import Ask
 RECENT_PROBLEM_S = 10.0  # a problem keeps /diagnostics at WARN/ERROR this long
 FEEDBACK_PERIOD_S = 0.2  # ~/ask feedback while a goal waits or runs
 _LEVEL = {OK: DiagnosticStatus.OK, WARN: DiagnosticStatus.WARN, ERROR: DiagnosticStatus.ERROR}
+
+
+def _guarded(cause: str, fallback: Any = None) -> Callable:
+    """Wrap a ROS callback: an exception it raises is counted under ``cause`` and logged (once per
+    1st/10th/100th...), never raised into the executor, where it would end ``spin()`` and the process."""
+
+    def wrap(callback: Callable) -> Callable:
+        @wraps(callback)
+        def guarded(self: VlmNode, *args: Any, **kwargs: Any) -> Any:
+            try:
+                return callback(self, *args, **kwargs)
+            except Exception as err:
+                self._report(cause, f"{callback.__name__} failed: {type(err).__name__}: {err}")
+                return fallback(*args) if fallback is not None else None
+
+        return guarded
+
+    return wrap
 
 
 def _descriptor(spec: params.Param) -> ParameterDescriptor:
@@ -160,6 +179,7 @@ class VlmNode(LifecycleNode):
             max_new_tokens=self._param("max_new_tokens"),
             max_query_chars=self._param("limits.max_query_chars"),
             latency_window=self._param("diagnostics.window"),
+            query_topic=self.resolve_topic_name("~/query"),
         )
         reliable = QoSProfile(depth=10, reliability=ReliabilityPolicy.RELIABLE)
         for cam in self.cameras:
@@ -322,18 +342,37 @@ class VlmNode(LifecycleNode):
             self.create_subscription(String, topic, callback, anyone, callback_group=self._input_group)
         )
 
+    @_guarded("callback")
     def _on_image(self, camera: str, msg: Image | CompressedImage) -> None:
-        self.worker.put_frame(camera, msg)
+        worker = self.worker
+        if worker is not None:  # None: a frame delivered while the node was cleaning up
+            worker.put_frame(camera, msg)
 
+    @_guarded("callback")
     def _on_query(self, camera: str | None, msg: String) -> None:
+        worker = self.worker
+        if worker is None:
+            return
         try:
-            changed = self.worker.set_query(msg.data, camera)
+            changed = worker.set_query(msg.data, camera)
         except BadInput as err:
-            self.worker.problem(err.cause, WARN, f"query rejected: {err} (keeping the previous one)")
+            worker.problem(err.cause, WARN, f"query rejected: {err} (keeping the previous one)")
             return
         if changed:
             where = f" for camera {camera}" if camera else ""
             self.get_logger().info(f"query{where}: {msg.data.strip()!r}")
+
+    def _report(self, cause: str, message: str) -> None:
+        """Count an unexpected failure of a callback (ERROR) in the worker's problem log when there is
+        one, else log it; never raises."""
+        worker = self.worker
+        try:
+            if worker is not None:
+                worker.problem(cause, ERROR, message)
+            else:
+                self.get_logger().error(f"[{cause}] {message}")
+        except Exception:  # nowhere left to report to: dropping the line beats ending the process
+            pass
 
     def _decode(self, msg: Image | CompressedImage):
         try:
@@ -346,8 +385,15 @@ class VlmNode(LifecycleNode):
     # ------------------------------------------------------------------ outputs
 
     def _log(self, level: int, line: str) -> None:
+        # One call site per severity: rclpy keys its logging state by call site and raises
+        # "Logger severity cannot be changed between calls" when one site logs at two levels.
         logger = self.get_logger()
-        {OK: logger.info, WARN: logger.warning, ERROR: logger.error}[level](line)
+        if level >= ERROR:
+            logger.error(line)
+        elif level == WARN:
+            logger.warning(line)
+        else:
+            logger.info(line)
 
     def _log_notes(self, notes: list[str]) -> None:
         for note in dict.fromkeys(notes):
@@ -409,7 +455,15 @@ class VlmNode(LifecycleNode):
             return f"not answering: the node is {self.state}", None
         ticket = worker.ask(question, camera, max_age_s)
         accepted = time.monotonic()
+        timeout = self._param("limits.ask_timeout_s")
         while not ticket.future.done():
+            if not worker.running:  # stopped or died: nobody will ever answer this ticket
+                ticket.cancel()
+                return f"not answering: the inference thread is not running (node {self.state})", None
+            if time.monotonic() - accepted > timeout:
+                ticket.cancel()  # ends it before it runs, or mid-decode within one token
+                worker.problem("ask_timeout", WARN, f"ask timed out after {timeout:g} s: {question.strip()[:80]!r}")
+                return f"timed out after {timeout:g} s (limits.ask_timeout_s)", None
             if goal_handle is not None:
                 if goal_handle.is_cancel_requested:
                     ticket.cancel()
@@ -428,6 +482,7 @@ class VlmNode(LifecycleNode):
             return f"inference failed: {type(err).__name__}: {err}", None
         return "ok", self._answer_msg(ticket.future.result())
 
+    @_guarded("ask", fallback=lambda _goal: AskAction.Result(success=False, message="internal error (see the log)"))
     def _execute_ask(self, goal_handle) -> AskAction.Result:
         goal = goal_handle.request
         message, answer = self._ask(goal.question, goal.camera, goal.max_age_s, goal_handle)
@@ -441,6 +496,7 @@ class VlmNode(LifecycleNode):
             goal_handle.abort()
         return result
 
+    @_guarded("ask", fallback=lambda _req, resp: resp)
     def _on_ask_sync(self, request: Ask.Request, response: Ask.Response) -> Ask.Response:
         message, answer = self._ask(request.question, request.camera, request.max_age_s)
         response.success, response.message = answer is not None, message
@@ -458,6 +514,7 @@ class VlmNode(LifecycleNode):
         except (AttributeError, ServiceUnavailable):
             return {}
 
+    @_guarded("diagnostics")
     def _publish_diagnostics(self) -> None:
         worker, backend = self.worker, self.backend
         facts = self._backend_facts() if backend is not None else {}
@@ -476,7 +533,10 @@ class VlmNode(LifecycleNode):
         else:
             recent = worker.problems.recent(RECENT_PROBLEM_S)
             queries = {c.name: worker.query(c.name) for c in self.cameras}
-            if recent:
+            if self.state == "active" and not worker.running:
+                status.level = DiagnosticStatus.ERROR
+                status.message = "the inference thread is not running: no frame or ask is answered"
+            elif recent:
                 worst = max(recent.values(), key=lambda p: p.level)
                 status.level, status.message = _LEVEL[worst.level], worst.message
             elif worker.notes:  # answering, but not the way the parameters asked (e.g. CLS-only without text tower)
@@ -495,6 +555,7 @@ class VlmNode(LifecycleNode):
                 "visual_tokens_total": str(worker.last_kept[1]),
                 "load_notes": " | ".join(facts.get("load_notes", [])),
                 "notes": " | ".join(worker.notes),
+                "worker_running": str(worker.running).lower(),
             }
             stats = worker.stats()
             values |= {k: f"{v:.0f}" if isinstance(v, float) else str(v) for k, v in stats.items()}
@@ -541,6 +602,22 @@ def _release_cuda_cache() -> None:
         torch.cuda.empty_cache()
 
 
+def _spin(node: VlmNode, executor: MultiThreadedExecutor) -> None:
+    """Spin until shutdown. A callback's exception surfaces from ``spin()``: it is reported and
+    spinning resumes, so one failing callback never ends the node (ours are guarded; rclpy's own
+    lifecycle and parameter services are not)."""
+    while rclpy.ok(context=node.context):
+        try:
+            executor.spin()
+            return
+        except (KeyboardInterrupt, ExternalShutdownException):
+            raise
+        except Exception as err:
+            if not rclpy.ok(context=node.context):
+                return
+            node._report("callback", f"a callback failed: {type(err).__name__}: {err}")
+
+
 def _fatal(reason: str) -> int:
     print(f"[atp_vlm] FATAL: cannot start: {' '.join(reason.split())}", file=sys.stderr, flush=True)
     return 1
@@ -561,7 +638,7 @@ def run(args: list[str] | None = None) -> int:
             reason = node.bring_up()
             if reason:  # a failed configure has logged its one line already
                 return 1 if node.start_error else _fatal(reason)
-        executor.spin()
+        _spin(node, executor)
     except (KeyboardInterrupt, ExternalShutdownException):
         pass
     finally:

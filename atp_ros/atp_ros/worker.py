@@ -166,6 +166,14 @@ class Problems:
             return {c: p.count for c, p in self._latest.items()}
 
 
+@dataclass
+class _LoopState:
+    """What the inference thread remembers between jobs."""
+
+    last_start: float = -1e9  # time.monotonic() of the last frame inference (the rate cap)
+    waiting_logged: bool = False  # "no query yet" is said once
+
+
 def _power_of_ten(n: int) -> bool:
     while n % 10 == 0 and n > 1:
         n //= 10
@@ -202,6 +210,7 @@ class InferenceWorker:
         max_new_tokens: int = 32,
         max_query_chars: int = 512,
         latency_window: int = 100,
+        query_topic: str = "the query topic",
     ) -> None:
         if not cameras or len(set(cameras)) != len(cameras):
             raise ValueError(f"cameras must be distinct and at least one, got {list(cameras)}")
@@ -211,6 +220,7 @@ class InferenceWorker:
         self._config = config
         self.max_new_tokens = max_new_tokens
         self.max_query_chars = max_query_chars
+        self.query_topic = query_topic  # named in the "no query yet" line
         self.counters = Counters()
         self.latency = LatencyWindow(latency_window)
         self.problems = Problems()
@@ -275,12 +285,14 @@ class InferenceWorker:
         request = AskTicket(camera or self.cameras[0], question, max_age_s)
         try:
             request.question = check_question(question, self.max_query_chars)
+            if not (max_age_s >= 0.0):  # NaN fails every comparison: without this it meant "any age"
+                raise BadInput("max_age", f"max_age_s must be >= 0 (0 = any age), got {max_age_s}")
             self._known(request.camera)
         except (BadInput, ValueError) as err:
             request.future.set_exception(err if isinstance(err, BadInput) else BadInput("camera", str(err)))
             return request
         with self._lock:
-            if self._thread is None:
+            if not self.running:
                 request.future.set_exception(BadInput("inactive", "not processing (the node is not active)"))
             else:
                 self._asks.append(request)
@@ -296,7 +308,9 @@ class InferenceWorker:
 
     @property
     def running(self) -> bool:
-        return self._thread is not None
+        """True while the inference thread is alive (not merely started: a dead thread answers nothing)."""
+        thread = self._thread
+        return thread is not None and thread.is_alive()
 
     def start(self) -> None:
         """Start processing (a no-op when running)."""
@@ -349,11 +363,21 @@ class InferenceWorker:
         return values
 
     def problem(self, cause: str, level: int, message: str) -> None:
-        """Count one problem and log it when it deserves a line (see :class:`Problems`)."""
+        """Count one problem and log it when it deserves a line (see :class:`Problems`).
+
+        Never raises: a failing log sink must not end the caller (the inference thread or a
+        ROS callback); the problem stays counted either way.
+        """
         self.counters.inc(f"problems_{'error' if level >= ERROR else 'warn'}")
         line = self.problems.report(cause, level, message)
         if line:
+            self._safe_log(level, line)
+
+    def _safe_log(self, level: int, line: str) -> None:
+        try:
             self._log(level, line)
+        except Exception as err:  # the log sink itself failed: count it, keep going
+            self.problems.report("log", ERROR, f"logging failed: {type(err).__name__}: {err}")
 
     # ------------------------------------------------------------------ the thread
 
@@ -370,58 +394,67 @@ class InferenceWorker:
         return None
 
     def _run(self) -> None:
-        stop = self._stop
-        last_start = -1e9
-        waiting_logged = False
-        while not stop.is_set():
-            with self._lock:
-                job = self._asks.popleft() if self._asks else None
-                if job is None:
-                    rate = self._config.max_rate_hz
-                    pause = last_start + 1.0 / rate - time.monotonic() if rate > 0 else 0.0
-                    if pause > 0:
-                        self._wake.wait(pause)  # an ask or stop wakes it early
-                        continue
-                    job = self._next()
-                    if job is None:
-                        self._wake.wait(0.5)
-                        continue
-            if isinstance(job, AskTicket):
-                self._run_ask(job)
-                continue
-            question = self.query(job.camera)
-            if question is None:
-                self.counters.inc("frames_skipped_no_query")
-                if not waiting_logged:
-                    self._log(OK, "frames arriving but no query yet: publish a question on the query topic")
-                    waiting_logged = True
-                continue
-            last_start = time.monotonic()
-            self.latency.add({"queue_age": (last_start - job.received) * 1e3})
+        """The inference thread: one job at a time until stopped. Nothing a job raises ends it."""
+        state = _LoopState()
+        while not self._stop.is_set():
             try:
-                outcome = self._infer(job, question, stop.is_set)
-            except GenerationStopped as err:
-                self._log(OK, f"inference {err} (stopping)")
-                break
-            except BadInput as err:
-                self.problem(err.cause, WARN, f"frame skipped: {err}")
-                continue
-            except Exception as err:  # a failing model step (CUDA OOM, a lost service) must not end the worker
-                cause = getattr(err, "cause", "model")
-                self.problem(cause, ERROR, f"inference failed, frame skipped: {type(err).__name__}: {err}")
-                _release_cuda_cache()
-                continue
-            try:
-                self._on_answer(outcome)
-            except Exception as err:
-                if stop.is_set():
+                if self._step(state):
                     break
-                self.problem("publish", ERROR, f"publishing failed: {type(err).__name__}: {err}")
-                continue
-            self.counters.inc("frames_processed")
-            if len(self.cameras) > 1:
-                self.counters.inc(f"{job.camera}.frames_processed")
-            self.latency.add(outcome.result.timings.as_dict() | {"latency": (time.monotonic() - job.received) * 1e3})
+            except Exception as err:  # a bug or an unforeseen failure: count it, skip the job, keep answering
+                self.problem("worker", ERROR, f"job failed and was skipped: {type(err).__name__}: {err}")
+
+    def _step(self, state: _LoopState) -> bool:
+        """Take and run one job (or wait for one); True when the thread must end."""
+        stop = self._stop
+        with self._lock:
+            job = self._asks.popleft() if self._asks else None
+            if job is None:
+                rate = self._config.max_rate_hz
+                pause = state.last_start + 1.0 / rate - time.monotonic() if rate > 0 else 0.0
+                if pause > 0:
+                    self._wake.wait(pause)  # an ask or stop wakes it early
+                    return False
+                job = self._next()
+                if job is None:
+                    self._wake.wait(0.5)
+                    return False
+        if isinstance(job, AskTicket):
+            self._run_ask(job)
+            return False
+        question = self.query(job.camera)
+        if question is None:
+            self.counters.inc("frames_skipped_no_query")
+            if not state.waiting_logged:
+                state.waiting_logged = True
+                self._safe_log(OK, f"frames arriving but no query yet: publish a question on {self.query_topic}")
+            return False
+        state.last_start = time.monotonic()
+        self.latency.add({"queue_age": (state.last_start - job.received) * 1e3})
+        try:
+            outcome = self._infer(job, question, stop.is_set)
+        except GenerationStopped as err:
+            self._safe_log(OK, f"inference {err} (stopping)")
+            return True
+        except BadInput as err:
+            self.problem(err.cause, WARN, f"frame skipped: {err}")
+            return False
+        except Exception as err:  # a failing model step (CUDA OOM, a lost service) must not end the worker
+            cause = getattr(err, "cause", "model")
+            self.problem(cause, ERROR, f"inference failed, frame skipped: {type(err).__name__}: {err}")
+            _release_cuda_cache()
+            return False
+        try:
+            self._on_answer(outcome)
+        except Exception as err:
+            if stop.is_set():
+                return True
+            self.problem("publish", ERROR, f"publishing failed: {type(err).__name__}: {err}")
+            return False
+        self.counters.inc("frames_processed")
+        if len(self.cameras) > 1:
+            self.counters.inc(f"{job.camera}.frames_processed")
+        self.latency.add(outcome.result.timings.as_dict() | {"latency": (time.monotonic() - job.received) * 1e3})
+        return False
 
     def _run_ask(self, request: AskTicket) -> None:
         request.started.set()
@@ -446,7 +479,12 @@ class InferenceWorker:
         request.future.set_result(outcome)
 
     def _infer(self, frame: Frame, question: str, stop: Callable[[], bool]) -> Outcome:
-        rgb = self._decode(frame.payload)
+        try:
+            rgb = self._decode(frame.payload)
+        except BadInput:
+            raise
+        except Exception as err:  # a decoder library's own error (cv2.error...) is still the frame's fault
+            raise BadInput("decode", f"cannot decode the frame: {type(err).__name__}: {err}") from err
         started = time.monotonic()
         with self._lock:
             self._busy_since = started
@@ -461,7 +499,7 @@ class InferenceWorker:
         new = [n for n in dict.fromkeys(result.notes) if n not in self._notes_logged]
         self._notes_logged.update(new)
         for note in new:
-            self._log(WARN, f"backend: {note}")
+            self._safe_log(WARN, f"backend: {note}")
         self.last_kept = (int(result.visual_tokens_kept[0]), int(result.visual_tokens_total))
         return Outcome(frame, question, rgb, result, started)
 

@@ -137,3 +137,38 @@ def test_latency_window_and_counters() -> None:
     counters.inc("a")
     counters.inc("a", 2)
     assert counters.get("a") == 3 and counters.snapshot() == {"a": 3}
+
+
+def _nv12_msg(rgb: np.ndarray) -> Image:
+    """An NV12 frame encoded by OpenCV (Y plane, then interleaved U/V at half resolution)."""
+    import cv2
+
+    h, w = rgb.shape[:2]
+    i420 = cv2.cvtColor(rgb, cv2.COLOR_RGB2YUV_I420)  # Y plane, then U plane, then V plane
+    y, u, v = i420[:h], i420[h : h + h // 4].reshape(-1), i420[h + h // 4 :].reshape(-1)
+    data = np.concatenate([y.reshape(-1), np.stack([u, v], axis=1).reshape(-1)])
+    return Image(height=h, width=w, encoding="nv12", step=w, data=data.tobytes())
+
+
+def test_nv12_height_is_the_picture_height() -> None:
+    """sensor_msgs/Image.height is the picture's rows; a 4:2:0 buffer holds 1.5x as many."""
+    rgb = np.zeros((8, 6, 3), np.uint8)
+    rgb[:, :, 0] = 200  # a flat red picture survives chroma subsampling
+    out = image_io.raw_to_rgb(_nv12_msg(rgb))
+    assert out.shape == (8, 6, 3)
+    assert abs(int(out[..., 0].mean()) - 200) < 12 and out[..., 1].mean() < 20
+
+
+@pytest.mark.parametrize("encoding", ["yuv422", "uyvy", "yuyv", "yuv422_yuy2", "nv12", "nv21"])
+def test_odd_sizes_of_subsampled_encodings_are_bad_input(encoding) -> None:
+    """OpenCV raises cv2.error on odd-width 4:2:2 / 4:2:0 frames: that is the frame's fault, one line."""
+    w, h = 5, 4
+    rows = h * 3 // 2 if encoding in ("nv12", "nv21") else h
+    step = w if encoding in ("nv12", "nv21") else w * 2
+    msg = Image(height=h, width=w, encoding=encoding, step=step, data=bytes(step * rows))
+    with pytest.raises(image_io.BadImage, match="even") as err:
+        image_io.raw_to_rgb(msg)
+    assert err.value.cause == "layout"
+    even = Image(height=h, width=6, encoding=encoding, step=step + (1 if step == w else 2), data=b"")
+    even.data = bytes(even.step * rows)
+    assert image_io.raw_to_rgb(even).shape == (4, 6, 3)
