@@ -26,7 +26,7 @@ setup:
 	@bash tools/setup.sh
 
 demo: setup
-	@$(ENV) python -m atp_ros.demo $(DEMO_ARGS)
+	@$(ENV) python -m atp_ros.apps.demo $(DEMO_ARGS)
 
 test: setup
 	@$(ENV) python -m pytest atp_ros/test $(PYTEST_ARGS)
@@ -36,18 +36,18 @@ bench: setup
 
 # Resumable: rerun after an interruption and it continues from out/train-tiny/state.pt.
 train-tiny: setup
-	@$(ENV) python -m atp_ros.train_tiny --out out/warehouse-tiny --work out/train-tiny $(TRAIN_ARGS)
+	@$(ENV) python -m atp_ros.warehouse.train --out out/warehouse-tiny --work out/train-tiny $(TRAIN_ARGS)
 
 # A warehouse test-split bag with ground truth, then the sweep, robustness and a live replay through the node.
 EVAL_BAG ?= out/eval/warehouse_test_bag
 eval: setup
-	@$(ENV) test -d $(EVAL_BAG) || python -m atp_ros.warehouse bag --split test --count 150 --rate 10 --out $(EVAL_BAG)
-	@$(ENV) python -m atp_ros.evaluate --bag $(EVAL_BAG) --out out/eval/report --alphas 1,0.5,0 --masses 0.5 \
+	@$(ENV) test -d $(EVAL_BAG) || python -m atp_ros.warehouse.cli bag --split test --count 150 --rate 10 --out $(EVAL_BAG)
+	@$(ENV) python -m atp_ros.evaluation.cli --bag $(EVAL_BAG) --out out/eval/report --alphas 1,0.5,0 --masses 0.5 \
 		--corruptions all --severities 1,3 --question-perturbations all --live --live-frames 60 $(EVAL_ARGS)
 
 MODEL ?= warehouse-tiny
 model-card: setup
-	@$(ENV) python -m atp_ros.model_card --model $(MODEL) --out out/model_card $(CARD_ARGS)
+	@$(ENV) python -m atp_ros.warehouse.model_card --model $(MODEL) --out out/model_card $(CARD_ARGS)
 
 lint: setup
 	@. $(VENV)/bin/activate && ruff check . && ruff format --check .
@@ -59,7 +59,7 @@ clean:
 	rm -rf build install log out .pytest_cache .ruff_cache
 
 serve-demo: setup
-	@$(ENV) python -m atp_ros.serve_demo $(DEMO_ARGS)
+	@$(ENV) python -m atp_ros.apps.serve_demo $(DEMO_ARGS)
 
 # Reliability (#12): 10 minutes at 30 Hz; SOAK_ARGS="--minutes 1" for the short version.
 soak: setup

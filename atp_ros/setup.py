@@ -29,11 +29,11 @@ setup(
     license="Apache-2.0",
     entry_points={
         "console_scripts": [
-            "vlm_node = atp_ros.vlm_node:main",
-            "warehouse = atp_ros.warehouse:main",
-            "train_tiny = atp_ros.train_tiny:main",
-            "evaluate = atp_ros.evaluate:main",
-            "atp-serve = atp_ros.serve:main",
+            "vlm_node = atp_ros.ros.node:main",
+            "warehouse = atp_ros.warehouse.cli:main",
+            "train_tiny = atp_ros.warehouse.train:main",
+            "evaluate = atp_ros.evaluation.cli:main",
+            "atp-serve = atp_ros.serving.serve:main",
         ],
     },
 )

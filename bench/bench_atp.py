@@ -7,7 +7,7 @@ What is timed (median of many repeats after a warm-up, ``torch.inference_mode``)
   mask. The inputs are the per-patch signals a backend hands over, so the joint-space
   projection of the patches and the text tower are *not* included.
 * ``adaptive`` -- the same with the adaptive budget (``tau = 0.9``) instead of a ratio.
-* ``cls_attention`` -- :func:`atp_ros.atp.cls_attention` for one ViT-L-like layer
+* ``cls_attention`` -- :func:`atp_ros.method.cls_attention` for one ViT-L-like layer
   (H=16 heads, D=64, L=N+1 keys with the CLS token).
 
 N in {196, 576, 729, 2304} (ViT-B/16 224 px, ViT-L/14 336 px, SigLIP 384 px, 672 px
@@ -38,10 +38,10 @@ from rich.console import Console
 from rich.table import Table
 
 try:
-    from atp_ros.atp import ATPSelector, Budget, ScoreInputs, cls_attention
+    from atp_ros.method import ATPSelector, Budget, ScoreInputs, cls_attention
 except ImportError:  # a plain checkout without PYTHONPATH or the colcon install space
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "atp_ros"))
-    from atp_ros.atp import ATPSelector, Budget, ScoreInputs, cls_attention
+    from atp_ros.method import ATPSelector, Budget, ScoreInputs, cls_attention
 
 NUM_TOKENS = (196, 576, 729, 2304)
 BATCHES = (1, 8)

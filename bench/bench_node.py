@@ -85,7 +85,7 @@ def main() -> int:
     if args.child:
         print(json.dumps(run_once(Path(args.child[0]), Path(args.child[1]))))
         return 0
-    from atp_ros.warehouse import write_bag
+    from atp_ros.warehouse.cli import write_bag
 
     results = {}
     with tempfile.TemporaryDirectory() as tmp:

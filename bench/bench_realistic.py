@@ -31,8 +31,8 @@ from pathlib import Path
 
 import torch
 from atp_ros.backends import STAGES, AtpConfig, load_backend
-from atp_ros.scenes import render_scene
-from atp_ros.tiny.llava import save_tiny_llava
+from atp_ros.testing.tiny.llava import save_tiny_llava
+from atp_ros.warehouse.scenes import render_scene
 from rich.console import Console
 from rich.table import Table
 from tqdm import tqdm

@@ -33,9 +33,8 @@ from pathlib import Path
 
 import numpy as np
 from atp_ros.backends import AtpConfig, resolve_model_id
-from atp_ros.params import PARAMS
-from atp_ros.scenes import questions_for_scene, render_scene, split_seed
-from atp_ros.serve import (
+from atp_ros.ros.params import PARAMS
+from atp_ros.serving.serve import (
     RemoteBackend,
     ServeConfig,
     cluster_address,
@@ -45,6 +44,7 @@ from atp_ros.serve import (
     shutdown,
     start_ray,
 )
+from atp_ros.warehouse.scenes import questions_for_scene, render_scene, split_seed
 from rich.console import Console
 from rich.table import Table
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 from atp_ros.backends import STAGES, AtpConfig, load_backend
-from atp_ros.scenes import questions_for_scene, render_scene, split_seed
+from atp_ros.warehouse.scenes import questions_for_scene, render_scene, split_seed
 from rich.console import Console
 from rich.table import Table
 from tqdm import tqdm

@@ -48,7 +48,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).parent))
 from common import stamp
 
-# Standing questions a planner keeps asking (atp_ros.scenes.STANDING_KINDS with their parameters).
+# Standing questions a planner keeps asking (atp_ros.warehouse.scenes.STANDING_KINDS with their parameters).
 QUESTION_PARAMS: tuple[dict, ...] = (
     {"kind": "gripper"},
     {"kind": "aisle"},
@@ -186,8 +186,9 @@ def run(args: argparse.Namespace, record: Record, log: Path) -> dict[str, Any]:
     if "ROS_DOMAIN_ID" not in os.environ:  # a domain of its own: other runs on this machine are not heard
         os.environ["ROS_DOMAIN_ID"] = str(1 + os.getpid() % 101)
     import rclpy
-    from atp_ros.node_process import node_executable, stop_node
-    from atp_ros.scenes import render_scene, split_seed, standing_question
+    from atp_ros.backends import images as image_io
+    from atp_ros.ros.process import node_executable, stop_node
+    from atp_ros.warehouse.scenes import render_scene, split_seed, standing_question
     from diagnostic_msgs.msg import DiagnosticArray
     from rclpy.executors import SingleThreadedExecutor
     from rclpy.qos import DurabilityPolicy, QoSProfile, ReliabilityPolicy, qos_profile_sensor_data
@@ -195,7 +196,6 @@ def run(args: argparse.Namespace, record: Record, log: Path) -> dict[str, Any]:
     from sensor_msgs.msg import Image
     from std_msgs.msg import String
 
-    from atp_ros import image_io
     from atp_ros_msgs.msg import VlmAnswer
 
     ns = f"/soak_{os.getpid()}"

@@ -16,9 +16,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from atp_ros.atp import Selection
 from atp_ros.backends import STAGES, AtpConfig, ModelLoadError, VlmBackend, VlmResult, load_backend
 from atp_ros.backends.loading import TEXT_TOWER_SUBDIR
+from atp_ros.method import Selection
 
 MAX_NEW = 5
 QUESTIONS = ["where is the red box?", "how many pallets are on the shelf?", "is the aisle empty?"]

@@ -67,6 +67,6 @@ def ros_ctx():
 @pytest.fixture(scope="module")
 def tiny_llava(tmp_path_factory: pytest.TempPathFactory):
     """A tiny random LLaVA checkpoint (64 visual tokens on an 8x8 grid) with its text tower."""
-    from atp_ros.tiny.llava import save_tiny_llava
+    from atp_ros.testing.tiny.llava import save_tiny_llava
 
     return save_tiny_llava(tmp_path_factory.mktemp("tiny_llava") / "ckpt")

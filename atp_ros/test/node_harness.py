@@ -13,7 +13,8 @@ from pathlib import Path
 
 import numpy as np
 import rclpy
-from atp_ros.node_process import node_executable, stop_node  # noqa: F401  (the tests import stop_node from here)
+from atp_ros.backends import images as image_io
+from atp_ros.ros.process import node_executable, stop_node  # noqa: F401  (the tests import stop_node from here)
 from diagnostic_msgs.msg import DiagnosticArray
 from lifecycle_msgs.msg import Transition
 from lifecycle_msgs.srv import ChangeState, GetState
@@ -25,7 +26,6 @@ from rclpy.qos import DurabilityPolicy, QoSProfile, ReliabilityPolicy, qos_profi
 from sensor_msgs.msg import CompressedImage, Image
 from std_msgs.msg import String
 
-from atp_ros import image_io
 from atp_ros_msgs.action import Ask as AskAction
 from atp_ros_msgs.msg import VlmAnswer
 from atp_ros_msgs.srv import Ask

@@ -1,4 +1,4 @@
-"""Tests of the ATP core (``atp_ros.atp``): scoring, budgets, selection, baselines, cache.
+"""Tests of the ATP core (``atp_ros.method``): scoring, budgets, selection, baselines, cache.
 
 Pure torch on CPU (one optional CUDA test); no ROS. Property tests use hypothesis with
 tensors built from drawn seeds, so an example is a handful of ints and shrinks cheaply.
@@ -16,7 +16,8 @@ from fractions import Fraction
 import pytest
 import torch
 import torch.nn.functional as F
-from atp_ros.atp import (
+from atp_ros.backends.text_cache import TextEmbeddingCache
+from atp_ros.method import (
     NORMALIZATIONS,
     SELECTORS,
     ATPSelector,
@@ -26,7 +27,6 @@ from atp_ros.atp import (
     RandomSelector,
     ScoreInputs,
     Selection,
-    TextEmbeddingCache,
     UniformSelector,
     check_alpha,
     cls_attention,

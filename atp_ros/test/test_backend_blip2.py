@@ -15,7 +15,7 @@ pytest.importorskip("open_clip")
 from atp_ros.backends import AtpConfig, load_backend
 from atp_ros.backends.blip2 import Blip2Backend
 from atp_ros.backends.openclip_tower import load_openclip_joint_space, save_openclip_tower
-from atp_ros.tiny.blip2 import TEXT_TOWER_SUBDIR, save_tiny_blip2
+from atp_ros.testing.tiny.blip2 import TEXT_TOWER_SUBDIR, save_tiny_blip2
 from backend_checks import (
     MAX_NEW,
     QUESTIONS,

@@ -11,7 +11,7 @@ import pytest
 import torch
 from atp_ros.backends import AtpConfig, load_backend
 from atp_ros.backends.idefics import IdeficsBackend, resample
-from atp_ros.tiny.idefics import save_tiny_idefics
+from atp_ros.testing.tiny.idefics import save_tiny_idefics
 from backend_checks import (
     MAX_NEW,
     QUESTIONS,

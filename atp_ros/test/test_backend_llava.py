@@ -7,11 +7,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from atp_ros.atp import Selection
 from atp_ros.backends import STAGES, AtpConfig, ModelLoadError, load_backend
 from atp_ros.backends.llava import LlavaBackend
 from atp_ros.backends.text_towers import head_probe_attention, head_value_readout, load_joint_space
-from atp_ros.tiny.llava import TEXT_TOWER_SUBDIR, save_tiny_llava
+from atp_ros.method import Selection
+from atp_ros.testing.tiny.llava import TEXT_TOWER_SUBDIR, save_tiny_llava
 from backend_checks import check_concurrent_calls_match_sequential
 from PIL import Image
 from transformers import LlavaForConditionalGeneration

@@ -10,11 +10,11 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
-from atp_ros.evaluate import main
 from atp_ros.evaluation import metrics
+from atp_ros.evaluation.cli import main
 from atp_ros.evaluation.perturb import IMAGE_CORRUPTIONS, corrupt, perturb_question
 from atp_ros.evaluation.sources import SourceError, read_bag, read_dataset
-from atp_ros.warehouse import generate, write_bag
+from atp_ros.warehouse.cli import generate, write_bag
 from rosbags.rosbag2 import StoragePlugin, Writer
 from rosbags.typesys import Stores, get_typestore
 
@@ -295,7 +295,7 @@ def test_ctrl_c_writes_what_finished_and_the_same_command_resumes(warehouse_bag:
     import time
 
     out = tmp_path / "interrupted"
-    cmd = [sys.executable, "-m", "atp_ros.evaluate", "--bag", str(warehouse_bag), "--out", str(out)]
+    cmd = [sys.executable, "-m", "atp_ros.evaluation.cli", "--bag", str(warehouse_bag), "--out", str(out)]
     cmd += ["--keep-ratios", "0.6,0.4,0.25,0.11", "--alphas", "0,0.5,1", "--bootstrap", "100"]
     # A background job of a non-interactive shell starts with SIGINT ignored, and children inherit that:
     # restore the default so Python turns Ctrl-C into KeyboardInterrupt, as in a terminal.
@@ -399,7 +399,7 @@ def test_live_replay_attaches_to_a_running_node(warehouse_bag: Path, tmp_path: P
     import os
     import subprocess
 
-    from atp_ros.node_process import node_executable, stop_node
+    from atp_ros.ros.process import node_executable, stop_node
 
     # A node listening on the bag's topics, the way a robot's launch file would remap them.
     ns = f"/attach_{os.getpid()}"

@@ -13,9 +13,9 @@ from atp_ros.backends.blip2 import qformer_flops
 from atp_ros.backends.flops import decoder_prefill_flops, kv_cache_bytes, lm_dims, tower_flops
 from atp_ros.backends.idefics import resampler_flops
 from atp_ros.backends.llava import llava_costs
-from atp_ros.tiny.blip2 import save_tiny_blip2
-from atp_ros.tiny.idefics import save_tiny_idefics
-from atp_ros.tiny.llava import save_tiny_llava
+from atp_ros.testing.tiny.blip2 import save_tiny_blip2
+from atp_ros.testing.tiny.idefics import save_tiny_idefics
+from atp_ros.testing.tiny.llava import save_tiny_llava
 from torch.utils.flop_counter import FlopCounterMode
 
 

@@ -7,9 +7,9 @@ import pytest
 
 sensor_msgs = pytest.importorskip("sensor_msgs.msg")
 
-from atp_ros.stats import Counters, LatencyWindow  # noqa: E402
-
-from atp_ros import image_io, overlay, params  # noqa: E402
+from atp_ros.backends import images as image_io  # noqa: E402
+from atp_ros.ros import overlay, params  # noqa: E402
+from atp_ros.ros.stats import Counters, LatencyWindow  # noqa: E402
 
 Image, CompressedImage = sensor_msgs.Image, sensor_msgs.CompressedImage
 

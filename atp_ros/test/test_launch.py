@@ -14,7 +14,7 @@ import os  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 from ament_index_python.packages import get_package_share_directory  # noqa: E402
-from atp_ros.tiny.llava import save_tiny_llava  # noqa: E402
+from atp_ros.testing.tiny.llava import save_tiny_llava  # noqa: E402
 from launch import LaunchDescription  # noqa: E402
 from launch.actions import IncludeLaunchDescription  # noqa: E402
 from launch.launch_description_sources import PythonLaunchDescriptionSource  # noqa: E402

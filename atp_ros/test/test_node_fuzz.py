@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 rclpy = pytest.importorskip("rclpy")
 pytest.importorskip("atp_ros_msgs.msg")
 
-from atp_ros.scenes import render_scene  # noqa: E402
+from atp_ros.warehouse.scenes import render_scene  # noqa: E402
 from node_harness import Probe, image_msg, new_namespace, publish_until_answer, start_node, stop_node  # noqa: E402
 from PIL import Image as PilImage  # noqa: E402
 from rclpy.qos import qos_profile_sensor_data  # noqa: E402

@@ -18,7 +18,7 @@ import pytest
 rclpy = pytest.importorskip("rclpy")
 pytest.importorskip("atp_ros_msgs.msg")
 
-from atp_ros.scenes import render_scene  # noqa: E402
+from atp_ros.warehouse.scenes import render_scene  # noqa: E402
 from node_harness import (  # noqa: E402
     Probe,
     image_msg,
@@ -134,7 +134,7 @@ class SlowFirstCall:
 @pytest.fixture
 def in_process(tiny_llava, ros_ctx):
     """The node in this process (its backend can be wrapped), spun by a MultiThreadedExecutor."""
-    from atp_ros.vlm_node import VlmNode
+    from atp_ros.ros.node import VlmNode
     from rclpy.executors import MultiThreadedExecutor
     from rclpy.parameter import Parameter
 
@@ -165,7 +165,7 @@ def in_process(tiny_llava, ros_ctx):
 
 
 def test_every_severity_in_every_order_is_logged_and_the_worker_answers(in_process) -> None:
-    from atp_ros.worker import ERROR, OK, WARN
+    from atp_ros.ros.worker import ERROR, OK, WARN
 
     node, probe = in_process
     for n, order in enumerate(itertools.permutations((OK, WARN, ERROR))):

@@ -19,8 +19,8 @@ rclpy = pytest.importorskip("rclpy")
 pytest.importorskip("atp_ros_msgs.msg")
 
 from action_msgs.msg import GoalStatus  # noqa: E402
-from atp_ros.scenes import render_scene  # noqa: E402
-from atp_ros.tiny.llava import save_tiny_llava  # noqa: E402
+from atp_ros.testing.tiny.llava import save_tiny_llava  # noqa: E402
+from atp_ros.warehouse.scenes import render_scene  # noqa: E402
 from node_harness import (  # noqa: E402
     Probe,
     image_msg,

@@ -23,8 +23,8 @@ from atp_ros.backends.openclip_tower import (
     hub_weight_candidates,
     load_openclip_joint_space,
 )
-from atp_ros.tiny.blip2 import save_tiny_openclip_tower
-from atp_ros.tiny.llava import save_tiny_llava
+from atp_ros.testing.tiny.blip2 import save_tiny_openclip_tower
+from atp_ros.testing.tiny.llava import save_tiny_llava
 from safetensors.torch import load_file
 from transformers import LlavaForConditionalGeneration
 
@@ -231,7 +231,7 @@ def test_sros2_policy_covers_everything_the_node_uses(rclpy_context, tmp_path: P
     import time
 
     import rclpy
-    from atp_ros.node_process import node_executable, stop_node
+    from atp_ros.ros.process import node_executable, stop_node
     from rclpy.action import get_action_server_names_and_types_by_node
 
     allowed = _policy_names("/atp_vlm")

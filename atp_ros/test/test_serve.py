@@ -22,11 +22,11 @@ import numpy as np
 import pytest
 import torch
 from atp_ros.backends import AtpConfig, GenerationStopped, ServiceUnavailable, load_backend
-from atp_ros.scenes import questions_for_scene, render_scene, split_seed
+from atp_ros.warehouse.scenes import questions_for_scene, render_scene, split_seed
 
 ray = pytest.importorskip("ray")
 serve = pytest.importorskip("ray.serve")
-from atp_ros.serve import (  # noqa: E402  (after the skip: Ray is an optional dependency elsewhere)
+from atp_ros.serving.serve import (  # noqa: E402  (after the skip: Ray is an optional dependency elsewhere)
     NAMESPACE,
     Coalescer,
     RemoteBackend,
@@ -39,7 +39,7 @@ from atp_ros.serve import (  # noqa: E402  (after the skip: Ray is an optional d
     embedding_payload,
     encode_image,
 )
-from atp_ros.serve import main as serve_main  # noqa: E402
+from atp_ros.serving.serve import main as serve_main  # noqa: E402
 
 APP = "atp_vlm_test"
 # Batches of up to 8 requests, held open 0.5 s for the rest of a concurrent burst to arrive.

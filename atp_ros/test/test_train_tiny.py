@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 from ament_index_python.packages import get_package_prefix
 from atp_ros.backends import AtpConfig, load_backend
-from atp_ros.scenes import render_scene
+from atp_ros.warehouse.scenes import render_scene
 
 TRAIN = Path(get_package_prefix("atp_ros")) / "lib" / "atp_ros" / "train_tiny"
 

@@ -15,10 +15,9 @@ import pytest
 import torch
 from atp_ros.backends.results import PixelBox
 from atp_ros.backends.views import processor_view
+from atp_ros.ros import overlay
 from transformers import BlipImageProcessor, CLIPImageProcessor, LlavaImageProcessor, SiglipImageProcessor
 from transformers.models.idefics.image_processing_idefics import IdeficsImageProcessor
-
-from atp_ros import overlay
 
 SIDE, PATCH = 64, 8  # canvas 64 px, 8 x 8 patch grid
 GRID = (SIDE // PATCH, SIDE // PATCH)

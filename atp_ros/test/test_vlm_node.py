@@ -13,8 +13,8 @@ rclpy = pytest.importorskip("rclpy")
 pytest.importorskip("atp_ros_msgs.msg")
 
 from atp_ros.backends.results import STAGES  # noqa: E402
-from atp_ros.scenes import render_scene  # noqa: E402
-from atp_ros.tiny.llava import save_tiny_llava  # noqa: E402
+from atp_ros.testing.tiny.llava import save_tiny_llava  # noqa: E402
+from atp_ros.warehouse.scenes import render_scene  # noqa: E402
 from node_harness import (  # noqa: E402
     Probe,
     image_msg,
@@ -405,7 +405,7 @@ def test_failing_model_step_is_reported_and_the_next_frame_answered(tiny_llava, 
     import threading
 
     import torch
-    from atp_ros.vlm_node import VlmNode
+    from atp_ros.ros.node import VlmNode
     from rclpy.executors import MultiThreadedExecutor
     from rclpy.parameter import Parameter
 
@@ -484,8 +484,7 @@ def test_shipped_params_file_applies_in_a_namespace(ros_ctx) -> None:
     import os
 
     from ament_index_python.packages import get_package_share_directory
-
-    from atp_ros import params
+    from atp_ros.ros import params
 
     path = os.path.join(get_package_share_directory("atp_ros"), "config", "vlm.yaml")
     for ns in ("/", "/robot1", "/fleet/robot2"):
@@ -509,7 +508,7 @@ def test_shipped_params_file_applies_in_a_namespace(ros_ctx) -> None:
 def test_multi_parameter_change_is_all_or_nothing_for_inference(tiny_llava, ros_ctx) -> None:
     """The worker reads one snapshot of atp.*/processing.*: a rejected set leaves it untouched,
     an accepted one replaces it whole (never a mix of old and new values)."""
-    from atp_ros.vlm_node import VlmNode
+    from atp_ros.ros.node import VlmNode
     from rclpy.parameter import Parameter
 
     node = VlmNode(

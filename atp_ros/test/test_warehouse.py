@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from ament_index_python.packages import get_package_prefix
-from atp_ros.scenes import (
+from atp_ros.warehouse.scenes import (
     COUNT_WORDS,
     KINDS,
     SPLIT_SIZE,
@@ -73,7 +73,7 @@ def test_questions_have_closed_answers_and_evidence_inside_the_frame(seed: int, 
 
 def test_answers_match_what_is_drawn() -> None:
     """Ground truth is tied to the pixels: the evidence box of a color question has that color."""
-    from atp_ros.scenes import COLORS
+    from atp_ros.warehouse.scenes import COLORS
 
     checked = 0
     for seed in range(20):

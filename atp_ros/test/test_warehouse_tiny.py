@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from atp_ros.backends import BUNDLED_MODELS, AtpConfig, load_backend, resolve_model_id
-from atp_ros.scenes import questions_for_scene, render_scene, split_seed
+from atp_ros.warehouse.scenes import questions_for_scene, render_scene, split_seed
 
 # Kinds the model card measures at >= 0.89 with all tokens (README); the others are reported, not tested.
 RELIABLE = ("gripper", "aisle", "exists", "which_level")

@@ -13,11 +13,11 @@ import time
 
 import numpy as np
 import pytest
-from atp_ros.atp import AtpConfig
 from atp_ros.backends import GenerationStopped, load_backend
-from atp_ros.scenes import render_scene
-from atp_ros.tiny.llava import save_tiny_llava
-from atp_ros.worker import ERROR, OK, WARN, BadInput, InferenceWorker, Problems, RuntimeConfig, check_question
+from atp_ros.method import AtpConfig
+from atp_ros.ros.worker import ERROR, OK, WARN, BadInput, InferenceWorker, Problems, RuntimeConfig, check_question
+from atp_ros.testing.tiny.llava import save_tiny_llava
+from atp_ros.warehouse.scenes import render_scene
 
 
 @pytest.fixture(scope="module")

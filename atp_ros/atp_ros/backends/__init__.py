@@ -10,10 +10,10 @@ import importlib
 import json
 from pathlib import Path
 
-from atp_ros.atp import AtpConfig
 from atp_ros.backends.errors import GenerationStopped, ModelLoadError, ServiceUnavailable
 from atp_ros.backends.pipeline import VlmBackend
 from atp_ros.backends.results import STAGES, PixelBox, ScoringInfo, StageTimings, VlmResult
+from atp_ros.method import AtpConfig
 
 # model_type in config.json -> (module, class)
 FAMILIES: dict[str, tuple[str, str]] = {

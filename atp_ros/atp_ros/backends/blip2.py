@@ -32,11 +32,11 @@ from __future__ import annotations
 import numpy as np
 from torch import Tensor, nn
 
-from atp_ros.atp import AtpConfig, Selection
 from atp_ros.backends.flops import attention_flops, decoder_prefill_flops, lm_dims
 from atp_ros.backends.openclip_tower import load_openclip_joint_space
 from atp_ros.backends.pipeline import Batch, LmPrompt, VisionStates, VlmBackend, gather_with_prefix, trim_after_eos
 from atp_ros.backends.views import processor_view
+from atp_ros.method import AtpConfig, Selection
 
 BLIP2_NOTE = (
     "S_inter reads BLIP-2's last ViT block through EVA-CLIP's final norm and projection "

@@ -39,12 +39,12 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from atp_ros.atp import AtpConfig, Selection
 from atp_ros.backends.flops import attention_flops, decoder_prefill_flops
 from atp_ros.backends.loading import checkpoint_name
 from atp_ros.backends.pipeline import Batch, LmPrompt, VisionStates, VlmBackend, gather_with_prefix
 from atp_ros.backends.text_towers import load_joint_space
 from atp_ros.backends.views import processor_view
+from atp_ros.method import AtpConfig, Selection
 
 
 def _perceiver_attention_masked(attn: nn.Module, context: Tensor, latents: Tensor, key_mask: Tensor) -> Tensor:

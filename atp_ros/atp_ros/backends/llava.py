@@ -48,11 +48,11 @@ from PIL import Image
 from torch import Tensor
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
-from atp_ros.atp import AtpConfig, Selection
 from atp_ros.backends.flops import decoder_prefill_flops, lm_dims
 from atp_ros.backends.pipeline import Batch, LmPrompt, VisionStates, VlmBackend
 from atp_ros.backends.text_towers import dense_states, head_probe_attention, load_joint_space
 from atp_ros.backends.views import processor_view
+from atp_ros.method import AtpConfig, Selection
 
 TOWER_KINDS = {"clip_vision_model": "clip", "siglip_vision_model": "siglip"}
 

@@ -43,22 +43,22 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from atp_ros.atp import (
+from atp_ros.backends.errors import GenerationStopped, ModelLoadError
+from atp_ros.backends.flops import scoring_flops, tower_flops
+from atp_ros.backends.loading import TextTower, load_checkpoint, load_text_tower
+from atp_ros.backends.results import PixelBox, ScoringInfo, VlmResult
+from atp_ros.backends.text_cache import TextEmbeddingCache
+from atp_ros.backends.timing import Stopwatch, generate_timed
+from atp_ros.method import (
     AtpConfig,
     ATPSelector,
     ScoreInputs,
     Selection,
-    TextEmbeddingCache,
     cls_attention,
     make_selector,
     patch_text_cosine,
     received_attention,
 )
-from atp_ros.backends.errors import GenerationStopped, ModelLoadError
-from atp_ros.backends.flops import scoring_flops, tower_flops
-from atp_ros.backends.loading import TextTower, load_checkpoint, load_text_tower
-from atp_ros.backends.results import PixelBox, ScoringInfo, VlmResult
-from atp_ros.backends.timing import Stopwatch, generate_timed
 
 if TYPE_CHECKING:
     from atp_ros.backends.text_towers import JointSpace

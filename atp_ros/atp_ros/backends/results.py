@@ -12,7 +12,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 import torch
 
-from atp_ros.atp import Selection
+from atp_ros.method import Selection
 
 # The stages of one call, in the order the data moves through them (the only definition). "setup" is
 # generate()'s own work before the prefill forward (input checks, expansion), so "prefill" is the forward

@@ -46,8 +46,8 @@ import torch
 from torch import Tensor, nn
 from transformers import AutoConfig, AutoModel, AutoTokenizer
 
-from atp_ros.atp import cls_attention
 from atp_ros.backends.loading import require_safetensors
+from atp_ros.method import cls_attention
 
 JOINT_SPACE_TYPES = ("clip", "siglip")
 

@@ -21,7 +21,7 @@ import numpy as np
 
 from atp_ros.evaluation import metrics
 from atp_ros.evaluation.sweep import Setting
-from atp_ros.node_process import node_executable, stop_node
+from atp_ros.ros.process import node_executable, stop_node
 
 READY_TIMEOUT_S = 120.0
 QUIET_S = 3.0  # after the last frame: stop once no answer arrived for this long

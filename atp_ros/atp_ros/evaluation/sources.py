@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image as PILImage
 
-from atp_ros.image_io import BadImage, compressed_to_rgb, raw_to_rgb
+from atp_ros.backends.images import BadImage, compressed_to_rgb, raw_to_rgb
 
 IMAGE_TYPES = ("sensor_msgs/msg/Image", "sensor_msgs/msg/CompressedImage")
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
@@ -128,7 +128,7 @@ def read_bag(
     from rosbags.highlevel import AnyReader
     from rosbags.typesys import Stores, get_typestore
 
-    from atp_ros.image_io import ImageLimits
+    from atp_ros.backends.images import ImageLimits
 
     path = Path(path)
     if not path.exists():

@@ -21,12 +21,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from atp_ros.atp import AtpConfig
 from atp_ros.backends import STAGES, VlmBackend
 from atp_ros.evaluation import metrics
 from atp_ros.evaluation.perturb import corrupt, perturb_question
 from atp_ros.evaluation.sources import Sample
-from atp_ros.scenes import evidence_mask
+from atp_ros.method import AtpConfig
+from atp_ros.warehouse.scenes import evidence_mask
 
 REFERENCE = "full"  # the unpruned run every sweep includes
 CACHE_SCHEMA = 2  # bump when a record's fields change: older cache files are then recomputed

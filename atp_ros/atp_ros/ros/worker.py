@@ -29,10 +29,10 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from atp_ros.atp import AtpConfig
 from atp_ros.backends.errors import GenerationStopped
 from atp_ros.backends.results import VlmResult
-from atp_ros.stats import Counters, LatencyWindow
+from atp_ros.method import AtpConfig
+from atp_ros.ros.stats import Counters, LatencyWindow
 
 # Severity of a problem, numerically equal to diagnostic_msgs/DiagnosticStatus levels.
 OK, WARN, ERROR = 0, 1, 2

@@ -49,7 +49,8 @@ from PIL import Image
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from torch import Tensor
 
-from atp_ros.scenes import (
+from atp_ros.testing.tiny.llava import CHAT_TEMPLATE, IMAGE_TOKEN  # llava-1.5's prompt, reduced
+from atp_ros.warehouse.scenes import (
     KINDS,
     Question,
     Scene,
@@ -60,7 +61,6 @@ from atp_ros.scenes import (
     render_scene,
     split_seed,
 )
-from atp_ros.tiny.llava import CHAT_TEMPLATE, IMAGE_TOKEN  # llava-1.5's prompt, reduced
 
 IMAGE_SIZE = 192
 PATCH = 16
@@ -135,7 +135,7 @@ def _clip_part(recipe: dict) -> dict:
 
 
 def make_tokenizer():
-    from atp_ros.tiny.tokenizer import make_tiny_tokenizer
+    from atp_ros.testing.tiny.tokenizer import make_tiny_tokenizer
 
     tok = make_tiny_tokenizer([IMAGE_TOKEN], vocab_size=0, words=CHAT_WORDS + question_words())
     tok.padding_side = "left"
@@ -573,7 +573,7 @@ def save_checkpoint(out: Path, model, clip, tok, r: Recipe) -> None:
     from transformers import CLIPImageProcessor, LlavaProcessor
 
     from atp_ros.backends.loading import TEXT_TOWER_SUBDIR
-    from atp_ros.tiny.common import set_special_ids
+    from atp_ros.testing.tiny.common import set_special_ids
 
     out.mkdir(parents=True, exist_ok=True)
     image_processor = CLIPImageProcessor(

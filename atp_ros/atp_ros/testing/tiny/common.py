@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from transformers import PreTrainedTokenizerFast
 
-from atp_ros.tiny.tokenizer import make_tiny_tokenizer
+from atp_ros.testing.tiny.tokenizer import make_tiny_tokenizer
 
 
 def start_checkpoint(

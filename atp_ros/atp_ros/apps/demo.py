@@ -25,9 +25,9 @@ from rich.console import Console
 from sensor_msgs.msg import Image
 from std_msgs.msg import String
 
-from atp_ros import image_io
-from atp_ros.node_process import node_executable, stop_node
-from atp_ros.scenes import render_scene, split_seed, standing_question
+from atp_ros.backends import images as image_io
+from atp_ros.ros.process import node_executable, stop_node
+from atp_ros.warehouse.scenes import render_scene, split_seed, standing_question
 from atp_ros_msgs.msg import VlmAnswer
 
 # Standing questions a planner keeps asking while the arm moves along the shelves.
@@ -43,7 +43,7 @@ FRAME_SIZE = (480, 640)  # a VGA camera
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(prog="python -m atp_ros.demo", description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(prog="python -m atp_ros.apps.demo", description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="warehouse-tiny", help="bundled name, checkpoint dir or hub id")
     ap.add_argument("--frames", type=int, default=60, help="camera frames to publish")
     ap.add_argument("--rate", type=float, default=5.0, help="camera rate in Hz")

@@ -39,8 +39,14 @@ from transformers import (
 )
 
 from atp_ros.backends.loading import TEXT_TOWER_SUBDIR
-from atp_ros.tiny.common import save_text_tower, seeded, set_special_ids, start_checkpoint, text_tower_text_config
-from atp_ros.tiny.tokenizer import make_tiny_tokenizer
+from atp_ros.testing.tiny.common import (
+    save_text_tower,
+    seeded,
+    set_special_ids,
+    start_checkpoint,
+    text_tower_text_config,
+)
+from atp_ros.testing.tiny.tokenizer import make_tiny_tokenizer
 
 IMAGE_TOKEN = "<image>"
 

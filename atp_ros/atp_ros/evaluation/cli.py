@@ -25,10 +25,10 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from atp_ros.atp import NORMALIZATIONS, AtpConfig
 from atp_ros.evaluation.perturb import IMAGE_CORRUPTIONS, QUESTION_PERTURBATIONS, SEVERITIES
 from atp_ros.evaluation.sources import SourceError
 from atp_ros.evaluation.sweep import REFERENCE, SELECTORS, Setting
+from atp_ros.method import NORMALIZATIONS, AtpConfig
 
 DEFAULT_IMAGE_TOPIC = "/camera/image_raw"
 DEFAULT_QUERY_TOPIC = "/atp_vlm/query"
@@ -315,8 +315,8 @@ def _robustness(rows: list[dict], robust: Setting) -> list[dict]:
 def _overlays(out: Path, backend, samples, setting: Setting, base: AtpConfig, max_new_tokens: int) -> None:
     """The keep masks of ``setting`` (the ATP setting of the robustness runs) on six samples, as a
     Figure-3 style grid (overlays.png)."""
-    from atp_ros import overlay
     from atp_ros.evaluation import report
+    from atp_ros.ros import overlay
 
     shots = []
     step = max(1, len(samples) // 6)

@@ -26,8 +26,14 @@ from transformers import CLIPConfig, CLIPModel, IdeficsConfig, IdeficsForVisionT
 from transformers.models.idefics.image_processing_idefics import IdeficsImageProcessor
 
 from atp_ros.backends.loading import TEXT_TOWER_SUBDIR
-from atp_ros.tiny.common import save_text_tower, seeded, set_special_ids, start_checkpoint, text_tower_text_config
-from atp_ros.tiny.tokenizer import make_tiny_tokenizer
+from atp_ros.testing.tiny.common import (
+    save_text_tower,
+    seeded,
+    set_special_ids,
+    start_checkpoint,
+    text_tower_text_config,
+)
+from atp_ros.testing.tiny.tokenizer import make_tiny_tokenizer
 
 SPECIAL_TOKENS = ["<image>", "<fake_token_around_image>", "<end_of_utterance>"]
 

@@ -2,7 +2,7 @@
 
 * **Server** -- :class:`AtpVlmServer`, a Serve deployment holding one
   :func:`~atp_ros.backends.load_backend` model. Requests (:class:`ServeRequest`: frames,
-  questions, an :class:`~atp_ros.atp.AtpConfig`, ``max_new_tokens``) wait in ``@serve.batch``.
+  questions, an :class:`~atp_ros.method.AtpConfig`, ``max_new_tokens``) wait in ``@serve.batch``.
   Of each batch Ray forms, the requests that share ``(AtpConfig, max_new_tokens)`` go through
   ONE ``backend.answer`` call (every image still gets its own K, e.g. with ``mass > 0``);
   different settings make separate calls. The call's result is split back per request
@@ -48,10 +48,10 @@ import ray
 from ray import serve
 from ray.serve.exceptions import RayServeException
 
-from atp_ros.atp import AtpConfig
 from atp_ros.backends.errors import GenerationStopped, ServiceUnavailable
 from atp_ros.backends.pipeline import questions_for
 from atp_ros.backends.results import VlmResult
+from atp_ros.method import AtpConfig
 
 NAMESPACE = "atp_ros"  # the Ray namespace of atp-serve and its clients
 DEFAULT_APP = "atp_vlm"  # the node's ray.app default

@@ -22,7 +22,7 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from atp_ros.scenes import (
+from atp_ros.warehouse.scenes import (
     COLORS,
     SPLITS,
     STANDING_KINDS,

@@ -1,6 +1,6 @@
 """``make model-card``: measure a warehouse VLM on a split, choose ATP's defaults on validation, report on test.
 
-    python -m atp_ros.model_card --model warehouse-tiny --out out/model_card [--images 600] [--quick]
+    python -m atp_ros.warehouse.model_card --model warehouse-tiny --out out/model_card [--images 600] [--quick]
 
 1. **validation**: ATP (alpha x S_inter read-out x position mode) at keep 0.4 / 0.25 / 0.11;
    the defaults are the setting with the best mean accuracy over those budgets (evidence
@@ -27,9 +27,9 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from atp_ros.atp import NORMALIZATIONS
 from atp_ros.backends import AtpConfig, load_backend
-from atp_ros.scenes import KINDS, distinct_questions, evidence_mask, render_scene, split_seed
+from atp_ros.method import NORMALIZATIONS
+from atp_ros.warehouse.scenes import KINDS, distinct_questions, evidence_mask, render_scene, split_seed
 
 KEEPS = (1.0, 0.6, 0.4, 0.25, 0.11)
 VAL_KEEPS = (0.4, 0.25, 0.11)

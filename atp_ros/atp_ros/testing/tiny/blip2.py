@@ -24,7 +24,7 @@ import torch
 from transformers import Blip2Config, Blip2ForConditionalGeneration, Blip2Processor, BlipImageProcessor
 
 from atp_ros.backends.loading import TEXT_TOWER_SUBDIR
-from atp_ros.tiny.common import seeded, set_special_ids, start_checkpoint
+from atp_ros.testing.tiny.common import seeded, set_special_ids, start_checkpoint
 
 IMAGE_TOKEN = "<image>"
 

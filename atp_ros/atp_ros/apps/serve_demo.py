@@ -19,16 +19,16 @@ from collections import Counter
 
 from rich.console import Console
 
-from atp_ros.demo import FRAME_SIZE, QUESTIONS
-from atp_ros.node_process import node_executable, stop_node
-from atp_ros.scenes import render_scene, split_seed, standing_question
-from atp_ros.serve import ServeConfig, cluster_address, deploy, shutdown, start_ray
+from atp_ros.apps.demo import FRAME_SIZE, QUESTIONS
+from atp_ros.ros.process import node_executable, stop_node
+from atp_ros.serving.serve import ServeConfig, cluster_address, deploy, shutdown, start_ray
+from atp_ros.warehouse.scenes import render_scene, split_seed, standing_question
 
 APP = "atp_vlm_demo"
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(prog="python -m atp_ros.serve_demo", description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(prog="python -m atp_ros.apps.serve_demo", description=__doc__.splitlines()[0])
     ap.add_argument("--cameras", type=int, default=3, help="camera nodes sharing the deployment")
     ap.add_argument("--frames", type=int, default=30, help="frames per camera")
     ap.add_argument("--rate", type=float, default=2.0, help="camera rate in Hz (all cameras tick together)")
@@ -118,7 +118,7 @@ def stream(args: argparse.Namespace, cameras: list[str], procs: list[subprocess.
     from sensor_msgs.msg import Image
     from std_msgs.msg import String
 
-    from atp_ros import image_io
+    from atp_ros.backends import images as image_io
     from atp_ros_msgs.msg import VlmAnswer
 
     rclpy.init()

@@ -10,8 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from atp_ros.atp import INTER_READOUTS, INTRA_SIGNALS, NORMALIZATIONS, POSITION_MODES, SELECTORS, AtpConfig
-from atp_ros.worker import RuntimeConfig
+from atp_ros.method import INTER_READOUTS, INTRA_SIGNALS, NORMALIZATIONS, POSITION_MODES, SELECTORS, AtpConfig
+from atp_ros.ros.worker import RuntimeConfig
 
 
 @dataclass(frozen=True)

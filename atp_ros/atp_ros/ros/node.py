@@ -1,7 +1,7 @@
 """ROS 2 lifecycle node ``atp_vlm``: camera + question in; answers, keep masks, overlays, diagnostics out.
 
 The only module of atp_ros that imports rclpy. It is the ROS adapter around
-:class:`atp_ros.worker.InferenceWorker` (latest-frame slots, the inference thread, rate
+:class:`atp_ros.ros.worker.InferenceWorker` (latest-frame slots, the inference thread, rate
 cap, problem log, statistics); images are converted by ``image_io``, masks and overlays
 drawn by ``overlay``, parameters described in ``params``.
 
@@ -45,9 +45,11 @@ from rclpy.qos import DurabilityPolicy, QoSProfile, ReliabilityPolicy, qos_profi
 from sensor_msgs.msg import CompressedImage, Image
 from std_msgs.msg import String
 
-from atp_ros import __version__, image_io, overlay, params
+from atp_ros import __version__
+from atp_ros.backends import images as image_io
 from atp_ros.backends.errors import GenerationStopped, ModelLoadError, ServiceUnavailable
-from atp_ros.worker import ERROR, OK, WARN, BadInput, InferenceWorker, Outcome
+from atp_ros.ros import overlay, params
+from atp_ros.ros.worker import ERROR, OK, WARN, BadInput, InferenceWorker, Outcome
 from atp_ros_msgs.action import Ask as AskAction
 from atp_ros_msgs.msg import VlmAnswer
 from atp_ros_msgs.srv import Ask
@@ -264,7 +266,7 @@ class VlmNode(LifecycleNode):
         if not self.model_id:
             raise ModelLoadError("model_id is empty: set it, e.g. -p model_id:=llava-hf/llava-1.5-7b-hf")
         if self._param("backend") == "ray":
-            from atp_ros.serve import RemoteBackend
+            from atp_ros.serving.serve import RemoteBackend
 
             return RemoteBackend(self._param("ray.address"), self._param("ray.app"), self._param("ray.timeout_s"))
         from atp_ros.backends import load_backend
