@@ -8,6 +8,10 @@ import sys
 
 import pytest
 
+# The test tree mirrors the package (method/, backends/, ros/, ...); the helpers shared by several
+# folders (node_harness, backend_checks) live at its root.
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
 # One DDS domain per pytest session, so parallel runs on one machine never hear each other.
 # Valid domain ids for Fast DDS default ports: 0..101 (avoid 0, the default everyone uses).
 os.environ.setdefault("ROS_DOMAIN_ID", str(random.Random(os.getpid()).randint(1, 101)))

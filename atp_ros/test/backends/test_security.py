@@ -200,7 +200,7 @@ def test_hub_weight_names_are_safetensors_only() -> None:
 
 # ---------------------------------------------------------------- SROS2 policy
 
-POLICY = Path(__file__).resolve().parents[1] / "config" / "sros2_policy.xml"
+POLICY = Path(__file__).resolve().parents[2] / "config" / "sros2_policy.xml"
 # In the policy for setups the test does not start: simulated time, image_transport: compressed.
 POLICY_OPTIONAL = {"/clock", "/camera/image_raw/compressed"}
 

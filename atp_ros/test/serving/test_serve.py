@@ -44,7 +44,7 @@ from atp_ros.serving.serve import main as serve_main  # noqa: E402
 APP = "atp_vlm_test"
 # Batches of up to 8 requests, held open 0.5 s for the rest of a concurrent burst to arrive.
 CFG = ServeConfig(app=APP, num_cpus=2, device="cpu", max_batch_size=8, batch_wait_timeout_s=0.5)
-CONFIG_DIR = Path(__file__).resolve().parents[1] / "config"
+CONFIG_DIR = Path(__file__).resolve().parents[2] / "config"
 THREADS = 2  # torch threads of the replica (num_cpus=2) and of the local reference alike
 
 
