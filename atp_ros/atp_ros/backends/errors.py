@@ -18,3 +18,15 @@ class ServiceUnavailable(RuntimeError):
     """
 
     cause = "service"
+
+
+class BadInput(ValueError):
+    """A frame, image or question that cannot be used: the input's fault, not the model's.
+
+    ``cause`` is a short key (``encoding``, ``too_large``, ``query_empty``...) for counting and
+    throttling; raised by the image decoder, the node's worker and the serving request checks.
+    """
+
+    def __init__(self, cause: str, message: str) -> None:
+        super().__init__(message)
+        self.cause = cause

@@ -22,20 +22,14 @@ from PIL import Image as PILImage
 from rosbags.image import message_to_cvimage
 from rosbags.image.image import ENCODINGMAP
 
+from atp_ros.backends.errors import BadInput
+
 # Encodings we accept on the raw topic: everything rosbags-image converts to rgb8.
 SUPPORTED_ENCODINGS: frozenset[str] = frozenset(ENCODINGMAP)
 # Chroma-subsampled layouts: 4:2:2 packs two pixels per chroma pair (even width), 4:2:0 also
 # halves the rows (even height). OpenCV raises on other sizes.
 _EVEN_WIDTH = frozenset({"uyvy", "yuv422", "yuyv", "yuv422_yuy2", "nv12", "nv21"})
 _EVEN_HEIGHT = frozenset({"nv12", "nv21"})
-
-
-class BadImage(ValueError):
-    """A frame that cannot be used; ``cause`` is a short key for counting and throttling."""
-
-    def __init__(self, cause: str, message: str) -> None:
-        super().__init__(message)
-        self.cause = cause
 
 
 @dataclass(frozen=True)
@@ -52,18 +46,18 @@ def _bytes_per_pixel(encoding: str) -> int:
 
 
 def raw_to_rgb(msg: Any, limits: ImageLimits = ImageLimits()) -> np.ndarray:
-    """``sensor_msgs/Image`` -> ``(H, W, 3)`` uint8 RGB. Raises :class:`BadImage`."""
+    """``sensor_msgs/Image`` -> ``(H, W, 3)`` uint8 RGB. Raises :class:`BadInput`."""
     if msg.encoding not in SUPPORTED_ENCODINGS:
-        raise BadImage("encoding", f"unsupported encoding {msg.encoding!r} (supported: rgb8, bgr8, mono8, ...)")
+        raise BadInput("encoding", f"unsupported encoding {msg.encoding!r} (supported: rgb8, bgr8, mono8, ...)")
     if msg.height == 0 or msg.width == 0:
-        raise BadImage("size", f"zero-size image {msg.width}x{msg.height}")
+        raise BadInput("size", f"zero-size image {msg.width}x{msg.height}")
     if msg.height * msg.width > limits.max_pixels:
-        raise BadImage(
+        raise BadInput(
             "too_large", f"image {msg.width}x{msg.height} exceeds limits.max_image_pixels={limits.max_pixels}"
         )
     if msg.encoding in _EVEN_WIDTH and (msg.width % 2 or (msg.encoding in _EVEN_HEIGHT and msg.height % 2)):
         need = "width and height" if msg.encoding in _EVEN_HEIGHT else "width"
-        raise BadImage("layout", f"{msg.encoding} needs an even {need}, got {msg.width}x{msg.height}")
+        raise BadInput("layout", f"{msg.encoding} needs an even {need}, got {msg.width}x{msg.height}")
     row = msg.width * _bytes_per_pixel(msg.encoding)
     # height is the image's height (sensor_msgs/Image: "number of rows" of the picture); planar
     # YUV 4:2:0 stores 1.5 buffer rows of luma-width bytes per picture row.
@@ -72,9 +66,9 @@ def raw_to_rgb(msg: Any, limits: ImageLimits = ImageLimits()) -> np.ndarray:
     else:
         rows = msg.height
     if msg.step < row:
-        raise BadImage("layout", f"step {msg.step} is smaller than one row of {msg.encoding} ({row} bytes)")
+        raise BadInput("layout", f"step {msg.step} is smaller than one row of {msg.encoding} ({row} bytes)")
     if len(msg.data) != msg.step * rows:
-        raise BadImage("layout", f"data length {len(msg.data)} != step*height = {msg.step}*{rows}")
+        raise BadInput("layout", f"data length {len(msg.data)} != step*height = {msg.step}*{rows}")
     data = np.frombuffer(msg.data, dtype=np.uint8)
     if msg.step != row:  # padded rows: rosbags-image assumes packed rows, so strip the padding
         data = data.reshape(rows, msg.step)[:, :row].tobytes()
@@ -85,25 +79,25 @@ def raw_to_rgb(msg: Any, limits: ImageLimits = ImageLimits()) -> np.ndarray:
     try:
         rgb = message_to_cvimage(packed, "rgb8")
     except Exception as err:  # ImageError, ValueError, and OpenCV's cv2.error, which is none of those
-        raise BadImage("encoding", f"cannot convert {msg.encoding} to rgb8: {type(err).__name__}: {err}") from err
+        raise BadInput("encoding", f"cannot convert {msg.encoding} to rgb8: {type(err).__name__}: {err}") from err
     return _as_rgb_u8(rgb)
 
 
 def compressed_to_rgb(msg: Any, limits: ImageLimits = ImageLimits()) -> np.ndarray:
-    """``sensor_msgs/CompressedImage`` (jpeg/png) -> ``(H, W, 3)`` uint8 RGB. Raises :class:`BadImage`."""
+    """``sensor_msgs/CompressedImage`` (jpeg/png) -> ``(H, W, 3)`` uint8 RGB. Raises :class:`BadInput`."""
     if len(msg.data) == 0:
-        raise BadImage("corrupt", "empty compressed image")
+        raise BadInput("corrupt", "empty compressed image")
     if len(msg.data) > limits.max_bytes:
-        raise BadImage("too_large", f"compressed image of {len(msg.data)} bytes exceeds the limit {limits.max_bytes}")
+        raise BadInput("too_large", f"compressed image of {len(msg.data)} bytes exceeds the limit {limits.max_bytes}")
     size = _declared_size(msg.data)  # before decoding: a few hundred bytes of JPEG can declare 20000x20000
     if size is not None and size[0] * size[1] > limits.max_pixels:
-        raise BadImage("too_large", f"compressed image of {size[0]}x{size[1]} exceeds max_image_pixels")
+        raise BadInput("too_large", f"compressed image of {size[0]}x{size[1]} exceeds max_image_pixels")
     try:
         rgb = message_to_cvimage(msg, "rgb8")
     except Exception as err:  # rosbags asserts on undecodable data; OpenCV raises cv2.error
-        raise BadImage("corrupt", f"cannot decode compressed image (format {msg.format!r})") from err
+        raise BadInput("corrupt", f"cannot decode compressed image (format {msg.format!r})") from err
     if rgb.shape[0] * rgb.shape[1] > limits.max_pixels:
-        raise BadImage("too_large", f"decoded image {rgb.shape[1]}x{rgb.shape[0]} exceeds max_image_pixels")
+        raise BadInput("too_large", f"decoded image {rgb.shape[1]}x{rgb.shape[0]} exceeds max_image_pixels")
     return _as_rgb_u8(rgb)
 
 
@@ -115,7 +109,7 @@ def _declared_size(data: Any) -> tuple[int, int] | None:
             with PILImage.open(io.BytesIO(data)) as img:
                 return img.size
     except PILImage.DecompressionBombError as err:  # beyond Pillow's own limit (~179 Mpixel)
-        raise BadImage("too_large", f"compressed image exceeds max_image_pixels ({err})") from err
+        raise BadInput("too_large", f"compressed image exceeds max_image_pixels ({err})") from err
     except Exception:  # not a format Pillow knows, or a broken header: OpenCV decides
         return None
 

@@ -83,6 +83,12 @@ def checkpoint_name(model_id: str) -> str:
     return "/".join(parts[-2:])
 
 
+def release_cuda_cache() -> None:
+    """Hand cached CUDA blocks back to the driver (after a failed step or a released model); no-op on CPU."""
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
 def resolve_device(device: str = "auto") -> torch.device:
     """``auto`` -> CUDA when present, else CPU; anything else is passed to torch."""
     if device in ("", "auto"):

@@ -16,14 +16,14 @@ Bad input never ends a read: each unusable message or record is counted under on
 from __future__ import annotations
 
 import json
-from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from PIL import Image as PILImage
 
-from atp_ros.backends.images import BadImage, compressed_to_rgb, raw_to_rgb
+from atp_ros.backends.images import BadInput, compressed_to_rgb, raw_to_rgb
+from atp_ros.problems import Problems
 
 IMAGE_TYPES = ("sensor_msgs/msg/Image", "sensor_msgs/msg/CompressedImage")
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
@@ -43,22 +43,6 @@ class Sample:
     answers: tuple[str, ...] = ()  # ground-truth answers (VQA: the 10 human answers); () = none
     evidence: tuple[tuple[float, float, float, float], ...] = ()  # pixel boxes (x0, y0, x1, y1)
     stamp_ns: int | None = None  # header stamp of a bag frame
-
-
-@dataclass
-class Problems:
-    """Input problems counted per cause, with the first message of each: skipped frames or records,
-    and frames kept without ground truth (``no_truth``: scored for fidelity only)."""
-
-    counts: Counter = field(default_factory=Counter)
-    first: dict[str, str] = field(default_factory=dict)
-
-    def add(self, cause: str, message: str) -> None:
-        self.counts[cause] += 1
-        self.first.setdefault(cause, message)
-
-    def lines(self) -> list[str]:
-        return [f"{cause}: {n} (first: {self.first[cause]})" for cause, n in sorted(self.counts.items())]
 
 
 @dataclass
@@ -180,7 +164,7 @@ def read_bag(
                 continue
             try:
                 rgb = compressed_to_rgb(msg, limits) if "Compressed" in conn.msgtype else raw_to_rgb(msg, limits)
-            except BadImage as err:
+            except BadInput as err:
                 problems.add(err.cause, f"frame {stamp}: {err}")
                 continue
             try:

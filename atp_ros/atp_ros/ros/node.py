@@ -48,6 +48,7 @@ from std_msgs.msg import String
 from atp_ros import __version__
 from atp_ros.backends import images as image_io
 from atp_ros.backends.errors import GenerationStopped, ModelLoadError, ServiceUnavailable
+from atp_ros.backends.loading import release_cuda_cache
 from atp_ros.ros import overlay, params
 from atp_ros.ros.worker import ERROR, OK, WARN, BadInput, InferenceWorker, Outcome
 from atp_ros_msgs.action import Ask as AskAction
@@ -294,7 +295,7 @@ class VlmNode(LifecycleNode):
             cam.answer = cam.text = cam.mask = cam.overlay = cam.relevance = None
         self.worker = self.backend = None
         gc.collect()
-        _release_cuda_cache()
+        release_cuda_cache()
 
     def _on_context_shutdown(self) -> None:
         worker = self.worker
@@ -377,12 +378,9 @@ class VlmNode(LifecycleNode):
             pass
 
     def _decode(self, msg: Image | CompressedImage):
-        try:
-            if isinstance(msg, CompressedImage):
-                return image_io.compressed_to_rgb(msg, self.limits)
-            return image_io.raw_to_rgb(msg, self.limits)
-        except image_io.BadImage as err:
-            raise BadInput(err.cause, str(err)) from err
+        if isinstance(msg, CompressedImage):
+            return image_io.compressed_to_rgb(msg, self.limits)
+        return image_io.raw_to_rgb(msg, self.limits)
 
     # ------------------------------------------------------------------ outputs
 
@@ -593,15 +591,6 @@ def _cuda_memory(device) -> dict[str, str]:
         "cuda_allocated_mb": f"{torch.cuda.memory_allocated(device) / 2**20:.0f}",
         "cuda_reserved_mb": f"{torch.cuda.memory_reserved(device) / 2**20:.0f}",
     }
-
-
-def _release_cuda_cache() -> None:
-    if "torch" not in sys.modules:
-        return
-    import torch
-
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
 
 
 def _spin(node: VlmNode, executor: MultiThreadedExecutor) -> None:

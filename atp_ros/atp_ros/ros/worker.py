@@ -29,13 +29,12 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from atp_ros.backends.errors import GenerationStopped
+from atp_ros.backends.errors import BadInput, GenerationStopped
+from atp_ros.backends.loading import release_cuda_cache
 from atp_ros.backends.results import VlmResult
 from atp_ros.method import AtpConfig
+from atp_ros.problems import ERROR, OK, WARN, Problem, Problems  # noqa: F401  (re-exported for the node)
 from atp_ros.ros.stats import Counters, LatencyWindow
-
-# Severity of a problem, numerically equal to diagnostic_msgs/DiagnosticStatus levels.
-OK, WARN, ERROR = 0, 1, 2
 
 
 class Answerer(Protocol):
@@ -51,14 +50,6 @@ class Answerer(Protocol):
         max_new_tokens: int = ...,
         stop: Callable[[], bool] | None = ...,
     ) -> VlmResult: ...
-
-
-class BadInput(ValueError):
-    """A frame or question the worker rejects; ``cause`` names the kind (``encoding``, ``query_empty``...)."""
-
-    def __init__(self, cause: str, message: str) -> None:
-        super().__init__(message)
-        self.cause = cause
 
 
 @dataclass(frozen=True)
@@ -129,55 +120,12 @@ class LatestFrame:
             self._frame = None
 
 
-@dataclass(frozen=True)
-class Problem:
-    level: int
-    message: str
-    when: float  # time.monotonic()
-    count: int  # occurrences of this cause so far
-
-
-class Problems:
-    """Per-cause count and latest occurrence; says which occurrences deserve a log line."""
-
-    def __init__(self) -> None:
-        self._latest: dict[str, Problem] = {}
-        self._lock = threading.Lock()
-
-    def report(self, cause: str, level: int, message: str) -> str | None:
-        """Record one occurrence; the line to log when it is the 1st, 10th, 100th... of its cause, else None."""
-        with self._lock:
-            count = self._latest[cause].count + 1 if cause in self._latest else 1
-            self._latest[cause] = Problem(level, message, time.monotonic(), count)
-        if count == 1:
-            return f"[{cause}] {message}"
-        if _power_of_ten(count):
-            return f"[{cause}] {count} times so far, latest: {message}"
-        return None
-
-    def recent(self, within_s: float) -> dict[str, Problem]:
-        """The causes that occurred in the last ``within_s`` seconds."""
-        now = time.monotonic()
-        with self._lock:
-            return {c: p for c, p in self._latest.items() if now - p.when < within_s}
-
-    def counts(self) -> dict[str, int]:
-        with self._lock:
-            return {c: p.count for c, p in self._latest.items()}
-
-
 @dataclass
 class _LoopState:
     """What the inference thread remembers between jobs."""
 
     last_start: float = -1e9  # time.monotonic() of the last frame inference (the rate cap)
     waiting_logged: bool = False  # "no query yet" is said once
-
-
-def _power_of_ten(n: int) -> bool:
-    while n % 10 == 0 and n > 1:
-        n //= 10
-    return n == 1
 
 
 def check_question(text: str, max_chars: int) -> str:
@@ -441,7 +389,7 @@ class InferenceWorker:
         except Exception as err:  # a failing model step (CUDA OOM, a lost service) must not end the worker
             cause = getattr(err, "cause", "model")
             self.problem(cause, ERROR, f"inference failed, frame skipped: {type(err).__name__}: {err}")
-            _release_cuda_cache()
+            release_cuda_cache()
             return False
         try:
             self._on_answer(outcome)
@@ -472,7 +420,7 @@ class InferenceWorker:
             outcome = self._infer(frame, request.question, lambda: self._stop.is_set() or request.cancelled.is_set())
         except Exception as err:
             if not isinstance(err, (BadInput, GenerationStopped)):
-                _release_cuda_cache()
+                release_cuda_cache()
             request.future.set_exception(err)
             return
         self.counters.inc("asks_answered")
@@ -502,10 +450,3 @@ class InferenceWorker:
             self._safe_log(WARN, f"backend: {note}")
         self.last_kept = (int(result.visual_tokens_kept[0]), int(result.visual_tokens_total))
         return Outcome(frame, question, rgb, result, started)
-
-
-def _release_cuda_cache() -> None:
-    import torch
-
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()

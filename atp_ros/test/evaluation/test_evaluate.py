@@ -66,7 +66,7 @@ def test_warehouse_bag_pairs_frames_with_questions_and_truth(warehouse_bag: Path
     for sample, t in zip(loaded.samples, truth, strict=True):
         assert sample.question == t["question"] and list(sample.answers) == t["answers"]
         assert sample.image.shape == (240, 320, 3) and sample.key == str(t["stamp"])
-    assert not loaded.problems.counts
+    assert not loaded.problems.counts()
     assert len(read_bag(warehouse_bag, "/camera/image_raw", "/atp_vlm/query", limit=3).samples) == 3
 
 
@@ -85,7 +85,7 @@ def test_sqlite3_compressed_bag_skips_bad_messages_with_one_cause_each(tmp_path:
     loaded = read_bag(bag, "/cam/compressed", "/ask")
     assert [(s.stamp_ns, s.question) for s in loaded.samples] == [(30, "is the aisle empty?"), (60, "how many cones?")]
     assert loaded.samples[0].answers == ()  # no ground truth: fidelity only
-    assert dict(loaded.problems.counts) == {"no_question": 1, "corrupt": 2}
+    assert dict(loaded.problems.counts()) == {"no_question": 1, "corrupt": 2}
     assert "CompressedImage" in loaded.description
 
 
@@ -102,7 +102,7 @@ def test_repeated_stamps_and_malformed_truth_are_counted_not_fatal(tmp_path: Pat
     loaded = read_bag(bag, "/image", "/q", truth)
     assert [s.key for s in loaded.samples] == ["0", "0#2", "0#3"]  # told apart by order
     assert all(s.answers == () for s in loaded.samples)  # a 3-number box: truth unusable, fidelity only
-    assert loaded.problems.counts["duplicate_stamp"] == 2 and loaded.problems.counts["truth"] == 3
+    assert loaded.problems.counts()["duplicate_stamp"] == 2 and loaded.problems.counts()["truth"] == 3
     assert metrics.accuracy("forklift", ["lift truck", "forklift"]) == 1.0  # synonyms: exact match, not 1/6
 
 
@@ -136,7 +136,7 @@ def test_ros1_bag_and_unknown_encoding(tmp_path: Path) -> None:
     assert np.array_equal(loaded.samples[0].image, rgb(0)) and np.array_equal(
         loaded.samples[1].image, rgb(2)[:, :, ::-1]
     )
-    assert dict(loaded.problems.counts) == {"encoding": 1}
+    assert dict(loaded.problems.counts()) == {"encoding": 1}
 
 
 def test_bag_errors_say_what_is_wrong(tmp_path: Path, warehouse_bag: Path) -> None:
@@ -184,7 +184,7 @@ def test_dataset_modes(tmp_path: Path) -> None:
     qs = {"7": {"imageId": "n1", "question": "Is it red?", "answer": "no"}, "8": {"imageId": "gone", "question": "?"}}
     (gqa / "testdev_questions.json").write_text(json.dumps(qs))
     loaded = read_dataset(gqa)
-    assert [(s.key, s.answers) for s in loaded.samples] == [("7", ("no",))] and loaded.problems.counts["image"] == 1
+    assert [(s.key, s.answers) for s in loaded.samples] == [("7", ("no",))] and loaded.problems.counts()["image"] == 1
     with pytest.raises(SourceError, match=r"no samples\.jsonl"):
         read_dataset(tmp_path / "wh" / "images")
 
