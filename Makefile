@@ -7,7 +7,7 @@ VENV := .venv
 ENV := . $(VENV)/bin/activate && source install/setup.bash &&
 PYTEST_ARGS ?=
 
-.PHONY: help setup demo test bench lint format clean train-tiny model-card eval soak serve-demo
+.PHONY: help setup demo test bench lint format clean train-tiny model-card eval soak serve-demo gpu-check
 
 help:
 	@echo "make demo   - set up if needed, then run the node on a camera stream over DDS and print its answers"
@@ -15,6 +15,7 @@ help:
 	@echo "make bench  - FLOPs/KV of real architectures, realistic-width latency, node throughput (bench/results/)"
 	@echo "make serve-demo - three camera nodes sharing one batched VLM on Ray Serve (backend:=ray)"
 	@echo "make eval   - replay evaluation on a warehouse test bag: sweep, robustness, live replay (out/eval/report)"
+	@echo "make gpu-check - on a CUDA machine: CUDA tests, fp16/bf16 realistic-width bench, memory per keep, node at 30 Hz (bench/results/gpu)"
 	@echo "make soak   - 10 min of 30 Hz 640x480 frames through the node: RSS growth, crashes, answers, drops (bench/results/soak)"
 	@echo "make lint   - ruff check + format check"
 	@echo "make train-tiny - retrain warehouse-tiny from nothing (CPU, resumable; out/warehouse-tiny)"
@@ -64,3 +65,7 @@ serve-demo: setup
 # Reliability (#12): 10 minutes at 30 Hz; SOAK_ARGS="--minutes 1" for the short version.
 soak: setup
 	@$(ENV) python bench/soak.py $(SOAK_ARGS)
+
+# Everything that needs CUDA (#23), one line per stage, bench/results/gpu/; without CUDA it says so and exits 0.
+gpu-check: setup
+	@$(ENV) python bench/gpu_check.py $(GPU_ARGS)
