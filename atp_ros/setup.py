@@ -13,7 +13,7 @@ setup(
     version=version,
     packages=find_packages(exclude=["test"]),
     # The bundled warehouse-tiny checkpoint (safetensors, configs, tokenizer) ships inside the package.
-    package_data={"atp_ros": ["models/*/*", "models/*/*/*"]},
+    package_data={"atp_ros": ["models/*/*", "models/*/*/*", "warehouse/cell/assets/*"]},
     data_files=[
         ("share/ament_index/resource_index/packages", ["resource/" + package_name]),
         ("share/" + package_name, ["package.xml"]),
@@ -33,7 +33,7 @@ setup(
             "warehouse = atp_ros.warehouse.cli:main",
             "train_tiny = atp_ros.warehouse.train:main",
             "evaluate = atp_ros.evaluation.cli:main",
-            "atp-serve = atp_ros.serving.serve:main",
+            "atp-serve = atp_ros.serving.cli:main",
         ],
     },
 )

@@ -3,7 +3,7 @@
 #   1. .venv: CPython 3.11 without a sourced ROS (the ROS 2 Kilted wheels on PyPI are cp311); with a sourced
 #      ROS 2 (ROS_DISTRO set) that distro's interpreter, `python3` on PATH (Humble 3.10, Jazzy/Kilted 3.12),
 #      with --system-site-packages so the venv sees the distro's rclpy and messages. PYTHON=... overrides.
-#   2. Python deps: requirements/torch.txt, runtime.txt, dev.txt, serve.txt (+ ros-wheels.txt without ROS)
+#   2. Python deps: requirements/torch.txt, runtime.txt, dev.txt, serve.txt, sim.txt (+ ros-wheels.txt without ROS)
 #      - without ROS: constrained by requirements/constraints.txt, the exact CI pins (a 3.11 pip freeze);
 #      - with a sourced ROS: constrained by requirements/ros-constraints.txt instead, see below.
 #   3. ROS 2 Kilted wheels from PyPI -- unless a ROS 2 distro is already sourced
@@ -20,7 +20,7 @@ if [ -n "${ROS_DISTRO:-}" ]; then
   echo "setup: ROS 2 '$ROS_DISTRO' is sourced: using it (no ROS wheels from PyPI)"
   PY=${PYTHON:-python3}
   VENV_FLAGS=--system-site-packages
-  REQS="requirements/torch.txt requirements/runtime.txt requirements/dev.txt requirements/serve.txt"
+  REQS="requirements/torch.txt requirements/runtime.txt requirements/dev.txt requirements/serve.txt requirements/sim.txt"
   # Not constraints.txt: its exact pins are a CPython 3.11 freeze (its numpy 2.4, pillow 13, matplotlib 3.11
   # and transformers 5.23 need Python >= 3.11, so they cannot install on Humble's 3.10), and it pins NumPy 2,
   # which breaks the distro's compiled Python modules (built against Ubuntu's NumPy 1.x). The ranges of
@@ -31,7 +31,7 @@ else
   echo "setup: no ROS 2 sourced: installing ROS 2 Kilted wheels from PyPI into $VENV"
   PY=${PYTHON:-python3.11}
   VENV_FLAGS=
-  REQS="requirements/torch.txt requirements/runtime.txt requirements/dev.txt requirements/ros-wheels.txt requirements/serve.txt"
+  REQS="requirements/torch.txt requirements/runtime.txt requirements/dev.txt requirements/ros-wheels.txt requirements/serve.txt requirements/sim.txt"
   CONSTRAINTS=requirements/constraints.txt
 fi
 

@@ -30,3 +30,6 @@ class BadInput(ValueError):
     def __init__(self, cause: str, message: str) -> None:
         super().__init__(message)
         self.cause = cause
+
+    def __reduce__(self):  # pickled across processes (Ray) with its cause
+        return type(self), (self.cause, str(self))

@@ -1,0 +1,1 @@
+"""A MuJoCo warehouse cell: per-frame ground truth, questions about it and their tokenizer."""
