@@ -34,16 +34,12 @@ from pathlib import Path
 import numpy as np
 from atp_ros.backends import AtpConfig, resolve_model_id
 from atp_ros.ros.params import PARAMS
-from atp_ros.serving.serve import (
-    RemoteBackend,
-    ServeConfig,
-    cluster_address,
-    deploy,
-    embedding_payload,
-    encode_image,
-    shutdown,
-    start_ray,
-)
+from atp_ros.serving.client import RemoteBackend
+from atp_ros.serving.cluster import cluster_address, shutdown, start_ray
+from atp_ros.serving.config import ServeConfig
+from atp_ros.serving.payload import embedding_payload
+from atp_ros.serving.server import deploy
+from atp_ros.serving.wire import encode_image
 from atp_ros.warehouse.scenes import questions_for_scene, render_scene, split_seed
 from rich.console import Console
 from rich.table import Table

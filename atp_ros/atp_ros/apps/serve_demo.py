@@ -21,7 +21,9 @@ from rich.console import Console
 
 from atp_ros.apps.demo import FRAME_SIZE, QUESTIONS
 from atp_ros.ros.process import node_executable, stop_node
-from atp_ros.serving.serve import ServeConfig, cluster_address, deploy, shutdown, start_ray
+from atp_ros.serving.cluster import cluster_address, shutdown, start_ray
+from atp_ros.serving.config import ServeConfig
+from atp_ros.serving.server import deploy
 from atp_ros.warehouse.scenes import render_scene, split_seed, standing_question
 
 APP = "atp_vlm_demo"

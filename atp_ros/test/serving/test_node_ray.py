@@ -14,7 +14,9 @@ pytest.importorskip("atp_ros_msgs.msg")
 ray = pytest.importorskip("ray")
 serve = pytest.importorskip("ray.serve")
 
-from atp_ros.serving.serve import ServeConfig, deploy, start_ray  # noqa: E402
+from atp_ros.serving.cluster import start_ray  # noqa: E402
+from atp_ros.serving.config import ServeConfig  # noqa: E402
+from atp_ros.serving.server import deploy  # noqa: E402
 from atp_ros.warehouse.scenes import render_scene  # noqa: E402
 from node_harness import Probe, image_msg, new_namespace, publish_until_answer, start_node, stop_node  # noqa: E402
 from std_msgs.msg import String  # noqa: E402

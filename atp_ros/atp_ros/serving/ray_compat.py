@@ -1,0 +1,79 @@
+"""Every use of Ray internals by atp_ros, in one place: what to re-check when Ray is upgraded.
+
+Checked against Ray :data:`CHECKED_WITH` (``requirements/serve.txt``, ``constraints.txt``).
+Each function names the private API it stands for; none of them is covered by Ray's
+compatibility promises, so a new Ray version may move or drop any of them.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+CHECKED_WITH = "2.60.0"  # the Ray version these internals were read in
+
+
+def versioned_options(deployment: Any, version: str, **options: Any) -> Any:
+    """``deployment.options(**options)`` with an explicit code ``version``.
+
+    Serve accepts ``version`` only with ``_internal=True`` (what its own config files pass); a
+    deployment without one gets a random version, so every deploy would restart its replicas.
+    """
+    return deployment.options(version=version, _internal=True, **options)
+
+
+def enable_token_auth() -> None:
+    """Use this user's Ray token (``~/.ray/auth_token``, ``RAY_AUTH_TOKEN``) when there is one.
+
+    Ray turns token authentication on by itself only for clusters it finds with ``auto``; a local
+    instance (``ray.init``, ``ray start``) requires it, so an explicit address needs it too.
+    Private: ``ray._private.authentication.authentication_token_setup``.
+    """
+    from ray._private.authentication.authentication_token_setup import maybe_enable_token_auth_if_token_available
+
+    maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
+
+
+def canonical_address(address: str) -> str | None:
+    """The ``host:port`` of the cluster ``address`` names (``auto``: the one running here), None if none.
+
+    Raises ConnectionError when ``auto`` finds no cluster. Private: ``ray._private.services``.
+    """
+    from ray._private.services import canonicalize_bootstrap_address
+
+    return canonicalize_bootstrap_address(address)
+
+
+def forget_controller() -> None:
+    """Drop Serve's cached handle of its controller in this process (``ray.serve.context._disconnect``).
+
+    Serve keeps it for the whole Ray session; after Serve was shut down and started again it
+    names a dead actor, and every later ``get_app_handle`` would fail. Without it, the next one
+    finds the live controller by name.
+    """
+    from ray.serve import context
+
+    context._disconnect()
+
+
+def controller_client() -> Any:
+    """Serve's cached controller client of this process (``ray.serve.context._global_client``)."""
+    from ray.serve import context
+
+    return context._global_client
+
+
+def set_controller_client(client: Any) -> None:
+    """Replace Serve's cached controller client (``ray.serve.context._set_global_client``)."""
+    from ray.serve import context
+
+    context._set_global_client(client)
+
+
+def run_workers_unniced() -> None:
+    """Start Ray's workers at niceness 0 unless the environment says otherwise.
+
+    Ray starts them at 15 (its ``RAY_worker_niceness`` system config); the replica is the
+    service, and a niced model falls far behind whatever else shares a robot computer's cores.
+    """
+    os.environ.setdefault("RAY_worker_niceness", "0")
