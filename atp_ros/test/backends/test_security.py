@@ -223,6 +223,7 @@ def _policy_names(enclave: str, node: str = "atp_vlm") -> dict[str, set[str]]:
     return allowed
 
 
+@pytest.mark.dds
 def test_sros2_policy_covers_everything_the_node_uses(rclpy_context, tmp_path: Path) -> None:
     """Start the installed node as the launch file does (node atp_vlm in /, camera remapped to
     /camera/image_raw), read its topics, services and action off the ROS graph, and check each is allowed
