@@ -27,8 +27,8 @@ from tqdm import tqdm
 
 from atp_ros.evaluation.perturb import IMAGE_CORRUPTIONS, QUESTION_PERTURBATIONS, SEVERITIES
 from atp_ros.evaluation.sources import SourceError
-from atp_ros.evaluation.sweep import REFERENCE, SELECTORS, Setting
-from atp_ros.method import NORMALIZATIONS, AtpConfig
+from atp_ros.evaluation.sweep import Setting
+from atp_ros.method import KEEP_ALL, NORMALIZATIONS, PRUNING_SELECTORS, AtpConfig
 
 DEFAULT_IMAGE_TOPIC = "/camera/image_raw"
 DEFAULT_QUERY_TOPIC = "/atp_vlm/query"
@@ -86,7 +86,12 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--keep-ratios", type=_floats(0.0, 1.0), default=[0.6, 0.4, 0.25, 0.11])
     ap.add_argument("--alphas", type=_floats(0.0, 1.0, lo_open=False), default=[0.5])
     ap.add_argument("--masses", type=_floats(0.0, 1.0), default=[], help="ATP adaptive budgets (tau) to add")
-    ap.add_argument("--selectors", type=_choices(SELECTORS), default=list(SELECTORS), help="atp and baselines, or all")
+    ap.add_argument(
+        "--selectors",
+        type=_choices(PRUNING_SELECTORS),
+        default=list(PRUNING_SELECTORS),
+        help="atp and baselines, or all",
+    )
     ap.add_argument("--normalization", type=_choices(NORMALIZATIONS), default=["minmax"])
     ap.add_argument(
         "--corruptions", type=_choices(IMAGE_CORRUPTIONS, True), default=[], help="image corruptions or all"
@@ -130,7 +135,7 @@ def robustness_settings(args: argparse.Namespace) -> tuple[Setting, list[Setting
     perturbations += [f"question:{q}" for q in args.question_perturbations]
     runs = []
     for p in perturbations:
-        runs += [Setting(REFERENCE, perturbation=p), replace(atp, perturbation=p)]
+        runs += [Setting(KEEP_ALL, perturbation=p), replace(atp, perturbation=p)]
     return atp, runs
 
 
@@ -140,22 +145,30 @@ def main(argv: list[str] | None = None) -> int:
     _check(ap, args)
     started = time.strftime("%Y-%m-%d %H:%M:%S %Z")
     command = "evaluate " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
+    loaded = _load_samples(args)
+    backend = _load_model(args) if loaded else None
+    if backend is None:
+        return 1
+    base = AtpConfig(seed=args.seed)
+    robust, settings = _settings(args)
+    done, interrupted = _sweep(args, backend, loaded.samples, settings, base)
+    if not done:
+        print("evaluate: error: nothing was evaluated", file=sys.stderr)
+        return 130 if interrupted else 1
+    results = _results(args, loaded, backend, done, robust, interrupted)
+    results["meta"] |= {"command": command, "date": started}  # keys already in place: the order stays
+    args.out.mkdir(parents=True, exist_ok=True)
+    if not interrupted:
+        _overlays(args.out, backend, loaded.samples, robust, base, args.max_new_tokens)
+        if args.live:
+            interrupted = _live(args, results, done, loaded.samples, robust)
+    _report(args.out, results)
+    return 130 if interrupted else 0
 
-    from atp_ros.backends import ModelLoadError, load_backend
-    from atp_ros.evaluation import report
+
+def _load_samples(args: argparse.Namespace):
+    """The samples of ``--bag`` or ``--dataset`` (problems printed), or None after one error line."""
     from atp_ros.evaluation.sources import read_bag, read_dataset
-    from atp_ros.evaluation.sweep import (
-        Cache,
-        add_fidelity,
-        grid,
-        memory_mb,
-        pareto,
-        quality,
-        recommend,
-        run_setting,
-        samples_digest,
-        summarize,
-    )
 
     try:
         if args.bag:
@@ -164,25 +177,43 @@ def main(argv: list[str] | None = None) -> int:
             loaded = read_dataset(args.dataset, args.limit)
     except SourceError as err:
         print(f"evaluate: error: {err}", file=sys.stderr)
-        return 1
-    samples = loaded.samples
-    print(f"evaluate: {len(samples)} samples from {loaded.description}")
+        return None
+    print(f"evaluate: {len(loaded.samples)} samples from {loaded.description}")
     for line in loaded.problems.lines():
         print(f"evaluate: input problem: {line}")
+    return loaded
+
+
+def _load_model(args: argparse.Namespace):
+    """The backend ``--model`` names (notes printed), or None after one error line."""
+    from atp_ros.backends import ModelLoadError, load_backend
+
     try:
         backend = load_backend(args.model, args.text_encoder, args.device, args.dtype)
     except ModelLoadError as err:
         print(f"evaluate: error: {err}", file=sys.stderr)
-        return 1
+        return None
     for note in backend.load_notes:
         print(f"evaluate: note: {note}")
+    return backend
 
-    base = AtpConfig(seed=args.seed)
+
+def _settings(args: argparse.Namespace) -> tuple[Setting, list[Setting]]:
+    """The ATP setting of the robustness runs, and every setting to run: the grid, then the perturbed runs."""
+    from atp_ros.evaluation.sweep import grid
+
     robust, robust_runs = robustness_settings(args)
     settings = grid(args.keep_ratios, args.alphas, args.selectors, args.normalization, args.masses)
     if robust_runs and robust not in settings:
         settings.append(robust)  # its clean run is what the perturbed runs are compared with
-    settings += robust_runs
+    return robust, settings + robust_runs
+
+
+def _sweep(args: argparse.Namespace, backend, samples: list, settings: list[Setting], base: AtpConfig):
+    """Every setting over every sample, from the cache where it holds the setting: ``({setting: {"records",
+    "memory"}}, interrupted)``; Ctrl-C stops after what has finished."""
+    from atp_ros.evaluation.sweep import Cache, memory_mb, run_setting, samples_digest
+
     context = {
         "model": args.model,
         "text_encoder": args.text_encoder,
@@ -219,29 +250,33 @@ def main(argv: list[str] | None = None) -> int:
         print("\nevaluate: interrupted: writing what has finished (re-run the same command to resume)")
     finally:
         bar.close()
-    if not done:
-        print("evaluate: error: nothing was evaluated", file=sys.stderr)
-        return 130 if interrupted else 1
+    return done, interrupted
+
+
+def _results(args: argparse.Namespace, loaded, backend, done: dict, robust: Setting, interrupted: bool) -> dict:
+    """``results.json``'s content: one summarized row per setting (fidelity against the unpruned run on
+    the same input), the recommendation, the Pareto front and the robustness table."""
+    from atp_ros.evaluation import report
+    from atp_ros.evaluation.sweep import add_fidelity, pareto, quality, recommend, summarize
 
     rows = []
     for setting, entry in done.items():
-        reference = done.get(Setting(REFERENCE, perturbation=setting.perturbation))
+        reference = done.get(Setting(KEEP_ALL, perturbation=setting.perturbation))
         if reference is not None:
             add_fidelity(entry["records"], reference["records"])
         summary = summarize(entry["records"], args.bootstrap, args.seed)
         rows.append({"name": setting.name, "setting": asdict(setting), "summary": summary, "memory": entry["memory"]})
     metric = "accuracy" if any(r["summary"]["accuracy"]["mean"] is not None for r in rows) else "fidelity"
-    ref_row = next((r for r in rows if r["name"] == REFERENCE), None)
-    rec = recommend(rows, args.tolerance)
-    results = {
+    ref_row = next((r for r in rows if r["name"] == Setting(KEEP_ALL).name), None)
+    return {
         "meta": {
             "model": args.model,
             "source": loaded.description,
-            "samples": len(samples),
+            "samples": len(loaded.samples),
             "input_problems": loaded.problems.lines(),
-            "command": command,
+            "command": "",  # filled in by main
             "machine": report.machine(),
-            "date": started,
+            "date": "",  # filled in by main
             "tolerance": args.tolerance,
             "load_notes": backend.load_notes,
         },
@@ -249,7 +284,7 @@ def main(argv: list[str] | None = None) -> int:
         "metric": metric,
         "reference_quality": quality(ref_row["summary"])[1] if ref_row else None,
         "settings": rows,
-        "recommended": rec,
+        "recommended": recommend(rows, args.tolerance),
         "pareto": [
             {
                 "name": r["name"],
@@ -261,25 +296,35 @@ def main(argv: list[str] | None = None) -> int:
         "robust_setting": robust.name,
         "robustness": _robustness(rows, robust),
     }
-    args.out.mkdir(parents=True, exist_ok=True)
-    if not interrupted:
-        _overlays(args.out, backend, samples, robust, base, args.max_new_tokens)
-        if args.live:
-            from atp_ros.evaluation import live
 
-            live_setting = Setting(**rec["setting"]) if rec else robust
-            report.write(args.out, results)  # the offline report stands even if the live part fails
-            try:
-                results["live"] = live.replay(args, live_setting, done, samples)
-            except KeyboardInterrupt:
-                interrupted = True
-                results["live"] = {"error": "interrupted"}
-            except Exception as err:  # no ROS, node would not start, DDS trouble: one line, report kept
-                message = err if isinstance(err, live.LiveError) else f"{type(err).__name__}: {err}"
-                print(f"evaluate: live replay failed: {message}", file=sys.stderr)
-                results["live"] = {"error": str(message)}
-    report.write(args.out, results)
-    print(f"evaluate: wrote {args.out / 'report.md'}, results.json, results.csv and plots")
+
+def _live(args: argparse.Namespace, results: dict, done: dict, samples: list, robust: Setting) -> bool:
+    """Replay the bag through the node with the recommended setting (else ``robust``) into
+    ``results["live"]``; True when interrupted. A failure is one line and the offline report stands."""
+    from atp_ros.evaluation import live, report
+
+    rec = results["recommended"]
+    live_setting = Setting(**rec["setting"]) if rec else robust
+    report.write(args.out, results)  # the offline report stands even if the live part fails
+    try:
+        results["live"] = live.replay(args, live_setting, done, samples)
+    except KeyboardInterrupt:
+        results["live"] = {"error": "interrupted"}
+        return True
+    except Exception as err:  # no ROS, node would not start, DDS trouble: one line, report kept
+        message = err if isinstance(err, live.LiveError) else f"{type(err).__name__}: {err}"
+        print(f"evaluate: live replay failed: {message}", file=sys.stderr)
+        results["live"] = {"error": str(message)}
+    return False
+
+
+def _report(out: Path, results: dict) -> None:
+    """Write the report files and print the recommendation."""
+    from atp_ros.evaluation import report
+
+    report.write(out, results)
+    print(f"evaluate: wrote {out / 'report.md'}, results.json, results.csv and plots")
+    rec, metric = results["recommended"], results["metric"]
     if rec:
         m = rec["summary"]
         print(
@@ -287,16 +332,15 @@ def main(argv: list[str] | None = None) -> int:
             f"(unpruned {results['reference_quality']:.3f}), {m['tokens_kept']['mean']:.1f}/"
             f"{m['tokens_kept']['total']} tokens, p50 {m['latency_ms']['total']['p50']:.1f} ms"
         )
-    return 130 if interrupted else 0
 
 
 def _robustness(rows: list[dict], robust: Setting) -> list[dict]:
     """Per perturbation: accuracy and fidelity of the reference and the ATP setting, and their change vs clean."""
     by = {(r["setting"]["selector"], r["setting"]["perturbation"]): r for r in rows}
-    clean_ref, clean_atp = by.get((REFERENCE, "")), next((r for r in rows if r["name"] == robust.name), None)
+    clean_ref, clean_atp = by.get((KEEP_ALL, "")), next((r for r in rows if r["name"] == robust.name), None)
     out = []
     for (selector, perturbation), row in sorted(by.items(), key=lambda kv: kv[0][1]):
-        if selector != REFERENCE or not perturbation:
+        if selector != KEEP_ALL or not perturbation:
             continue
         atp_row = next((r for r in rows if r["name"] == replace(robust, perturbation=perturbation).name), None)
         entry = {"perturbation": perturbation}

@@ -1,5 +1,10 @@
 """Scoring answers: normalization, exact match, VQA soft accuracy, fidelity, evidence recall,
-bootstrap confidence intervals, percentiles. Pure functions on plain Python / numpy values."""
+bootstrap confidence intervals, percentiles. Pure functions on plain Python / numpy values.
+
+This module is the one place that decides whether an answer is right: :func:`normalize_answer`
+and :func:`correct` (one answer, a yes/no verdict), :func:`accuracy` (the score of one answer:
+VQA soft accuracy or exact match). The ``evaluate`` sweep, the live replay, the model card and the
+demos all score through them, so their accuracies are comparable."""
 
 from __future__ import annotations
 
@@ -25,25 +30,34 @@ _PERIOD = re.compile(r"(?<!\d)\.(?!\d)")
 
 
 def normalize_answer(text: str) -> str:
-    """VQA-style normalization: ``"Two."`` -> ``"2"``, ``"The red box"`` -> ``"red box"``."""
+    """VQA-style normalization: ``"Two."`` -> ``"2"``, ``"The red box"`` -> ``"red box"``.
+
+    An answer that is nothing but an article keeps it (``"a"`` stays ``"a"``): the warehouse's
+    labels include the letter "a", which must not normalize to the same nothing as an empty answer."""
     s = str(text).lower().replace("\n", " ").replace("\t", " ").strip()
     s = _PUNCT.sub(" ", s) if not re.search(r"\d,\d", s) else _PUNCT.sub(" ", s.replace(",", ""))
     s = _PERIOD.sub("", s)
-    words = [_CONTRACTIONS.get(w, _NUMBERS.get(w, w)) for w in s.split() if w not in _ARTICLES]
-    return " ".join(words)
+    words = [_CONTRACTIONS.get(w, _NUMBERS.get(w, w)) for w in s.split()]
+    return " ".join([w for w in words if w not in _ARTICLES] or words)
+
+
+def correct(prediction: str, answers: Sequence[str]) -> bool:
+    """Whether ``prediction`` is right: its normalization equals that of any accepted answer.
+    An empty answer (or truth) is never right."""
+    pred = normalize_answer(prediction)
+    return bool(pred) and any(pred == normalize_answer(a) for a in answers)
 
 
 def exact_match(prediction: str, answers: Sequence[str]) -> float:
-    """1.0 when the normalized prediction equals any normalized ground-truth answer."""
-    pred = normalize_answer(prediction)
-    return float(any(pred == normalize_answer(a) for a in answers))
+    """1.0 when the prediction is :func:`correct`, else 0.0."""
+    return float(correct(prediction, answers))
 
 
 def vqa_accuracy(prediction: str, answers: Sequence[str]) -> float:
     """VQA soft accuracy: ``min(1, matches / 3)`` averaged over the leave-one-out subsets of the
     human answers (10 in VQAv2). With a single answer it is exact match."""
     pred = normalize_answer(prediction)
-    hits = [normalize_answer(a) == pred for a in answers]
+    hits = [bool(pred) and normalize_answer(a) == pred for a in answers]
     if len(hits) <= 1:
         return float(any(hits))
     total = sum(hits)

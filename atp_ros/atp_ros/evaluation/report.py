@@ -9,7 +9,8 @@ from pathlib import Path
 
 import numpy as np
 
-from atp_ros.evaluation.sweep import REFERENCE, quality
+from atp_ros.evaluation.sweep import quality
+from atp_ros.method import KEEP_ALL
 
 CSV_COLUMNS = (
     "setting", "selector", "keep_ratio", "mass", "alpha", "normalization", "perturbation", "n",
@@ -174,23 +175,38 @@ def _markdown(results: dict, plots: list[str]) -> str:
 
 
 def _plots(out: Path, results: dict) -> list[str]:
+    """The report's PNG plots in ``out``; returns their file names."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    written: list[str] = []
     clean = [r for r in results["settings"] if not r["setting"]["perturbation"]]
-    ref = next((r for r in clean if r["setting"]["selector"] == REFERENCE), None)
-    metric = results.get("metric", "accuracy")
+    ref = next((r for r in clean if r["setting"]["selector"] == KEEP_ALL), None)
+    written = [_plot_quality_vs_keep(plt, out, clean, ref), _plot_pareto(plt, out, results, clean, ref)]
+    if results.get("robustness"):
+        written.append(_plot_robustness(plt, out, results))
+    if (out / "overlays.png").is_file():
+        written.append("overlays.png")
+    return written
 
-    # 1. accuracy and fidelity vs keep ratio, one line per selector (ATP per alpha)
+
+def _save(plt, fig, out: Path, name: str) -> str:
+    """``fig`` laid out and written to ``out/name``, then closed; returns ``name``."""
+    fig.tight_layout()
+    fig.savefig(out / name, dpi=110)
+    plt.close(fig)
+    return name
+
+
+def _plot_quality_vs_keep(plt, out: Path, clean: list[dict], ref: dict | None) -> str:
+    """Accuracy and fidelity vs keep ratio, one line per selector (ATP per alpha)."""
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for ax, name in zip(axes, ("accuracy", "fidelity"), strict=True):
         lines: dict[str, list] = {}
         for r in clean:
             s = r["setting"]
-            if s["selector"] == REFERENCE or r["summary"][name]["mean"] is None:
+            if s["selector"] == KEEP_ALL or r["summary"][name]["mean"] is None:
                 continue
             label = f"ATP a={s['alpha']:g}" if s["selector"] == "atp" else s["selector"]
             label += f" {s['normalization']}" if s["normalization"] != "minmax" else ""
@@ -212,12 +228,12 @@ def _plots(out: Path, results: dict) -> list[str]:
         ax.grid(alpha=0.3)
         if lines:
             ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(out / "quality_vs_keep.png", dpi=110)
-    plt.close(fig)
-    written.append("quality_vs_keep.png")
+    return _save(plt, fig, out, "quality_vs_keep.png")
 
-    # 2. quality vs latency: the Pareto front, the recommended setting marked
+
+def _plot_pareto(plt, out: Path, results: dict, clean: list[dict], ref: dict | None) -> str:
+    """Quality vs p50 latency: the Pareto front, the recommended setting starred."""
+    metric = results.get("metric", "accuracy")
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
     pts = [(r["summary"]["latency_ms"]["total"]["p50"], quality(r["summary"])[1], r) for r in clean]
     pts = [p for p in pts if p[1] is not None]
@@ -246,34 +262,26 @@ def _plots(out: Path, results: dict) -> list[str]:
     ax.grid(alpha=0.3)
     if rec:
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(out / "pareto.png", dpi=110)
-    plt.close(fig)
-    written.append("pareto.png")
+    return _save(plt, fig, out, "pareto.png")
 
-    # 3. robustness bars
-    rob = results.get("robustness") or []
-    if rob:
-        fig, ax = plt.subplots(figsize=(max(6, 0.9 * len(rob)), 4))
-        x = np.arange(len(rob))
-        key = f"{metric}_delta"
-        full = [100 * (r["full"][key] or 0) for r in rob]
-        atp = [100 * (r["atp"][key] or 0) for r in rob]
-        ax.bar(x - 0.2, full, 0.4, label="unpruned")
-        ax.bar(x + 0.2, atp, 0.4, label=results.get("robust_setting", "ATP"))
-        ax.set_xticks(x, [r["perturbation"] for r in rob], rotation=30, ha="right", fontsize=7)
-        ax.axhline(0, color="k", lw=0.8)
-        ax.set_ylabel(f"{metric} change (points)")
-        ax.set_title("robustness: change vs clean input")
-        ax.legend(fontsize=7)
-        fig.tight_layout()
-        fig.savefig(out / "robustness.png", dpi=110)
-        plt.close(fig)
-        written.append("robustness.png")
 
-    if (out / "overlays.png").is_file():
-        written.append("overlays.png")
-    return written
+def _plot_robustness(plt, out: Path, results: dict) -> str:
+    """Per perturbation, the change vs clean input of the unpruned run and the robustness ATP setting."""
+    metric = results.get("metric", "accuracy")
+    rob = results["robustness"]
+    fig, ax = plt.subplots(figsize=(max(6, 0.9 * len(rob)), 4))
+    x = np.arange(len(rob))
+    key = f"{metric}_delta"
+    full = [100 * (r["full"][key] or 0) for r in rob]
+    atp = [100 * (r["atp"][key] or 0) for r in rob]
+    ax.bar(x - 0.2, full, 0.4, label="unpruned")
+    ax.bar(x + 0.2, atp, 0.4, label=results.get("robust_setting", "ATP"))
+    ax.set_xticks(x, [r["perturbation"] for r in rob], rotation=30, ha="right", fontsize=7)
+    ax.axhline(0, color="k", lw=0.8)
+    ax.set_ylabel(f"{metric} change (points)")
+    ax.set_title("robustness: change vs clean input")
+    ax.legend(fontsize=7)
+    return _save(plt, fig, out, "robustness.png")
 
 
 def overlay_grid(out: Path, shots: list[tuple[np.ndarray, str, str, str]], title: str = "") -> None:

@@ -43,6 +43,7 @@ class Sample:
     answers: tuple[str, ...] = ()  # ground-truth answers (VQA: the 10 human answers); () = none
     evidence: tuple[tuple[float, float, float, float], ...] = ()  # pixel boxes (x0, y0, x1, y1)
     stamp_ns: int | None = None  # header stamp of a bag frame
+    kind: str = ""  # the question's kind where the source knows it (the warehouse's KINDS)
 
 
 @dataclass
@@ -112,16 +113,12 @@ def read_bag(
     from rosbags.highlevel import AnyReader
     from rosbags.typesys import Stores, get_typestore
 
-    from atp_ros.backends.images import ImageLimits
-
     path = Path(path)
     if not path.exists():
         raise SourceError(f"{path}: no such bag")
     if truth_path is None and (path / "ground_truth.jsonl").is_file():
         truth_path = path / "ground_truth.jsonl"
     truth = read_truth(truth_path) if truth_path else {}
-    problems = Problems()
-    limits = ImageLimits(max_pixels=max_pixels)
     try:
         reader = AnyReader([path], default_typestore=get_typestore(Stores.ROS2_HUMBLE))
         reader.open()
@@ -129,69 +126,97 @@ def read_bag(
         raise SourceError(f"{path}: cannot open as a rosbag ({type(err).__name__}: {err})") from None
     try:
         topics = {c.topic: c.msgtype for c in reader.connections}
-        if image_topic not in topics:
-            listed = ", ".join(f"{t} ({m})" for t, m in sorted(topics.items())) or "none"
-            raise SourceError(f"{path}: no topic {image_topic!r}; the bag has: {listed}")
-        if topics[image_topic] not in IMAGE_TYPES:
-            raise SourceError(f"{path}: {image_topic} is {topics[image_topic]}, not an Image or CompressedImage")
-        has_queries = query_topic in topics
-        if has_queries and topics[query_topic] != "std_msgs/msg/String":
-            raise SourceError(f"{path}: {query_topic} is {topics[query_topic]}, not std_msgs/msg/String")
-        if not has_queries and not any(rec.get("question") for rec in truth.values()):
-            listed = ", ".join(sorted(topics))
-            raise SourceError(f"{path}: no questions: no topic {query_topic!r} (the bag has: {listed}) and no truth")
+        has_queries = _check_topics(path, topics, image_topic, query_topic, truth)
+        pairing = _BagPairing(image_topic, query_topic, has_queries, truth, max_pixels)
         wanted = [c for c in reader.connections if c.topic in (image_topic, query_topic)]
-        samples: list[Sample] = []
-        question = ""
-        queries_seen = frames_seen = 0
-        seen_keys: set[str] = set()
         for conn, _t, raw in reader.messages(connections=wanted):
-            try:
-                msg = reader.deserialize(raw, conn.msgtype)
-            except Exception as err:  # truncated or garbled CDR
-                problems.add("corrupt", f"{conn.topic}: cannot deserialize ({type(err).__name__})")
-                continue
-            if conn.topic == query_topic:
-                queries_seen += 1
-                question = str(msg.data).strip()
-                continue
-            frames_seen += 1
-            stamp = _stamp_ns(msg.header)
-            rec = truth.get(stamp)
-            asked = question if has_queries else str((rec or {}).get("question", ""))
-            if not asked:
-                problems.add("no_question", f"frame {stamp} arrived before any question")
-                continue
-            try:
-                rgb = compressed_to_rgb(msg, limits) if "Compressed" in conn.msgtype else raw_to_rgb(msg, limits)
-            except BadInput as err:
-                problems.add(err.cause, f"frame {stamp}: {err}")
-                continue
-            try:
-                answers, evidence = _truth_fields(rec)
-            except (TypeError, ValueError) as err:
-                problems.add("truth", f"frame {stamp}: ground truth unusable ({err}); evaluated for fidelity only")
-                answers, evidence = (), ()
-            if truth and rec is None:
-                problems.add("no_truth", f"frame {stamp} has no ground-truth line (evaluated for fidelity only)")
-            key = str(stamp)
-            if key in seen_keys:  # a repeated stamp (unset clocks): keep both frames apart
-                problems.add("duplicate_stamp", f"stamp {stamp} repeats; frames told apart by order")
-                key = f"{stamp}#{frames_seen}"
-            seen_keys.add(key)
-            samples.append(Sample(key, rgb, asked, answers, evidence, stamp))
-            if limit and len(samples) >= limit:
+            pairing.add(reader, conn, raw)
+            if limit and len(pairing.samples) >= limit:
                 break
     finally:
         reader.close()
-    if has_queries and queries_seen and not frames_seen:
-        raise SourceError(f"{path}: {queries_seen} questions but no frame on {image_topic}")
-    if not samples:
-        why = "; ".join(problems.lines()) or f"no messages on {image_topic}"
+    if has_queries and pairing.queries_seen and not pairing.frames_seen:
+        raise SourceError(f"{path}: {pairing.queries_seen} questions but no frame on {image_topic}")
+    if not pairing.samples:
+        why = "; ".join(pairing.problems.lines()) or f"no messages on {image_topic}"
         raise SourceError(f"{path}: nothing to evaluate ({why})")
     kind = topics[image_topic].rsplit("/", 1)[-1]
     desc = f"bag {path} ({image_topic} {kind}, {query_topic}{', ground truth' if truth else ''})"
-    return Loaded(samples, problems, desc)
+    return Loaded(pairing.samples, pairing.problems, desc)
+
+
+def _check_topics(path: Path, topics: dict[str, str], image_topic: str, query_topic: str, truth: dict) -> bool:
+    """SourceError unless the bag has the image topic and questions (on ``query_topic`` or in the
+    truth); True when the questions come from ``query_topic``."""
+    if image_topic not in topics:
+        listed = ", ".join(f"{t} ({m})" for t, m in sorted(topics.items())) or "none"
+        raise SourceError(f"{path}: no topic {image_topic!r}; the bag has: {listed}")
+    if topics[image_topic] not in IMAGE_TYPES:
+        raise SourceError(f"{path}: {image_topic} is {topics[image_topic]}, not an Image or CompressedImage")
+    has_queries = query_topic in topics
+    if has_queries and topics[query_topic] != "std_msgs/msg/String":
+        raise SourceError(f"{path}: {query_topic} is {topics[query_topic]}, not std_msgs/msg/String")
+    if not has_queries and not any(rec.get("question") for rec in truth.values()):
+        listed = ", ".join(sorted(topics))
+        raise SourceError(f"{path}: no questions: no topic {query_topic!r} (the bag has: {listed}) and no truth")
+    return has_queries
+
+
+class _BagPairing:
+    """Pairs a bag's frames, in recorded order, with the question in force and their ground truth;
+    each unusable message is counted in ``problems`` and skipped."""
+
+    def __init__(self, image_topic: str, query_topic: str, has_queries: bool, truth: dict, max_pixels: int) -> None:
+        from atp_ros.backends.images import ImageLimits
+
+        self.image_topic, self.query_topic, self.has_queries, self.truth = image_topic, query_topic, has_queries, truth
+        self.limits = ImageLimits(max_pixels=max_pixels)
+        self.problems = Problems()
+        self.samples: list[Sample] = []
+        self.question = ""
+        self.queries_seen = self.frames_seen = 0
+        self.seen_keys: set[str] = set()
+
+    def add(self, reader, conn, raw: bytes) -> None:
+        """One recorded message: a question replaces the one in force, a frame becomes a sample."""
+        try:
+            msg = reader.deserialize(raw, conn.msgtype)
+        except Exception as err:  # truncated or garbled CDR
+            self.problems.add("corrupt", f"{conn.topic}: cannot deserialize ({type(err).__name__})")
+            return
+        if conn.topic == self.query_topic:
+            self.queries_seen += 1
+            self.question = str(msg.data).strip()
+            return
+        self.frames_seen += 1
+        self._frame(msg, conn.msgtype)
+
+    def _frame(self, msg, msgtype: str) -> None:
+        problems = self.problems
+        stamp = _stamp_ns(msg.header)
+        rec = self.truth.get(stamp)
+        asked = self.question if self.has_queries else str((rec or {}).get("question", ""))
+        if not asked:
+            problems.add("no_question", f"frame {stamp} arrived before any question")
+            return
+        try:
+            rgb = compressed_to_rgb(msg, self.limits) if "Compressed" in msgtype else raw_to_rgb(msg, self.limits)
+        except BadInput as err:
+            problems.add(err.cause, f"frame {stamp}: {err}")
+            return
+        try:
+            answers, evidence = _truth_fields(rec)
+        except (TypeError, ValueError) as err:
+            problems.add("truth", f"frame {stamp}: ground truth unusable ({err}); evaluated for fidelity only")
+            answers, evidence = (), ()
+        if self.truth and rec is None:
+            problems.add("no_truth", f"frame {stamp} has no ground-truth line (evaluated for fidelity only)")
+        key = str(stamp)
+        if key in self.seen_keys:  # a repeated stamp (unset clocks): keep both frames apart
+            problems.add("duplicate_stamp", f"stamp {stamp} repeats; frames told apart by order")
+            key = f"{stamp}#{self.frames_seen}"
+        self.seen_keys.add(key)
+        self.samples.append(Sample(key, rgb, asked, answers, evidence, stamp))
 
 
 def _load_image(path: Path, problems: Problems, max_pixels: int) -> np.ndarray | None:
@@ -227,7 +252,7 @@ def read_dataset(root: Path, limit: int = 0, max_pixels: int = 4096 * 4096) -> L
     samples: list[Sample] = []
     images = root / "images" if (root / "images").is_dir() else root
 
-    def add(key: str, image_path: Path | None, question: str, answers, evidence=()) -> bool:
+    def add(key: str, image_path: Path | None, question: str, answers, evidence=(), kind: str = "") -> bool:
         if image_path is None:
             problems.add("image", f"{key}: image not found under {images}")
             return False
@@ -238,7 +263,7 @@ def read_dataset(root: Path, limit: int = 0, max_pixels: int = 4096 * 4096) -> L
             problems.add("question", f"{key}: empty question")
             return False
         boxes = tuple(tuple(float(v) for v in b) for b in evidence)
-        samples.append(Sample(key, rgb, str(question).strip(), tuple(str(a) for a in answers), boxes))
+        samples.append(Sample(key, rgb, str(question).strip(), tuple(str(a) for a in answers), boxes, kind=kind))
         return bool(limit) and len(samples) >= limit
 
     jsonl = root / "samples.jsonl"
@@ -257,7 +282,8 @@ def read_dataset(root: Path, limit: int = 0, max_pixels: int = 4096 * 4096) -> L
                 rec = json.loads(line)
                 path = root / rec["image"]
                 answers, evidence = _truth_fields(rec)
-                if add(f"{n}", path if path.is_file() else None, rec["question"], answers, evidence):
+                image = path if path.is_file() else None
+                if add(f"{n}", image, rec["question"], answers, evidence, str(rec.get("kind", ""))):
                     break
             except (ValueError, KeyError, TypeError) as err:
                 problems.add("record", f"samples.jsonl:{n}: {err}")

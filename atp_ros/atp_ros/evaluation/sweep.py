@@ -25,13 +25,11 @@ from atp_ros.backends import STAGES, VlmBackend
 from atp_ros.evaluation import metrics
 from atp_ros.evaluation.perturb import corrupt, perturb_question
 from atp_ros.evaluation.sources import Sample
-from atp_ros.method import AtpConfig
+from atp_ros.method import KEEP_ALL, AtpConfig
 from atp_ros.warehouse.scenes import evidence_mask
 
-REFERENCE = "full"  # the unpruned run every sweep includes
+REFERENCE_LABEL = "full"  # its name in results and reports
 CACHE_SCHEMA = 2  # bump when a record's fields change: older cache files are then recomputed
-BASELINES = ("random", "uniform", "cls_only", "text_only", "divprune")
-SELECTORS = ("atp", *BASELINES)
 
 
 @dataclass(frozen=True)
@@ -39,7 +37,7 @@ class Setting:
     """One evaluated configuration. ``perturbation``: "" (clean), ``"image:<name>:<severity>"`` or
     ``"question:<name>"``."""
 
-    selector: str  # REFERENCE or a name of atp.make_selector
+    selector: str  # a name of method.make_selector (KEEP_ALL: the unpruned reference every sweep includes)
     keep_ratio: float = 1.0
     alpha: float = 0.0
     normalization: str = "minmax"
@@ -48,8 +46,8 @@ class Setting:
 
     @property
     def name(self) -> str:
-        if self.selector == REFERENCE:
-            base = REFERENCE
+        if self.selector == KEEP_ALL:
+            base = REFERENCE_LABEL
         elif self.selector == "atp":
             budget = f"tau={self.mass:g}" if self.mass > 0 else f"k={self.keep_ratio:g}"
             base = f"atp a={self.alpha:g} {budget}" + (
@@ -61,8 +59,8 @@ class Setting:
 
     def atp_config(self, base: AtpConfig) -> AtpConfig:
         """The backend settings: ``base`` (positions, read-out, signal, seed) with this selection."""
-        if self.selector == REFERENCE:
-            return replace(base, enabled=False)
+        if self.selector == KEEP_ALL:
+            return base.keep_all()
         return replace(
             base,
             enabled=True,
@@ -76,7 +74,7 @@ class Setting:
 
     def node_params(self) -> dict:
         """The same selection as ``atp_vlm`` node parameters."""
-        if self.selector == REFERENCE:
+        if self.selector == KEEP_ALL:
             return {"atp.enabled": False}
         return {
             "atp.enabled": True,
@@ -98,7 +96,7 @@ def grid(
 ) -> list[Setting]:
     """The reference first, then ATP over keep x alpha x normalization, each baseline over keep, and
     ATP's adaptive budget over tau x alpha."""
-    out = [Setting(REFERENCE)]
+    out = [Setting(KEEP_ALL)]
     for keep in keep_ratios:
         if "atp" in selectors:
             out += [Setting("atp", keep, a, n) for a in alphas for n in norms]
@@ -184,33 +182,54 @@ def run_setting(
     progress: Callable[[int], None] | None = None,
 ) -> list[dict]:
     """Answer every sample with ``setting``; one record per sample (answer, tokens, FLOPs, stage times)."""
-    atp = setting.atp_config(base)
-    records: list[dict] = []
     inputs = [perturbed(s, setting.perturbation) for s in samples]
-    for start in range(0, len(inputs), batch):
-        chunk = inputs[start : start + batch]
-        result = backend.answer([s.image for s in chunk], [s.question for s in chunk], atp, max_new_tokens)
-        stages = result.timings.as_dict()
-        per_image = {k: v / len(chunk) for k, v in stages.items()}  # a batch's time, shared out
-        for b, s in enumerate(chunk):
-            records.append(
-                {
-                    "key": s.key,
-                    "question": s.question,
-                    "answer": result.answers[b],
-                    "accuracy": metrics.accuracy(result.answers[b], s.answers) if s.answers else None,
-                    "kept": int(result.visual_tokens_kept[b]),
-                    "total": int(result.visual_tokens_total),
-                    "evidence_recall": _evidence_keep(result, b, s),
-                    "flops_prefill": float(result.flops["llm_prefill"]),
-                    "flops_pipeline": float(result.flops["pipeline"]),
-                    "ms": per_image,
-                    "notes": list(result.notes),
-                }
-            )
+    return answer_samples(backend, inputs, setting.atp_config(base), max_new_tokens, batch, progress)
+
+
+def answer_samples(
+    backend: VlmBackend,
+    samples: Sequence[Sample],
+    atp: AtpConfig,
+    max_new_tokens: int,
+    batch: int = 1,
+    progress: Callable[[int], None] | None = None,
+    reseed_random: bool = False,
+) -> list[dict]:
+    """Answer every sample with ``atp`` in batches of ``batch``; one record per sample (answer, its
+    :func:`metrics.accuracy`, tokens, evidence recall, FLOPs, stage times). ``reseed_random``: the
+    random selector draws each batch with the seed ``atp.seed`` + the batch's first index, so
+    batches do not all keep the same patches."""
+    records: list[dict] = []
+    for start in range(0, len(samples), batch):
+        chunk = samples[start : start + batch]
+        cfg = replace(atp, seed=atp.seed + start) if reseed_random and atp.selector == "random" else atp
+        result = backend.answer([s.image for s in chunk], [s.question for s in chunk], cfg, max_new_tokens)
+        records += _records(result, chunk)
         if progress:
             progress(len(chunk))
     return records
+
+
+def _records(result, chunk: Sequence[Sample]) -> list[dict]:
+    """One record per sample of a batch answered in one call."""
+    stages = result.timings.as_dict()
+    per_image = {k: v / len(chunk) for k, v in stages.items()}  # a batch's time, shared out
+    return [
+        {
+            "key": s.key,
+            "question": s.question,
+            "answer": result.answers[b],
+            "accuracy": metrics.accuracy(result.answers[b], s.answers) if s.answers else None,
+            "kept": int(result.visual_tokens_kept[b]),
+            "total": int(result.visual_tokens_total),
+            "evidence_recall": _evidence_keep(result, b, s),
+            "flops_prefill": float(result.flops["llm_prefill"]),
+            "flops_pipeline": float(result.flops["pipeline"]),
+            "ms": per_image,
+            "notes": list(result.notes),
+        }
+        for b, s in enumerate(chunk)
+    ]
 
 
 def add_fidelity(records: list[dict], reference: list[dict]) -> None:
@@ -275,7 +294,7 @@ def recommend(rows: list[dict], tolerance: float) -> dict | None:
     visual tokens kept (what sets the LLM's cost and KV cache), then the lower p50 latency (measured
     setting after setting, so noisier than the token count); None when no pruned setting is that close."""
     clean = [r for r in rows if not r["setting"]["perturbation"]]
-    ref = next((r for r in clean if r["setting"]["selector"] == REFERENCE), None)
+    ref = next((r for r in clean if r["setting"]["selector"] == KEEP_ALL), None)
     if ref is None:
         return None
     _, ref_q = quality(ref["summary"])

@@ -39,6 +39,8 @@ from atp_ros.method.scores import (
 )
 from atp_ros.method.selection import Budget, Selection, grid_shape, select_indices, select_top_k
 from atp_ros.method.selectors import (
+    KEEP_ALL,
+    PRUNING_SELECTORS,
     SELECTORS,
     ATPSelector,
     DivPruneSelector,
@@ -51,7 +53,8 @@ from atp_ros.method.selectors import (
 )
 
 __all__ = [
-    "INTER_READOUTS", "INTRA_SIGNALS", "NORMALIZATIONS", "POSITION_MODES", "SELECTORS",
+    "INTER_READOUTS", "INTRA_SIGNALS", "KEEP_ALL", "NORMALIZATIONS", "POSITION_MODES", "PRUNING_SELECTORS",
+    "SELECTORS",
     "ATPSelector", "AtpConfig", "Budget", "DivPruneSelector", "KeepAllSelector", "Normalization",
     "RandomSelector", "ScoreInputs", "Selection", "TokenSelector", "UniformSelector", "check_alpha",
     "cls_attention", "fuse_scores", "grid_shape", "make_selector", "normalize", "patch_text_cosine",

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from atp_ros.method.scores import NORMALIZATIONS
 from atp_ros.method.selection import Budget
-from atp_ros.method.selectors import SELECTORS, TokenSelector, make_selector
+from atp_ros.method.selectors import KEEP_ALL, SELECTORS, TokenSelector, make_selector
 
 # --------------------------------------------------------------------------- settings
 
@@ -18,7 +18,8 @@ INTER_READOUTS: tuple[str, ...] = ("naive", "maskclip", "clearclip")  # how patc
 @dataclass(frozen=True)
 class AtpConfig:
     """Pruning settings of one backend call. ``keep_tokens`` > 0 wins over ``keep_ratio``;
-    ``mass`` > 0 (tau) selects the adaptive budget and wins over both."""
+    ``mass`` > 0 (tau) selects the adaptive budget and wins over both. ``enabled=False`` is the
+    ``keep_all`` selector whatever ``selector`` says (:attr:`keeps_all`)."""
 
     enabled: bool = True
     alpha: float = 0.5
@@ -50,15 +51,24 @@ class AtpConfig:
                 raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
 
     @property
+    def keeps_all(self) -> bool:
+        """True when these settings prune nothing: disabled, or the ``keep_all`` selector."""
+        return not self.enabled or self.selector == KEEP_ALL
+
+    def keep_all(self) -> AtpConfig:
+        """These settings with pruning off (every token kept)."""
+        return replace(self, enabled=False)
+
+    @property
     def requested_alpha(self) -> float:
         """The text weight the chosen selector asks for (0 for selectors that ignore the question)."""
-        if not self.enabled:
+        if self.keeps_all:
             return 0.0
         return {"atp": self.alpha, "text_only": 1.0}.get(self.selector, 0.0)
 
     def budget(self, num_tokens: int) -> Budget:
-        """The token budget for ``num_tokens`` patches (all of them when disabled)."""
-        if not self.enabled:
+        """The token budget for ``num_tokens`` patches (all of them when nothing is pruned)."""
+        if self.keeps_all:
             return Budget.all()
         if self.mass > 0:
             return Budget(mass=self.mass, k_min=self.k_min, k_max=self.k_max)
@@ -68,8 +78,8 @@ class AtpConfig:
 
     def make_selector(self) -> TokenSelector:
         """The selector these settings name (``keep_all`` when disabled)."""
-        if not self.enabled:
-            return make_selector("keep_all")
+        if self.keeps_all:
+            return make_selector(KEEP_ALL)
         if self.selector == "atp":
             return make_selector("atp", alpha=self.alpha, normalization=self.normalization)
         if self.selector in ("cls_only", "text_only"):

@@ -14,6 +14,11 @@ from atp_ros.method.selection import Budget, Selection, select_indices, select_t
 
 # --------------------------------------------------------------------------- selectors
 
+# "No pruning" has this one name: the selector that keeps every token. ``AtpConfig(enabled=False)``
+# (the node's ``atp.enabled: false``) means the same (``AtpConfig.keeps_all``), and the evaluation
+# sweep's unpruned reference is this selector.
+KEEP_ALL = "keep_all"
+
 
 @dataclass
 class ScoreInputs:
@@ -76,7 +81,7 @@ class ATPSelector:
 class KeepAllSelector:
     """Baseline: no pruning."""
 
-    name: str = "keep_all"
+    name: str = KEEP_ALL
     needs_text: bool = False
 
     def select(self, inputs: ScoreInputs, budget: Budget) -> Selection:
@@ -152,11 +157,14 @@ SELECTORS: dict[str, Callable[..., TokenSelector]] = {
     "atp": ATPSelector,
     "cls_only": lambda **kw: ATPSelector(alpha=0.0, name="cls_only", **kw),
     "text_only": lambda **kw: ATPSelector(alpha=1.0, name="text_only", **kw),
-    "keep_all": KeepAllSelector,
+    KEEP_ALL: KeepAllSelector,
     "random": RandomSelector,
     "uniform": UniformSelector,
     "divprune": DivPruneSelector,
 }
+
+# The selectors that prune (everything but KEEP_ALL): what a sweep compares with the unpruned reference.
+PRUNING_SELECTORS: tuple[str, ...] = tuple(name for name in SELECTORS if name != KEEP_ALL)
 
 
 def make_selector(name: str, **kwargs) -> TokenSelector:

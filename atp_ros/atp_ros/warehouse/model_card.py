@@ -9,6 +9,9 @@
    selector (ATP at the chosen defaults, cls_only, text_only, random, uniform, divprune) at
    keep {1.0, 0.6, 0.4, 0.25, 0.11}; ATP across alpha; position modes x read-outs x selectors.
 
+Every setting is answered and scored by the ``evaluate`` sweep (``evaluation.sweep.answer_samples``):
+an answer is right when ``evaluation.metrics.correct`` says so (VQA normalization, exact match
+against any accepted answer), as in ``evaluate``, so the two accuracies are comparable.
 Evidence recall = share of a question's evidence patches (``scenes.evidence_mask``) that
 the selection kept (questions without evidence, e.g. a count of zero, are left out).
 Writes ``model_card.json``, ``model_card.md`` (tables) and PNG plots to ``--out``.
@@ -21,70 +24,52 @@ import itertools
 import json
 import sys
 import time
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
 
 from atp_ros.backends import AtpConfig, load_backend
-from atp_ros.method import NORMALIZATIONS
-from atp_ros.warehouse.scenes import KINDS, distinct_questions, evidence_mask, render_scene, split_seed
+from atp_ros.evaluation.sources import Sample
+from atp_ros.evaluation.sweep import answer_samples
+from atp_ros.method import NORMALIZATIONS, PRUNING_SELECTORS
+from atp_ros.warehouse.scenes import KINDS, distinct_questions, render_scene, split_seed
 
 KEEPS = (1.0, 0.6, 0.4, 0.25, 0.11)
 VAL_KEEPS = (0.4, 0.25, 0.11)
-SELECTORS = ("atp", "cls_only", "text_only", "random", "uniform", "divprune")
 ALPHAS = (0.0, 0.25, 0.5, 0.75, 1.0)
 READOUTS = ("naive", "maskclip", "clearclip")
 POSITIONS = ("original", "compact")
 
 
-@dataclass
-class Sample:
-    image: np.ndarray
-    question: str
-    answers: tuple[str, ...]
-    kind: str
-    evidence: np.ndarray  # (h, w) bool on the patch grid
-
-
-def normalize_answer(text: str) -> str:
-    return " ".join(text.lower().replace("?", " ").replace(".", " ").split())
-
-
-def make_samples(split: str, images: int, per_image: int, size: tuple[int, int], grid: tuple[int, int]) -> list:
+def make_samples(split: str, images: int, per_image: int, size: tuple[int, int]) -> list[Sample]:
+    """``per_image`` distinct questions on each of ``images`` rendered scenes of ``split``."""
     out = []
     for i in tqdm(range(images), desc=f"render {split}", unit="img", leave=False):
-        seed = split_seed(split, i)
-        scene = render_scene(seed, height=size[0], width=size[1])
-        for q in distinct_questions(scene, per_image):
-            ev = evidence_mask(q.evidence, scene.rgb.shape[:2], grid)
-            out.append(Sample(scene.rgb, q.question, tuple(q.answers or (q.answer,)), q.kind, ev))
+        scene = render_scene(split_seed(split, i), height=size[0], width=size[1])
+        for j, q in enumerate(distinct_questions(scene, per_image)):
+            boxes = tuple(tuple(float(v) for v in box) for box in q.evidence)
+            answers = tuple(q.answers or (q.answer,))
+            out.append(Sample(f"{split}:{i}:{j}", scene.rgb, q.question, answers, boxes, kind=q.kind))
     return out
 
 
 def run(backend, samples: list[Sample], atp: AtpConfig, batch: int = 32) -> dict:
-    """Accuracy (overall and per kind), evidence recall, tokens kept and ms per frame for one setting."""
-    correct, recall, kept, by_kind = [], [], [], {k: [] for k in KINDS}
+    """Accuracy (overall and per kind), evidence recall, tokens kept and ms per frame for one setting,
+    answered and scored by the evaluation sweep (``evaluation.sweep.answer_samples``)."""
     start = time.perf_counter()
-    for s in range(0, len(samples), batch):
-        chunk = samples[s : s + batch]
-        cfg = replace(atp, seed=s) if atp.selector == "random" else atp
-        res = backend.answer([c.image for c in chunk], [c.question for c in chunk], cfg, max_new_tokens=3)
-        masks = res.selection.mask.cpu().numpy()
-        for b, c in enumerate(chunk):
-            ok = normalize_answer(res.answers[b]) in {normalize_answer(a) for a in c.answers}
-            correct.append(ok)
-            by_kind[c.kind].append(ok)
-            if c.evidence.any():
-                recall.append(float((masks[b] & c.evidence).sum() / c.evidence.sum()))
-            kept.append(res.visual_tokens_kept[b])
+    records = answer_samples(backend, samples, atp, max_new_tokens=3, batch=batch, reseed_random=True)
     elapsed = (time.perf_counter() - start) * 1e3 / max(len(samples), 1)
+    by_kind: dict[str, list[float]] = {k: [] for k in KINDS}
+    for r, s in zip(records, samples, strict=True):
+        by_kind.setdefault(s.kind, []).append(r["accuracy"])
+    recall = [r["evidence_recall"] for r in records if r["evidence_recall"] is not None]
     return {
-        "accuracy": float(np.mean(correct)),
+        "accuracy": float(np.mean([r["accuracy"] for r in records])),
         "per_kind": {k: float(np.mean(v)) for k, v in by_kind.items() if v},
         "evidence_recall": float(np.mean(recall)) if recall else float("nan"),
-        "tokens_kept": float(np.mean(kept)),
+        "tokens_kept": float(np.mean([r["kept"] for r in records])),
         "ms_per_sample": elapsed,
         "n": len(samples),
     }
@@ -181,9 +166,9 @@ def test_report(backend, samples: list[Sample], chosen: dict) -> dict:
         normalization=chosen["normalization"],
     )
     report: dict = {"chosen": chosen}
-    report["full"] = run(backend, samples, AtpConfig(enabled=False))
+    report["full"] = run(backend, samples, base.keep_all())
     sel = {}
-    for name, keep in tqdm(list(itertools.product(SELECTORS, KEEPS)), desc="test: selectors"):
+    for name, keep in tqdm(list(itertools.product(PRUNING_SELECTORS, KEEPS)), desc="test: selectors"):
         sel[f"{name}@{keep}"] = run(backend, samples, replace(base, selector=name, keep_ratio=keep))
     report["selectors"] = sel
     alphas = {}
@@ -220,7 +205,7 @@ def markdown(report: dict, val_rows: list[dict]) -> str:
         "| selector | " + " | ".join(f"keep {k}" for k in KEEPS) + " |",
         "|---|" + "---|" * len(KEEPS),
     ]
-    for name in SELECTORS:
+    for name in PRUNING_SELECTORS:
         cells = []
         for k in KEEPS:
             r = report["selectors"][f"{name}@{k}"]
@@ -269,7 +254,7 @@ def plot(report: dict, out: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(1, 2, figsize=(11, 4))
-    for name in SELECTORS:
+    for name in PRUNING_SELECTORS:
         acc = [report["selectors"][f"{name}@{k}"]["accuracy"] for k in KEEPS]
         rec = [report["selectors"][f"{name}@{k}"]["evidence_recall"] for k in KEEPS]
         ax[0].plot(KEEPS, acc, "o-", label=name)
@@ -297,15 +282,14 @@ def main(argv: list[str] | None = None) -> int:
     images = 60 if args.quick else args.images
     args.out.mkdir(parents=True, exist_ok=True)
     size = (args.size, args.size)
-    grid = load_backend(args.model, device=args.device).grid
-    val = make_samples("validation", max(images // 2, 1), 2, size, grid)
+    val = make_samples("validation", max(images // 2, 1), 2, size)
     chosen, val_rows = choose_defaults(args.model, args.device, val)
     print(f"chosen on validation: {chosen}")
     (args.out / "chosen.json").write_text(json.dumps(chosen, indent=1) + "\n")
     backend = load_backend(args.model, device=args.device)
     if chosen["score_layer"] != chosen["default_score_layer"]:
         backend = load_backend_with_layer(args.model, args.device, chosen["score_layer"])
-    test = make_samples("test", images, 2, size, grid)
+    test = make_samples("test", images, 2, size)
     report = test_report(backend, test, chosen)
     report["validation"] = val_rows
     (args.out / "model_card.json").write_text(json.dumps(report, indent=1) + "\n")

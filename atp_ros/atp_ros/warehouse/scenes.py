@@ -22,6 +22,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from atp_ros.warehouse.drawing import Box, fill, letter, triangle
+
 SPLITS: dict[str, int] = {"train": 0, "validation": 1_000_000, "test": 2_000_000}
 SPLIT_SIZE = 1_000_000
 
@@ -48,19 +50,6 @@ AISLE_Y = (0.62, 0.84)  # the floor ahead of the gripper
 CONVEYOR_X = (0.0, 0.16)
 GRIPPER_X = (0.42, 0.58)
 GRIPPER_Y = (0.84, 1.0)
-
-# 5x7 bitmap glyphs for the box labels (font-free, so frames are identical everywhere).
-_GLYPHS = {
-    "a": ["01110", "10001", "10001", "11111", "10001", "10001", "10001"],
-    "b": ["11110", "10001", "10001", "11110", "10001", "10001", "11110"],
-    "c": ["01111", "10000", "10000", "10000", "10000", "10000", "01111"],
-    "d": ["11110", "10001", "10001", "10001", "10001", "10001", "11110"],
-    "e": ["11111", "10000", "10000", "11110", "10000", "10000", "11111"],
-    "f": ["11111", "10000", "10000", "11110", "10000", "10000", "10000"],
-}
-_GLYPH_ARRAYS = {k: np.array([[c == "1" for c in row] for row in v]) for k, v in _GLYPHS.items()}
-
-Box = tuple[float, float, float, float]  # x0, y0, x1, y1, normalized
 
 
 @dataclass(frozen=True)
@@ -122,46 +111,6 @@ class Scene:
 # ---------------------------------------------------------------------------- rendering
 
 
-def _fill(img: np.ndarray, box: Box, color, alpha: float = 1.0) -> None:
-    h, w = img.shape[:2]
-    x0, y0, x1, y1 = (round(box[0] * w), round(box[1] * h), round(box[2] * w), round(box[3] * h))
-    x0, y0, x1, y1 = max(x0, 0), max(y0, 0), min(max(x1, x0 + 1), w), min(max(y1, y0 + 1), h)
-    if alpha >= 1.0:
-        img[y0:y1, x0:x1] = color
-    else:
-        img[y0:y1, x0:x1] = (1 - alpha) * img[y0:y1, x0:x1] + alpha * np.asarray(color, dtype=np.float32)
-
-
-def _triangle(img: np.ndarray, box: Box, color, stripe) -> None:
-    h, w = img.shape[:2]
-    x0, y0, x1, y1 = box[0] * w, box[1] * h, box[2] * w, box[3] * h
-    rows = np.arange(max(int(y0), 0), min(int(np.ceil(y1)), h))
-    cx = (x0 + x1) / 2
-    for r in rows:
-        t = (r - y0 + 1) / max(y1 - y0, 1)
-        half = t * (x1 - x0) / 2
-        a, b = max(int(cx - half), 0), min(int(np.ceil(cx + half)), w)
-        img[r, a:b] = stripe if 0.45 < t < 0.62 else color
-
-
-def _letter(img: np.ndarray, box: Box, letter: str) -> None:
-    """Black bitmap letter centred on ``box`` (normalized), scaled to about 70% of its height."""
-    h, w = img.shape[:2]
-    glyph = _GLYPH_ARRAYS[letter]
-    bh, bw = (box[3] - box[1]) * h, (box[2] - box[0]) * w
-    gh = max(int(bh * 0.7), 7)
-    gw = max(int(min(gh * 5 / 7, bw * 0.8)), 5)
-    yy = (np.arange(gh) * 7 // gh).clip(0, 6)
-    xx = (np.arange(gw) * 5 // gw).clip(0, 4)
-    mask = glyph[yy][:, xx]
-    cy, cx = (box[1] + box[3]) / 2 * h, (box[0] + box[2]) / 2 * w
-    y0, x0 = int(cy - gh / 2), int(cx - gw / 2)
-    ys, xs = np.nonzero(mask)
-    ys, xs = ys + y0, xs + x0
-    ok = (ys >= 0) & (ys < h) & (xs >= 0) & (xs < w)
-    img[ys[ok], xs[ok]] = (20, 20, 20)
-
-
 def _overlaps(a: Box, b: Box) -> bool:
     return a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3]
 
@@ -180,25 +129,44 @@ def slot_box(level: int, slot: int) -> Box:
 def render_scene(seed: int, height: int = 240, width: int = 320, max_objects: int | None = None) -> Scene:
     """One warehouse frame of ``height x width`` for ``seed`` (same seed, same scene at any size)."""
     del max_objects  # kept for callers of the first version: the layout now fixes what is where
-    rng = np.random.default_rng(seed)
+    rng = np.random.default_rng(seed)  # every step draws from it in turn: the order fixes the scene
+    img = _backdrop(rng, height, width)
+    objects = _shelf(img, rng)
+    floor_items = _floor(img, rng)
+    objects.extend(floor_items)
+    aisle_box = (AISLE_X[0], AISLE_Y[0], AISLE_X[1], AISLE_Y[1])
+    aisle_clear = not any(_overlaps(o.box, aisle_box) for o in floor_items)
+    gripper = _gripper(img, rng)
+    objects.append(gripper)
+    # Lighting (gain + horizontal gradient) and sensor noise.
+    gain = rng.uniform(0.75, 1.2)
+    grad = 1 + rng.uniform(-0.15, 0.15) * np.linspace(-1, 1, width)[None, :, None]
+    img = img * gain * grad + rng.normal(0, rng.uniform(1.5, 6.0), img.shape)
+    rgb = np.clip(img, 0, 255).astype(np.uint8)
+    return Scene(rgb, tuple(objects), gripper.color, aisle_clear, seed)
+
+
+def _backdrop(rng: np.random.Generator, height: int, width: int) -> np.ndarray:
+    """Wall and floor with low-frequency texture, the conveyor, the aisle lines and the shelving's back panel."""
     img = np.zeros((height, width, 3), dtype=np.float32)
     wall = np.array([150, 152, 160]) + rng.uniform(-15, 15, 3)
     floor = np.array([115, 108, 98]) + rng.uniform(-12, 12, 3)
     img[: round(FLOOR_Y * height)] = wall
     img[round(FLOOR_Y * height) :] = floor
-    # Texture: low-frequency blotches on wall and floor.
     tex = rng.normal(0, 1, (6, 8))
     tex = np.kron(tex, np.ones((height // 6 + 1, width // 8 + 1)))[:height, :width]
     img += 6 * tex[..., None]
-    # Conveyor on the left: dark belt with rollers.
-    _fill(img, (CONVEYOR_X[0], FLOOR_Y - 0.02, CONVEYOR_X[1], 1.0), (55, 58, 62))
+    fill(img, (CONVEYOR_X[0], FLOOR_Y - 0.02, CONVEYOR_X[1], 1.0), (55, 58, 62))  # belt
     for y in np.arange(FLOOR_Y, 1.0, 0.06):
-        _fill(img, (CONVEYOR_X[0], y, CONVEYOR_X[1], y + 0.012), (95, 98, 105))
-    # Aisle markings.
+        fill(img, (CONVEYOR_X[0], y, CONVEYOR_X[1], y + 0.012), (95, 98, 105))  # rollers
     for x in AISLE_X:
-        _fill(img, (x - 0.012, FLOOR_Y + 0.01, x + 0.012, 1.0), (225, 200, 50))
-    # Shelving: back panel, uprights, beams.
-    _fill(img, (SHELF_X[0], SHELF_Y[0], SHELF_X[1], SHELF_Y[1]), (118, 122, 130))
+        fill(img, (x - 0.012, FLOOR_Y + 0.01, x + 0.012, 1.0), (225, 200, 50))
+    fill(img, (SHELF_X[0], SHELF_Y[0], SHELF_X[1], SHELF_Y[1]), (118, 122, 130))
+    return img
+
+
+def _shelf(img: np.ndarray, rng: np.random.Generator) -> list[SceneObject]:
+    """Boxes and totes in the shelf slots (some boxes labelled), then the beams and uprights over them."""
     objects: list[SceneObject] = []
     colors = list(COLORS)
     for level in range(len(LEVELS)):
@@ -214,23 +182,27 @@ def render_scene(seed: int, height: int = 240, width: int = 320, max_objects: in
             oy1 = sy1 - 0.035 * sh
             box = (ox0, oy1 - oh, ox0 + ow, oy1)
             shade = np.array(COLORS[color]) * rng.uniform(0.85, 1.05)
-            _fill(img, box, shade.clip(0, 255))
+            fill(img, box, shade.clip(0, 255))
             label = ""
             if kind == "box":
-                _fill(img, (box[0], box[1], box[2], box[1] + 0.12 * oh), shade * 0.8)  # lid edge
+                fill(img, (box[0], box[1], box[2], box[1] + 0.12 * oh), shade * 0.8)  # lid edge
                 if rng.random() < 0.5:
                     label = LETTERS[int(rng.integers(len(LETTERS)))]
-                    _letter(img, box, label)
+                    letter(img, box, label)
             else:
-                _fill(img, (box[0], box[1], box[2], box[1] + 0.2 * oh), (35, 35, 38))  # open rim
+                fill(img, (box[0], box[1], box[2], box[1] + 0.2 * oh), (35, 35, 38))  # open rim
             objects.append(SceneObject(kind, color, box, level, slot, label))
     for level in range(len(LEVELS)):
         x0, y0, x1, y1 = level_box(level)
-        _fill(img, (x0, y1 - 0.03, x1, y1), (225, 120, 30))  # beam
+        fill(img, (x0, y1 - 0.03, x1, y1), (225, 120, 30))  # beam
     for slot in range(len(SLOTS) + 1):
         x = SHELF_X[0] + slot * (SHELF_X[1] - SHELF_X[0]) / len(SLOTS)
-        _fill(img, (x - 0.008, SHELF_Y[0], x + 0.008, SHELF_Y[1] + 0.02), (50, 80, 150))  # upright
-    # Floor: obstacles in or beside the aisle (half of the scenes keep it clear).
+        fill(img, (x - 0.008, SHELF_Y[0], x + 0.008, SHELF_Y[1] + 0.02), (50, 80, 150))  # upright
+    return objects
+
+
+def _floor(img: np.ndarray, rng: np.random.Generator) -> list[SceneObject]:
+    """Cones and pallets in or beside the aisle (half of the scenes keep it clear), drawn."""
     blocked = rng.random() < 0.5
     floor_items: list[SceneObject] = []
     n_items = int(rng.integers(1 if blocked else 0, 4))
@@ -260,33 +232,29 @@ def render_scene(seed: int, height: int = 240, width: int = 320, max_objects: in
         else:
             continue
         floor_items.append(SceneObject(kind, "orange" if kind == "cone" else "brown", box))
-    aisle_box = (AISLE_X[0], AISLE_Y[0], AISLE_X[1], AISLE_Y[1])
     for o in floor_items:
         if o.kind == "cone":
-            _triangle(img, o.box, (240, 110, 25), (240, 240, 240))
+            triangle(img, o.box, (240, 110, 25), (240, 240, 240))
         else:
-            _fill(img, o.box, (150, 105, 60))
+            fill(img, o.box, (150, 105, 60))
             for k in range(4):  # slats
                 x = o.box[0] + (k + 0.5) * (o.box[2] - o.box[0]) / 4
-                _fill(img, (x - 0.006, o.box[1], x + 0.006, o.box[3]), (105, 70, 40))
-    objects.extend(floor_items)
-    aisle_clear = not any(_overlaps(o.box, aisle_box) for o in floor_items)
-    # Gripper: two fingers and a wrist at the bottom, maybe holding a box.
+                fill(img, (x - 0.006, o.box[1], x + 0.006, o.box[3]), (105, 70, 40))
+    return floor_items
+
+
+def _gripper(img: np.ndarray, rng: np.random.Generator) -> SceneObject:
+    """Two fingers and a wrist at the bottom, maybe holding a box; its color is what it holds ("nothing")."""
+    colors = list(COLORS)
     dx = rng.uniform(-0.03, 0.03)
     gx0, gx1 = GRIPPER_X[0] + dx, GRIPPER_X[1] + dx
     holding = "nothing" if rng.random() < 0.35 else colors[int(rng.integers(len(colors)))]
     if holding != "nothing":
-        _fill(img, (gx0 + 0.02, 0.87, gx1 - 0.02, 0.97), np.array(COLORS[holding]) * 0.95)
-    _fill(img, (gx0, 0.86, gx0 + 0.022, 1.0), (70, 70, 75))
-    _fill(img, (gx1 - 0.022, 0.86, gx1, 1.0), (70, 70, 75))
-    _fill(img, (gx0, 0.95, gx1, 1.0), (90, 90, 96))
-    objects.append(SceneObject("gripper", holding, (gx0, GRIPPER_Y[0], gx1, GRIPPER_Y[1])))
-    # Lighting (gain + horizontal gradient) and sensor noise.
-    gain = rng.uniform(0.75, 1.2)
-    grad = 1 + rng.uniform(-0.15, 0.15) * np.linspace(-1, 1, width)[None, :, None]
-    img = img * gain * grad + rng.normal(0, rng.uniform(1.5, 6.0), img.shape)
-    rgb = np.clip(img, 0, 255).astype(np.uint8)
-    return Scene(rgb, tuple(objects), holding, aisle_clear, seed)
+        fill(img, (gx0 + 0.02, 0.87, gx1 - 0.02, 0.97), np.array(COLORS[holding]) * 0.95)
+    fill(img, (gx0, 0.86, gx0 + 0.022, 1.0), (70, 70, 75))
+    fill(img, (gx1 - 0.022, 0.86, gx1, 1.0), (70, 70, 75))
+    fill(img, (gx0, 0.95, gx1, 1.0), (90, 90, 96))
+    return SceneObject("gripper", holding, (gx0, GRIPPER_Y[0], gx1, GRIPPER_Y[1]))
 
 
 # ---------------------------------------------------------------------------- questions

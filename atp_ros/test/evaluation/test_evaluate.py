@@ -203,6 +203,9 @@ def test_metrics_on_hand_checked_cases() -> None:
     # 3 matches: 3 subsets keep 2 (2/3), 7 keep 3 (1) -> 0.9
     assert metrics.vqa_accuracy("red", ["red"] * 3 + ["blue"] * 7) == pytest.approx(0.9)
     assert metrics.accuracy("Red.", ["red"]) == 1.0 and metrics.agrees("Two", "2") == 1.0
+    # one verdict for every caller: the letter "a" is an answer, an empty answer is never right
+    assert metrics.correct("A.", ["a"]) and not metrics.correct("", ["a"]) and not metrics.correct("the", ["a"])
+    assert not metrics.correct("", [""]) and not metrics.correct("", ["?"]) and metrics.correct(" two ", ["2"])
     keep = np.array([[1, 0], [1, 1]], bool)
     assert metrics.evidence_recall(keep, np.array([[1, 1], [0, 0]], bool)) == 0.5
     assert metrics.evidence_recall(keep, np.zeros((2, 2), bool)) is None
@@ -353,7 +356,7 @@ def test_dataset_mode_uses_vqa_soft_accuracy(tmp_path: Path, capsys) -> None:
         r
         for f in (tmp_path / "o" / "cache").glob("*.json")
         for r in json.loads(f.read_text())["records"]
-        if json.loads(f.read_text())["setting"]["selector"] == "full"
+        if json.loads(f.read_text())["setting"]["selector"] == "keep_all"  # the unpruned reference
     ]
     assert full["accuracy"]["mean"] == pytest.approx(np.mean([r["accuracy"] for r in full_records]))
 

@@ -18,8 +18,11 @@ import torch
 import torch.nn.functional as F
 from atp_ros.backends.text_cache import TextEmbeddingCache
 from atp_ros.method import (
+    KEEP_ALL,
     NORMALIZATIONS,
+    PRUNING_SELECTORS,
     SELECTORS,
+    AtpConfig,
     ATPSelector,
     Budget,
     DivPruneSelector,
@@ -212,6 +215,16 @@ def test_k_equals_n_returns_every_token_in_order(n: int) -> None:
     sel = KeepAllSelector().select(inputs, Budget(keep_ratio=0.1))  # keep-all ignores the budget
     assert torch.equal(sel.indices, everything) and sel.lengths.tolist() == [n, n]
     assert sel.method == "keep_all"
+
+
+def test_no_pruning_is_one_concept() -> None:
+    """enabled=False and the keep_all selector both keep everything, through the same selector and budget."""
+    assert KEEP_ALL == "keep_all" and KEEP_ALL not in PRUNING_SELECTORS
+    assert set(PRUNING_SELECTORS) | {KEEP_ALL} == set(SELECTORS)
+    for cfg in (AtpConfig(enabled=False), AtpConfig(selector=KEEP_ALL), AtpConfig(alpha=0.7).keep_all()):
+        assert cfg.keeps_all and cfg.requested_alpha == 0.0 and cfg.budget(10) == Budget.all()
+        assert cfg.make_selector().name == KEEP_ALL
+    assert not AtpConfig().keeps_all and AtpConfig(alpha=0.7).keep_all().alpha == 0.7
 
 
 @PROP
