@@ -20,6 +20,7 @@ from collections import Counter
 from rich.console import Console
 
 from atp_ros.apps.demo import FRAME_SIZE, QUESTIONS
+from atp_ros.evaluation import metrics
 from atp_ros.ros.process import node_executable, stop_node
 from atp_ros.serving.cluster import cluster_address, shutdown, start_ray
 from atp_ros.serving.config import ServeConfig
@@ -174,7 +175,7 @@ def stream(args: argparse.Namespace, cameras: list[str], procs: list[subprocess.
                 scene = scenes.get((cam, a.header.stamp.sec, a.header.stamp.nanosec))
                 truth_q = standing_question(scene, **params_of[a.query]) if scene and a.query in params_of else None
                 truth = truth_q.answer if truth_q is not None else "?"
-                ok = a.answer.strip() == truth
+                ok = metrics.correct(a.answer, [truth])
                 answered[cam] += 1
                 correct[cam] += ok
                 console.print(

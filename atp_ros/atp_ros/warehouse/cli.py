@@ -2,10 +2,13 @@
 
     warehouse generate --split test --count 200 --seed 0 --out DIR [--size 336] [--questions 2]
         DIR/images/*.png and DIR/samples.jsonl (image, question, answer, answers, kind, evidence, seed)
+        --world cell: stills of the rendered 3D cell; samples also carry ``slots`` (the question's
+        structured meaning); ``--held-out-only`` (test split) asks only phrasings never trained on
     warehouse bag --count 100 --rate 10 --out BAG [--split test] [--size 640x480] [--question-every 5]
         a rosbag2 (mcap): /camera/image_raw (sensor_msgs/Image rgb8, stamped), /atp_vlm/query
         (std_msgs/String, a new standing question every few frames) and BAG/ground_truth.jsonl,
         one line per frame keyed by its stamp: the question in force, answer(s), evidence boxes.
+        --world cell: one continuous episode of the cell (the arm at work) instead of stills.
 
 Splits are disjoint seed ranges (``scenes.SPLITS``); ``--seed`` is the first scene's offset
 inside the split. The same arguments write the same files.
@@ -35,6 +38,7 @@ from atp_ros.warehouse.scenes import (
 IMAGE_TOPIC = "/camera/image_raw"
 QUERY_TOPIC = "/atp_vlm/query"
 TRUTH_FILE = "ground_truth.jsonl"
+WORLDS = ("flat", "cell")
 
 
 def parse_size(text: str) -> tuple[int, int]:
@@ -68,30 +72,62 @@ def generate(split: str, count: int, seed: int, out: Path, size: tuple[int, int]
     return n
 
 
+class BagWriter:
+    """A rosbag2 (mcap) of a camera stream and its standing questions, the way a robot records one."""
+
+    START_NS = 1_700_000_000 * 10**9
+
+    def __init__(self, out: Path, image_topic: str, query_topic: str) -> None:
+        from rosbags.rosbag2 import StoragePlugin, Writer
+        from rosbags.typesys import Stores, get_typestore
+
+        if out.exists():
+            raise FileExistsError(f"{out} exists; choose a new --out (rosbag2 will not overwrite)")
+        self.ts = get_typestore(Stores.ROS2_HUMBLE)  # Image/String/Header are identical from Humble to Kilted
+        self._writer = Writer(out, version=9, storage_plugin=StoragePlugin.MCAP)
+        self._topics = (image_topic, query_topic)
+
+    def __enter__(self) -> BagWriter:
+        self._writer.open()
+        t = self.ts.types
+        self._img = self._writer.add_connection(
+            self._topics[0], t["sensor_msgs/msg/Image"].__msgtype__, typestore=self.ts
+        )
+        self._query = self._writer.add_connection(
+            self._topics[1], t["std_msgs/msg/String"].__msgtype__, typestore=self.ts
+        )
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._writer.close()
+
+    def stamp(self, index: int, rate: float) -> int:
+        """The header stamp (ns) of frame ``index`` of a camera at ``rate`` Hz."""
+        return self.START_NS + index * round(1e9 / rate)
+
+    def write_query(self, text: str, stamp: int) -> None:
+        Str = self.ts.types["std_msgs/msg/String"]
+        self._writer.write(self._query, stamp, self.ts.serialize_cdr(Str(data=text), Str.__msgtype__))
+
+    def write_image(self, rgb: np.ndarray, stamp: int, frame_id: str = "camera_color_optical_frame") -> None:
+        t = self.ts.types
+        Img, Header, Time = t["sensor_msgs/msg/Image"], t["std_msgs/msg/Header"], t["builtin_interfaces/msg/Time"]
+        h, w = rgb.shape[:2]
+        header = Header(stamp=Time(sec=stamp // 10**9, nanosec=stamp % 10**9), frame_id=frame_id)
+        msg = Img(header=header, height=h, width=w, encoding="rgb8", is_bigendian=0, step=w * 3, data=rgb.reshape(-1))
+        self._writer.write(self._img, stamp, self.ts.serialize_cdr(msg, Img.__msgtype__))
+
+
 def write_bag(
     out: Path, split: str, count: int, seed: int, rate: float, size: tuple[int, int], question_every: int
 ) -> int:
-    """Write the bag and its ground-truth sidecar; returns the number of frames."""
-    from rosbags.rosbag2 import StoragePlugin, Writer
-    from rosbags.typesys import Stores, get_typestore
-
-    if out.exists():
-        raise FileExistsError(f"{out} exists; choose a new --out (rosbag2 will not overwrite)")
-    ts = get_typestore(Stores.ROS2_HUMBLE)  # Image/String/Header are identical from Humble to Kilted
-    Img = ts.types["sensor_msgs/msg/Image"]
-    Header = ts.types["std_msgs/msg/Header"]
-    Time = ts.types["builtin_interfaces/msg/Time"]
-    Str = ts.types["std_msgs/msg/String"]
+    """Write a flat-world bag (independent stills) and its ground-truth sidecar; returns the number of frames."""
     rng = np.random.default_rng([split_seed(split, seed), 11])
-    start_ns = 1_700_000_000 * 10**9
-    period_ns = round(1e9 / rate)
     truth_lines = []
-    with Writer(out, version=9, storage_plugin=StoragePlugin.MCAP) as writer:
-        img_conn = writer.add_connection(IMAGE_TOPIC, Img.__msgtype__, typestore=ts)
-        q_conn = writer.add_connection(QUERY_TOPIC, Str.__msgtype__, typestore=ts)
-        params: dict = {}
+    params: dict = {}
+    with BagWriter(out, IMAGE_TOPIC, QUERY_TOPIC) as bag:
         for i in tqdm(range(count), desc="bag frames", unit="frame"):
-            stamp = start_ns + i * period_ns
+            stamp = bag.stamp(i, rate)
             scene_seed = split_seed(split, seed + i)
             scene = render_scene(scene_seed, height=size[0], width=size[1])
             if i % question_every == 0:  # a new standing question, published just before the frame
@@ -101,23 +137,9 @@ def write_bag(
                     "color": list(COLORS)[int(rng.integers(len(COLORS)))],
                     "object_kind": ("box", "tote")[int(rng.integers(2))],
                 }
-                q = standing_question(scene, **params)
-                writer.write(q_conn, stamp - 1_000_000, ts.serialize_cdr(Str(data=q.question), Str.__msgtype__))
+                bag.write_query(standing_question(scene, **params).question, stamp - 1_000_000)
             q = standing_question(scene, **params)
-            header = Header(
-                stamp=Time(sec=stamp // 10**9, nanosec=stamp % 10**9), frame_id="camera_color_optical_frame"
-            )
-            h, w = scene.rgb.shape[:2]
-            msg = Img(
-                header=header,
-                height=h,
-                width=w,
-                encoding="rgb8",
-                is_bigendian=0,
-                step=w * 3,
-                data=scene.rgb.reshape(-1),
-            )
-            writer.write(img_conn, stamp, ts.serialize_cdr(msg, Img.__msgtype__))
+            bag.write_image(scene.rgb, stamp)
             truth = {"stamp": stamp, "sec": stamp // 10**9, "nanosec": stamp % 10**9, "seed": scene_seed}
             truth |= q.as_dict() if q is not None else {"question": "", "answer": "", "answers": [], "evidence": []}
             truth_lines.append(json.dumps(truth))
@@ -135,6 +157,7 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--out", type=Path, required=True)
     g.add_argument("--size", type=parse_size, default=(336, 336), help="N (square) or WIDTHxHEIGHT")
     g.add_argument("--questions", type=int, default=2, help="questions per image")
+    g.add_argument("--held-out-only", action="store_true", help="cell, test split: only phrasings held out of training")
     b = sub.add_parser("bag", help="rosbag2 (mcap) camera stream + queries + ground-truth sidecar")
     b.add_argument("--split", choices=list(SPLITS), default="test")
     b.add_argument("--count", type=int, default=100, help="frames")
@@ -143,7 +166,12 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--out", type=Path, required=True)
     b.add_argument("--size", type=parse_size, default=(480, 640), help="N or WIDTHxHEIGHT (default 640x480)")
     b.add_argument("--question-every", type=int, default=5, help="frames per standing question")
+    for p in (g, b):
+        p.add_argument("--world", choices=WORLDS, default="flat",
+                       help="flat: 2D stills (warehouse-tiny's world); cell: the rendered 3D cell")  # fmt: skip
     args = ap.parse_args(argv)
+    if getattr(args, "held_out_only", False) and (args.world != "cell" or args.split != "test"):
+        ap.error("--held-out-only goes with --world cell --split test")
     for name in ("count", "questions", "question_every"):
         if getattr(args, name, 1) < 1:
             ap.error(f"--{name.replace('_', '-')} must be at least 1")
@@ -152,11 +180,21 @@ def main(argv: list[str] | None = None) -> int:
     if args.cmd == "bag" and not 0 < args.rate <= 1000:
         ap.error("--rate must be in (0, 1000] Hz")
     try:
-        if args.cmd == "generate":
+        if args.cmd == "generate" and args.world == "cell":
+            from atp_ros.warehouse.cell import dataset
+
+            n = dataset.generate(
+                args.split, args.count, args.seed, args.out, args.size, args.questions, args.held_out_only
+            )
+            print(f"wrote {args.count} images and {n} samples to {args.out}")
+        elif args.cmd == "generate":
             n = generate(args.split, args.count, args.seed, args.out, args.size, args.questions)
             print(f"wrote {args.count} images and {n} samples to {args.out}")
         else:
-            n = write_bag(args.out, args.split, args.count, args.seed, args.rate, args.size, args.question_every)
+            writer = write_bag
+            if args.world == "cell":
+                from atp_ros.warehouse.cell.dataset import write_bag as writer
+            n = writer(args.out, args.split, args.count, args.seed, args.rate, args.size, args.question_every)
             print(f"wrote {n} frames to {args.out} (ground truth: {args.out / TRUTH_FILE})")
     except (OSError, ValueError) as err:
         print(f"warehouse: error: {err}", file=sys.stderr)
