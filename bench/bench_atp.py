@@ -34,14 +34,9 @@ from functools import partial
 from pathlib import Path
 
 import torch
+from atp_ros.method import ATPSelector, Budget, ScoreInputs, cls_attention
 from rich.console import Console
 from rich.table import Table
-
-try:
-    from atp_ros.method import ATPSelector, Budget, ScoreInputs, cls_attention
-except ImportError:  # a plain checkout without PYTHONPATH or the colcon install space
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "atp_ros"))
-    from atp_ros.method import ATPSelector, Budget, ScoreInputs, cls_attention
 
 NUM_TOKENS = (196, 576, 729, 2304)
 BATCHES = (1, 8)

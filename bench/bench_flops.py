@@ -13,6 +13,7 @@ Writes ``bench/results/flops.json``.
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import sys
@@ -22,12 +23,10 @@ from atp_ros.backends.blip2 import blip2_costs
 from atp_ros.backends.flops import kv_cache_bytes, scoring_flops, tower_flops
 from atp_ros.backends.idefics import idefics_costs
 from atp_ros.backends.llava import llava_costs
+from common import RESULTS, stamp
 from rich.console import Console
 from rich.table import Table
-from transformers import AutoConfig
-
-sys.path.insert(0, str(Path(__file__).parent))
-from common import RESULTS, stamp
+from transformers import AutoConfig, PretrainedConfig
 
 KEEP_RATIOS = (1.0, 0.6, 0.4, 0.25, 0.11)
 TEXT_TOKENS = 40
@@ -35,13 +34,14 @@ JOINT_WIDTH = {"llava-1.5-7b": 768, "llava-1.5-13b": 768, "llava-interleave-qwen
 JOINT_WIDTH |= {"blip2-opt-2.7b": 1024, "idefics-9b": 1024}  # EVA01-g-14, CLIP ViT-H/14
 
 
-def load(path: Path):
+def load(path: Path) -> PretrainedConfig:
+    """An architecture's config from its bench/archs JSON (dimensions only, no weights)."""
     spec = json.loads(path.read_text())
     spec.pop("_source", None)
     return AutoConfig.for_model(spec.pop("model_type"), **spec)
 
 
-def rows_for(name: str, cfg) -> list[dict]:
+def rows_for(name: str, cfg: PretrainedConfig) -> list[dict]:
     v = cfg.vision_config
     side = int(v.image_size) // int(v.patch_size)
     n = side * side
@@ -94,6 +94,8 @@ def paper_row() -> dict:
 
 
 def main() -> int:
+    """The table of every architecture in bench/archs, written to results/flops.json."""
+    argparse.ArgumentParser(description=__doc__.splitlines()[0]).parse_args()  # --help, and nothing else
     archs = Path(__file__).parent / "archs"
     rows = []
     for path in sorted(archs.glob("*.json")):

@@ -22,7 +22,6 @@ import tempfile
 from pathlib import Path
 from types import SimpleNamespace
 
-sys.path.insert(0, str(Path(__file__).parent))
 from common import RESULTS, stamp
 
 

@@ -70,6 +70,7 @@ def bench_device(model_dir: Path, device: str, repeats: int, max_new_tokens: int
 
 
 def main() -> None:
+    """Measure every keep ratio on each device, print the table, write pipeline.json and pipeline.png."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="few repeats (CI smoke)")
     ap.add_argument("--model", default="", help="checkpoint dir (default: random LLaVA, 576 visual tokens)")
@@ -78,36 +79,29 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     repeats = 3 if args.quick else 10
+    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     with tempfile.TemporaryDirectory() as tmp:
-        model_dir = (
-            Path(args.model)
-            if args.model
-            else save_tiny_llava(
-                Path(tmp) / "llava576",
-                image_size=336,
-                patch_size=14,
-                vision_hidden=128,
-                vision_layers=4,
-                text_hidden=512,
-                text_layers=4,
-            )
-        )
-        devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+        model_dir = Path(args.model) if args.model else _random_llava(Path(tmp) / "llava576")
         rows = [row for dev in devices for row in bench_device(model_dir, dev, repeats, max_new_tokens=8)]
+    print_table(rows, repeats)
+    (out / "pipeline.json").write_text(json.dumps(rows, indent=2))
+    plot(rows, devices, out / "pipeline.png")
+    print(f"wrote {out / 'pipeline.json'} and {out / 'pipeline.png'}")
 
+
+def _random_llava(path: Path) -> Path:
+    """A random LLaVA with CLIP-L/336's 576 visual tokens and a small LLM."""
+    return save_tiny_llava(
+        path, image_size=336, patch_size=14, vision_hidden=128, vision_layers=4, text_hidden=512, text_layers=4
+    )
+
+
+def print_table(rows: list[dict], repeats: int) -> None:
+    """Stage latencies, speed-ups and FLOP ratios per device and keep ratio."""
     table = Table(title=f"ATP-gated LLaVA per frame (median of {repeats}; {torch.get_num_threads()} threads)")
-    for col in (
-        "device",
-        "keep",
-        "K/N",
-        *[f"{s} ms" for s in STAGES],
-        "frame ms",
-        "prefill x",
-        "frame x",
-        "prefill FLOPs",
-        "linear ideal",
-        "ATP share",
-    ):
+    columns = ("device", "keep", "K/N", *[f"{s} ms" for s in STAGES], "frame ms", "prefill x", "frame x",
+               "prefill FLOPs", "linear ideal", "ATP share")  # fmt: skip
+    for col in columns:
         table.add_column(col, justify="right")
     for r in rows:
         table.add_row(
@@ -123,8 +117,10 @@ def main() -> None:
             f"{100 * r['atp_share']:.1f}% {'ok' if r['atp_share'] < 0.03 else '> 3%'}",
         )
     Console(width=220).print(table)
-    (out / "pipeline.json").write_text(json.dumps(rows, indent=2))
 
+
+def plot(rows: list[dict], devices: list[str], path: Path) -> None:
+    """Stage latency by keep ratio (stacked) and LLM prefill time / FLOPs vs the linear ideal."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -150,8 +146,8 @@ def main() -> None:
     axes[1].set_title("LLM prefill: measured vs ideal")
     axes[1].legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(out / "pipeline.png", dpi=110)
-    print(f"wrote {out / 'pipeline.json'} and {out / 'pipeline.png'}")
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 if __name__ == "__main__":

@@ -33,12 +33,10 @@ import torch
 from atp_ros.backends import STAGES, AtpConfig, load_backend
 from atp_ros.testing.tiny.llava import save_tiny_llava
 from atp_ros.warehouse.scenes import render_scene
+from common import RESULTS, stamp
 from rich.console import Console
 from rich.table import Table
 from tqdm import tqdm
-
-sys.path.insert(0, str(Path(__file__).parent))
-from common import RESULTS, stamp
 
 CKPT_ROOT = Path("out/bench/ckpt")
 QWEN2_05B = {  # Qwen2-0.5B's decoder shape

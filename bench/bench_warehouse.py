@@ -12,18 +12,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
 from atp_ros.backends import STAGES, AtpConfig, load_backend
 from atp_ros.warehouse.scenes import questions_for_scene, render_scene, split_seed
+from common import stamp
 from rich.console import Console
 from rich.table import Table
 from tqdm import tqdm
-
-sys.path.insert(0, str(Path(__file__).parent))
-from common import stamp
 
 KEEPS = (1.0, 0.4, 0.25, 0.11)
 

@@ -11,6 +11,7 @@ tiny-width pipeline table lives only here), its files suffixed ``_quick``.
 
 from __future__ import annotations
 
+import argparse
 import subprocess
 import sys
 import time
@@ -28,7 +29,10 @@ QUICK = (
 
 
 def main() -> int:
-    quick = "--quick" in sys.argv[1:]
+    """Run each benchmark in its own process, then the summary; 1 when any failed."""
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="the CI smoke set, few repeats, results under results/quick")
+    quick = ap.parse_args().quick
     here = Path(__file__).parent
     failed = []
     started = time.monotonic()

@@ -4,26 +4,20 @@ from __future__ import annotations
 
 import itertools
 import os
-import signal
 import subprocess
-import threading
 import time
-from collections.abc import Callable
 from pathlib import Path
 
-import numpy as np
-import rclpy
-from atp_ros.backends import images as image_io
-from atp_ros.ros.process import node_executable, stop_node  # noqa: F401  (the tests import stop_node from here)
-from diagnostic_msgs.msg import DiagnosticArray
+from atp_ros.ros import process
+from atp_ros.ros.client import NodeClient, NodeNotReady
+from atp_ros.ros.messages import find_status, image_msg, stamp_ns, status_level, status_values  # noqa: F401
+from atp_ros.ros.process import node_executable, stop_node  # noqa: F401  (the tests import them from here)
 from lifecycle_msgs.msg import Transition
 from lifecycle_msgs.srv import ChangeState, GetState
 from rcl_interfaces.msg import Parameter, ParameterType, ParameterValue
 from rcl_interfaces.srv import SetParameters
 from rclpy.action import ActionClient
-from rclpy.executors import SingleThreadedExecutor
-from rclpy.qos import DurabilityPolicy, QoSProfile, ReliabilityPolicy, qos_profile_sensor_data
-from sensor_msgs.msg import CompressedImage, Image
+from sensor_msgs.msg import Image
 from std_msgs.msg import String
 
 from atp_ros_msgs.action import Ask as AskAction
@@ -34,109 +28,46 @@ _namespaces = itertools.count()
 
 
 def start_node(model_dir: Path | str, namespace: str, log: Path, **overrides) -> subprocess.Popen:
-    """Launch ``vlm_node`` in its own process with ``-p name:=value`` overrides (``a__b`` for ``a.b``).
-
-    Its SIGINT disposition is the default even when the test runner was started in the
-    background (where children inherit SIGINT ignored): the tests send it Ctrl-C.
-    """
-    args = [str(node_executable()), "--ros-args", "-r", f"__ns:={namespace}", "-p", f"model_id:={model_dir}"]
-    for name, value in overrides.items():
-        if isinstance(value, bool):
-            value = str(value).lower()
-        args += ["-p", f"{name.replace('__', '.')}:={value}"]
-    with log.open("w") as out:
-        return subprocess.Popen(
-            args, stdout=out, stderr=subprocess.STDOUT, env=os.environ.copy(), preexec_fn=_default_sigint
-        )
-
-
-def _default_sigint() -> None:
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    """Launch ``vlm_node`` in its own process with ``-p name:=value`` overrides (``a__b`` for ``a.b``)."""
+    params = {"model_id": model_dir} | {name.replace("__", "."): value for name, value in overrides.items()}
+    return process.start_node(namespace, params, log=log)
 
 
 def new_namespace() -> str:
     return f"/atp_t{os.getpid()}_{next(_namespaces)}"
 
 
-def image_msg(rgb: np.ndarray, stamp_ns: int, frame_id: str = "camera") -> Image:
-    msg = Image(**image_io.rgb_fields(rgb))
-    msg.header.frame_id = frame_id
-    msg.header.stamp.sec, msg.header.stamp.nanosec = divmod(stamp_ns, 1_000_000_000)
-    return msg
-
-
-def stamp_ns(header) -> int:
-    return header.stamp.sec * 1_000_000_000 + header.stamp.nanosec
-
-
-class Probe:
+class Probe(NodeClient):
     """The test's side of the wire: publishes frames and questions, records every output."""
 
     def __init__(self, context, namespace: str) -> None:
+        super().__init__("atp_probe", namespace, context)
         self.ns = namespace
-        self.node = rclpy.create_node("atp_probe", namespace=namespace, context=context)
-        standing = QoSProfile(
-            depth=1, reliability=ReliabilityPolicy.RELIABLE, durability=DurabilityPolicy.TRANSIENT_LOCAL
-        )
-        self.pub_image = self.node.create_publisher(Image, "image", qos_profile_sensor_data)
-        self.pub_compressed = self.node.create_publisher(CompressedImage, "image/compressed", qos_profile_sensor_data)
-        self.pub_query = self.node.create_publisher(String, "atp_vlm/query", standing)
-        self.answers: list[VlmAnswer] = []
-        self.texts: list[str] = []
-        self.masks: list[Image] = []
-        self.overlays: list[Image] = []
-        self.diagnostics: list[DiagnosticArray] = []
-        self._lock = threading.Lock()
-        reliable = QoSProfile(depth=50, reliability=ReliabilityPolicy.RELIABLE)
-        self.node.create_subscription(VlmAnswer, "atp_vlm/answer", self._keep(self.answers), reliable)
-        self.node.create_subscription(String, "atp_vlm/answer_text", self._keep(self.texts, "data"), reliable)
-        self.node.create_subscription(Image, "atp_vlm/keep_mask", self._keep(self.masks), reliable)
-        self.node.create_subscription(Image, "atp_vlm/overlay", self._keep(self.overlays), reliable)
-        self.node.create_subscription(DiagnosticArray, "/diagnostics", self._keep(self.diagnostics), 50)
+        self.pub_image = self.image_publisher()
+        self.pub_compressed = self.image_publisher("image/compressed", compressed=True)
+        self.pub_query = self.query_publisher()
+        self.answers: list[VlmAnswer] = self.record(VlmAnswer, "atp_vlm/answer")
+        self.texts: list[str] = self.record(String, "atp_vlm/answer_text", attr="data")
+        self.masks: list[Image] = self.record(Image, "atp_vlm/keep_mask")
+        self.overlays: list[Image] = self.record(Image, "atp_vlm/overlay")
+        self.diagnostics = self.record_diagnostics()
         self.ask = self.node.create_client(Ask, "atp_vlm/ask_sync")
         self.set_params = self.node.create_client(SetParameters, "atp_vlm/set_parameters")
         self.get_state_client = self.node.create_client(GetState, "atp_vlm/get_state")
         self.change_state_client = self.node.create_client(ChangeState, "atp_vlm/change_state")
         self.ask_action = ActionClient(self.node, AskAction, "atp_vlm/ask")
-        self.executor = SingleThreadedExecutor(context=context)
-        self.executor.add_node(self.node)
-        self._spin = threading.Thread(target=self.executor.spin, daemon=True)
-        self._spin.start()
-
-    def _keep(self, store: list, attr: str | None = None) -> Callable:
-        def callback(msg) -> None:
-            with self._lock:
-                store.append(getattr(msg, attr) if attr else msg)
-
-        return callback
-
-    def snapshot(self, store: list) -> list:
-        with self._lock:
-            return list(store)
 
     def clear(self) -> None:
-        with self._lock:
+        with self.lock:
             for store in (self.answers, self.texts, self.masks, self.overlays, self.diagnostics):
                 store.clear()
 
-    def wait_for(self, predicate: Callable[[], bool], timeout: float, what: str) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if predicate():
-                return
-            time.sleep(0.05)
-        raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-
     def wait_ready(self, proc: subprocess.Popen, log: Path, timeout: float = 90.0) -> None:
-        """Until the node's answer publisher is matched (model loaded, DDS discovered)."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if proc.poll() is not None:
-                raise AssertionError(f"node exited with {proc.returncode}:\n{log.read_text()}")
-            if self.node.count_publishers(f"{self.ns}/atp_vlm/answer") and self.ask.service_is_ready():
-                return
-            time.sleep(0.1)
-        raise AssertionError(f"node not ready after {timeout} s:\n{log.read_text()}")
+        """Until the node's answer publisher is matched (model loaded, DDS discovered) and ~/ask_sync is up."""
+        try:
+            super().wait_ready(proc, log, timeout, also=self.ask.service_is_ready)
+        except NodeNotReady as err:
+            raise AssertionError(str(err)) from None
 
     def ask_question(self, question: str, max_age_s: float = 0.0, timeout: float = 60.0) -> Ask.Response:
         future = self.ask.call_async(Ask.Request(question=question, max_age_s=max_age_s))
@@ -181,21 +112,12 @@ class Probe:
         return result.successful, result.reason
 
     def status_values(self) -> dict[str, str]:
-        """Key/values of the node's latest diagnostics status."""
+        """Key/values of the node's latest diagnostics status, with ``_level`` and ``_message``."""
         for array in reversed(self.snapshot(self.diagnostics)):
-            for status in array.status:
-                if status.name.startswith(f"{self.ns}/atp_vlm:"):
-                    return {kv.key: kv.value for kv in status.values} | {
-                        "_level": str(
-                            int.from_bytes(status.level, "little") if isinstance(status.level, bytes) else status.level
-                        ),
-                        "_message": status.message,
-                    }
+            status = find_status(array, f"{self.ns}/atp_vlm:")
+            if status is not None:
+                return status_values(status) | {"_level": str(status_level(status)), "_message": status.message}
         return {}
-
-    def close(self) -> None:
-        self.executor.shutdown()
-        self.node.destroy_node()
 
 
 def publish_until_answer(probe: Probe, msg, timeout: float = 30.0):

@@ -12,21 +12,19 @@ from __future__ import annotations
 
 import argparse
 import os
-import subprocess
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import rclpy
-from rclpy.executors import SingleThreadedExecutor
-from rclpy.qos import DurabilityPolicy, QoSProfile, ReliabilityPolicy, qos_profile_sensor_data
 from rich.console import Console
 from sensor_msgs.msg import Image
 from std_msgs.msg import String
 
-from atp_ros.backends import images as image_io
-from atp_ros.ros.process import node_executable, stop_node
+from atp_ros.ros.client import NodeClient, NodeNotReady
+from atp_ros.ros.messages import image_msg, stamp_ns
+from atp_ros.ros.process import node_command, start_node, stop_node
 from atp_ros.warehouse.scenes import render_scene, split_seed, standing_question
 from atp_ros_msgs.msg import VlmAnswer
 
@@ -91,122 +89,131 @@ def save_overlays(out: Path, shots: list[tuple[VlmAnswer, Image, str]]) -> Path 
     return path
 
 
+@dataclass
+class Stream:
+    """What the demo sent and saw: frames' ground truth, answers judged, overlays matched to answers."""
+
+    scenes: dict[int, object] = field(default_factory=dict)  # frame stamp (ns) -> its scene (the ground truth)
+    params_of: dict[str, dict] = field(default_factory=dict)  # question text -> template parameters
+    correct: list[bool] = field(default_factory=list)
+    shots: list[tuple[VlmAnswer, Image, str]] = field(default_factory=list)  # answer, overlay, truth
+    pending: list[tuple[VlmAnswer, str]] = field(default_factory=list)  # answers whose overlay has not arrived
+    shown: int = 0  # answers printed so far
+
+
+class Camera(NodeClient):
+    """The demo's camera and planner: frames on ``/demo/image``, questions, the node's answers and overlays."""
+
+    def __init__(self) -> None:
+        super().__init__("atp_demo_camera", "/demo")
+        self.pub_image = self.image_publisher()
+        self.pub_query = self.query_publisher()
+        self.answers: list[VlmAnswer] = self.record(VlmAnswer, "atp_vlm/answer")
+        self.overlays: list[Image] = self.record(Image, "atp_vlm/overlay")
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Start the node, stream, print every answer, summarise; 1 when the node did not start or never answered."""
     args = parse_args(argv)
     console = Console()
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    for old in out.glob("overlay_*.png"):
-        old.unlink()
+    out = _fresh_out(Path(args.out))
     console.print(f"[bold]model:[/] {args.model}  keep ratio {args.keep_ratio}")
-    env = os.environ.copy()
-    env.setdefault("ROS_DOMAIN_ID", "42")
-    env.setdefault("ROS_AUTOMATIC_DISCOVERY_RANGE", "LOCALHOST")
-    os.environ.update({k: env[k] for k in ("ROS_DOMAIN_ID", "ROS_AUTOMATIC_DISCOVERY_RANGE")})
-    exe = node_executable()
-    cmd = [
-        str(exe),
-        "--ros-args",
-        "-r",
-        "__ns:=/demo",
-        "-p",
-        f"model_id:={args.model}",
-        "-p",
-        f"atp.keep_ratio:={args.keep_ratio}",
-        "-p",
-        "max_new_tokens:=4",
-    ]
-    console.print(f"[bold]starting:[/] {' '.join(cmd)}")
-    node_proc = subprocess.Popen(cmd, env=env)
-
-    rclpy.init()
-    node = rclpy.create_node("atp_demo_camera", namespace="/demo")
-    answers: list[VlmAnswer] = []
-    overlays: dict[tuple[int, int], Image] = {}
-    node.create_subscription(VlmAnswer, "atp_vlm/answer", answers.append, 50)
-    node.create_subscription(
-        Image, "atp_vlm/overlay", lambda m: overlays.__setitem__((m.header.stamp.sec, m.header.stamp.nanosec), m), 50
-    )
-    pub_image = node.create_publisher(Image, "image", qos_profile_sensor_data)
-    standing = QoSProfile(depth=1, reliability=ReliabilityPolicy.RELIABLE, durability=DurabilityPolicy.TRANSIENT_LOCAL)
-    pub_query = node.create_publisher(String, "atp_vlm/query", standing)
-    executor = SingleThreadedExecutor()
-    executor.add_node(node)
-    scenes: dict[tuple[int, int], object] = {}  # stamp -> scene (the ground truth of that frame)
-    params_of: dict[str, dict] = {}  # question text -> template parameters
+    for key, value in (("ROS_DOMAIN_ID", "42"), ("ROS_AUTOMATIC_DISCOVERY_RANGE", "LOCALHOST")):
+        os.environ.setdefault(key, value)  # this process and the node alike
+    params = {"model_id": args.model, "atp.keep_ratio": args.keep_ratio, "max_new_tokens": 4}
+    console.print(f"[bold]starting:[/] {' '.join(node_command('/demo', params))}")
+    proc = start_node("/demo", params)
+    camera = Camera()
     try:
         console.print("waiting for the node (model loading, DDS discovery)...")
-        deadline = time.monotonic() + 180
-        while not node.count_publishers("/demo/atp_vlm/answer"):
-            if node_proc.poll() is not None or time.monotonic() > deadline:
-                console.print("[red]the node did not start[/]")
-                return 1
-            executor.spin_once(timeout_sec=0.1)
-        shown = 0
-        period = 1.0 / args.rate
-        correct: list[bool] = []
-        shots: list[tuple[VlmAnswer, Image, str]] = []
-        pending: list[tuple[VlmAnswer, str]] = []
-        for i in range(args.frames + int(3 * args.rate)):  # a few idle periods at the end for the last answers
-            tick = time.monotonic()
-            if i < args.frames:
-                scene = render_scene(split_seed("test", 500_000 + i), *FRAME_SIZE)
-                if i % args.question_every == 0:
-                    params = QUESTIONS[(i // args.question_every) % len(QUESTIONS)]
-                    q = standing_question(scene, **params)
-                    params_of[q.question] = params
-                    pub_query.publish(String(data=q.question))
-                msg = Image(**image_io.rgb_fields(scene.rgb))
-                msg.header.frame_id = "demo_camera"
-                msg.header.stamp = node.get_clock().now().to_msg()
-                scenes[(msg.header.stamp.sec, msg.header.stamp.nanosec)] = scene
-                pub_image.publish(msg)
-            while time.monotonic() - tick < period:
-                executor.spin_once(timeout_sec=0.01)
-            for a in answers[shown:]:
-                key = (a.header.stamp.sec, a.header.stamp.nanosec)
-                truth_q = standing_question(scenes[key], **params_of[a.query]) if key in scenes else None
-                truth = truth_q.answer if truth_q is not None else "?"
-                ok = a.answer.strip() == truth
-                correct.append(ok)
-                pending.append((a, truth))
-                console.print(
-                    f"[cyan]{a.header.stamp.sec % 1000}.{a.header.stamp.nanosec // 1_000_000:03d}[/] "
-                    f"{a.query!r} -> [bold]{a.answer!r}[/] "
-                    f"{'[green]ok[/]' if ok else f'[red]truth {truth!r}[/]'}  "
-                    f"kept {a.visual_tokens_kept}/{a.visual_tokens_total}  "
-                    f"inference {a.inference_ms:.0f} ms  latency {a.latency_ms:.0f} ms"
-                )
-                shown += 1
-            still = []
-            for a, truth in pending:  # the overlay of an answer may arrive a little later
-                ov = overlays.get((a.header.stamp.sec, a.header.stamp.nanosec))
-                if ov is not None:
-                    shots.append((a, ov, truth))
-                else:
-                    still.append((a, truth))
-            pending = still
+        try:
+            camera.wait_ready(proc, timeout=180, also=lambda: camera.pub_image.get_subscription_count() > 0)
+        except NodeNotReady:
+            console.print("[red]the node did not start[/]")
+            return 1
+        seen = stream(args, camera, console)
+        answers = camera.snapshot(camera.answers)
         if not answers:
             console.print("[red]no answers arrived[/]")
             return 1
-        lat = np.array([a.latency_ms for a in answers])
-        inf = np.array([a.inference_ms for a in answers])
-        console.print(
-            f"[bold]{len(answers)} answers for {args.frames} frames at {args.rate} Hz: accuracy "
-            f"{np.mean(correct):.1%} ({sum(correct)}/{len(correct)})[/]; inference p50 {np.percentile(inf, 50):.0f} ms "
-            f"p95 {np.percentile(inf, 95):.0f} ms; latency (receipt to answer) p50 {np.percentile(lat, 50):.0f} ms "
-            f"p95 {np.percentile(lat, 95):.0f} ms. Frames arriving while the model is busy are dropped on purpose "
-            "(newest frame wins)."
-        )
-        grid = save_overlays(out, shots)
+        summarise(args, console, answers, seen.correct)
+        grid = save_overlays(out, seen.shots)
         if grid is not None:
             console.print(f"overlays (kept patches in color, pruned grayed): {out}/overlay_*.png and {grid}")
         return 0
     finally:
-        stop_node(node_proc)
-        executor.shutdown()
-        node.destroy_node()
-        rclpy.try_shutdown()
+        stop_node(proc)
+        camera.close()
+
+
+def _fresh_out(out: Path) -> Path:
+    out.mkdir(parents=True, exist_ok=True)
+    for old in out.glob("overlay_*.png"):
+        old.unlink()
+    return out
+
+
+def stream(args: argparse.Namespace, camera: Camera, console: Console) -> Stream:
+    """Publish the frames at ``args.rate`` with a new standing question every ``args.question_every``."""
+    seen = Stream()
+    period = 1.0 / args.rate
+    for i in range(args.frames + int(3 * args.rate)):  # a few idle periods at the end for the last answers
+        tick = time.monotonic()
+        if i < args.frames:
+            scene = render_scene(split_seed("test", 500_000 + i), *FRAME_SIZE)
+            if i % args.question_every == 0:
+                params = QUESTIONS[(i // args.question_every) % len(QUESTIONS)]
+                q = standing_question(scene, **params)
+                seen.params_of[q.question] = params
+                camera.pub_query.publish(String(data=q.question))
+            msg = image_msg(scene.rgb, camera.node.get_clock().now().nanoseconds, "demo_camera")
+            seen.scenes[stamp_ns(msg.header)] = scene
+            camera.pub_image.publish(msg)
+        time.sleep(max(period - (time.monotonic() - tick), 0.0))
+        show_answers(camera, seen, console)
+    return seen
+
+
+def show_answers(camera: Camera, seen: Stream, console: Console) -> None:
+    """Print the answers that arrived since the last call, judged against their frame's truth; match overlays."""
+    answers = camera.snapshot(camera.answers)
+    for a in answers[seen.shown :]:
+        scene = seen.scenes.get(stamp_ns(a.header))
+        truth_q = standing_question(scene, **seen.params_of[a.query]) if scene is not None else None
+        truth = truth_q.answer if truth_q is not None else "?"
+        ok = a.answer.strip() == truth
+        seen.correct.append(ok)
+        seen.pending.append((a, truth))
+        console.print(
+            f"[cyan]{a.header.stamp.sec % 1000}.{a.header.stamp.nanosec // 1_000_000:03d}[/] "
+            f"{a.query!r} -> [bold]{a.answer!r}[/] "
+            f"{'[green]ok[/]' if ok else f'[red]truth {truth!r}[/]'}  "
+            f"kept {a.visual_tokens_kept}/{a.visual_tokens_total}  "
+            f"inference {a.inference_ms:.0f} ms  latency {a.latency_ms:.0f} ms"
+        )
+    seen.shown = len(answers)
+    overlays = {stamp_ns(o.header): o for o in camera.snapshot(camera.overlays)}
+    still = []
+    for a, truth in seen.pending:  # the overlay of an answer may arrive a little later
+        ov = overlays.get(stamp_ns(a.header))
+        if ov is not None:
+            seen.shots.append((a, ov, truth))
+        else:
+            still.append((a, truth))
+    seen.pending = still
+
+
+def summarise(args: argparse.Namespace, console: Console, answers: list[VlmAnswer], correct: list[bool]) -> None:
+    """Accuracy and the inference / latency percentiles of the run."""
+    lat = np.array([a.latency_ms for a in answers])
+    inf = np.array([a.inference_ms for a in answers])
+    console.print(
+        f"[bold]{len(answers)} answers for {args.frames} frames at {args.rate} Hz: accuracy "
+        f"{np.mean(correct):.1%} ({sum(correct)}/{len(correct)})[/]; inference p50 {np.percentile(inf, 50):.0f} ms "
+        f"p95 {np.percentile(inf, 95):.0f} ms; latency (receipt to answer) p50 {np.percentile(lat, 50):.0f} ms "
+        f"p95 {np.percentile(lat, 95):.0f} ms. Frames arriving while the model is busy are dropped on purpose "
+        "(newest frame wins)."
+    )
 
 
 if __name__ == "__main__":

@@ -11,32 +11,36 @@ The only module of the evaluation that imports rclpy.
 
 from __future__ import annotations
 
+import argparse
 import os
-import subprocess
-import threading
+import shutil
 import time
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from atp_ros.evaluation import metrics
 from atp_ros.evaluation.sweep import Setting
-from atp_ros.ros.process import node_executable, stop_node
 
 READY_TIMEOUT_S = 120.0
 QUIET_S = 3.0  # after the last frame: stop once no answer arrived for this long
 DRAIN_MAX_S = 30.0
+OUTPUTS = (  # what is recorded: the target node's topic (relative to it, or absolute) and its type
+    ("answer", "atp_ros_msgs/msg/VlmAnswer"),
+    ("keep_mask", "sensor_msgs/msg/Image"),
+    ("overlay", "sensor_msgs/msg/Image"),
+    ("/diagnostics", "diagnostic_msgs/msg/DiagnosticArray"),
+)
 
 
 class LiveError(RuntimeError):
     """The live replay could not run (no ROS, node did not start, ...); the message says why."""
 
 
-def _node_command(args, setting: Setting, namespace: str, compressed: bool) -> list[str]:
-    exe = node_executable()
-    atp = setting.node_params()
-    image_remap = f"image/compressed:={args.image_topic}" if compressed else f"image:={args.image_topic}"
-    params = {
+def _node_params(args, setting: Setting, compressed: bool) -> dict[str, Any]:
+    return {
         "model_id": args.model,
         "text_encoder_id": args.text_encoder,
         "device": args.device,
@@ -44,15 +48,8 @@ def _node_command(args, setting: Setting, namespace: str, compressed: bool) -> l
         "max_new_tokens": args.max_new_tokens,
         "image_transport": "compressed" if compressed else "raw",
         "processing.max_rate_hz": 0.0,
-        **atp,
+        **setting.node_params(),
     }
-    cmd = [str(exe), "--ros-args", "-r", f"__ns:={namespace}", "-r", image_remap, "-r", f"~/query:={args.query_topic}"]
-    for name, value in params.items():
-        if value == "":
-            continue
-        value = str(value).lower() if isinstance(value, bool) else value
-        cmd += ["-p", f"{name}:={value}"]
-    return cmd
 
 
 def _typestore():
@@ -66,158 +63,195 @@ def _typestore():
     return ts
 
 
-def replay(args, setting: Setting, done: dict, samples) -> dict:
-    """Replay ``args.bag`` through the node running ``setting``; returns the live figures."""
-    try:
-        import rclpy
-        from diagnostic_msgs.msg import DiagnosticArray
-        from rclpy.executors import SingleThreadedExecutor
-        from rclpy.qos import DurabilityPolicy, QoSProfile, ReliabilityPolicy, qos_profile_sensor_data
-        from rclpy.serialization import deserialize_message
-        from sensor_msgs.msg import CompressedImage, Image
-        from std_msgs.msg import String
+class _Bag:
+    """The input bag's frames and questions, as CDR ready for DDS (ROS 1 bags too)."""
 
+    def __init__(self, args) -> None:
+        from rosbags.highlevel import AnyReader
+        from rosbags.typesys import Stores, get_typestore
+
+        self.typestore = get_typestore(Stores.ROS2_HUMBLE)
+        self.reader = AnyReader([Path(args.bag)], default_typestore=self.typestore)
+        self.reader.open()
+        self.conns = [c for c in self.reader.connections if c.topic in (args.image_topic, args.query_topic)]
+        if not any(c.topic == args.query_topic for c in self.conns):
+            self.reader.close()
+            raise LiveError(f"the bag has no {args.query_topic}: the node would get no question (questions from a "
+                            "truth file are used offline only)")  # fmt: skip
+        self.compressed = any(c.topic == args.image_topic and "Compressed" in c.msgtype for c in self.conns)
+
+    def messages(self) -> Iterator[tuple[str, int, Any, bytes]]:
+        """``(topic, bag time ns, message, cdr)`` in bag order; undecodable ones are skipped (counted offline)."""
+        for conn, t_ns, raw in self.reader.messages(connections=self.conns):
+            try:
+                msg = self.reader.deserialize(raw, conn.msgtype)
+                cdr = bytes(self.typestore.serialize_cdr(msg, conn.msgtype))
+            except Exception:
+                continue
+            yield conn.topic, t_ns, msg, cdr
+
+    def close(self) -> None:
+        self.reader.close()
+
+
+def _recorder(args, target: str, compressed: bool):
+    """A client node recording the target's outputs raw (for the mcap) and its answers by frame stamp."""
+    try:
+        from rclpy.serialization import deserialize_message
+
+        from atp_ros.ros.client import NodeClient
+        from atp_ros.ros.messages import stamp_ns
         from atp_ros_msgs.msg import VlmAnswer
     except ImportError as err:
         raise LiveError(f"ROS 2 is not available here ({err}); source your ROS and the workspace") from None
-    from rosbags.highlevel import AnyReader
-    from rosbags.rosbag2 import StoragePlugin, Writer
-    from rosbags.typesys import Stores, get_typestore
+    from diagnostic_msgs.msg import DiagnosticArray
+    from sensor_msgs.msg import Image
 
+    class Recorder(NodeClient):
+        def __init__(self) -> None:
+            super().__init__(f"atp_eval_replay_{os.getpid()}")
+            self.recorded: list[tuple[str, str, bytes, int]] = []  # (topic, msgtype, cdr, receive ns)
+            self.received: dict[int, tuple[float, bytes]] = {}  # answer stamp -> (receive monotonic, cdr)
+            types = {"answer": VlmAnswer, "/diagnostics": DiagnosticArray}
+            for name, msgtype in OUTPUTS:
+                topic = name if name.startswith("/") else f"{target}/{name}"
+                callback = self._keeper(topic, msgtype, name == "answer")
+                self.subscribe(types.get(name, Image), topic, callback, depth=100, raw=True)
+            self.pub_image = self.image_publisher(args.image_topic, compressed)
+            self.pub_query = self.query_publisher(args.query_topic)
+
+        def _keeper(self, topic: str, msgtype: str, answers: bool):
+            def callback(raw: bytes) -> None:
+                now_ns, now = time.time_ns(), time.monotonic()
+                with self.lock:
+                    self.recorded.append((topic, msgtype, raw, now_ns))
+                    if answers:
+                        stamp = stamp_ns(deserialize_message(raw, VlmAnswer).header)
+                        self.received.setdefault(stamp, (now, raw))
+
+            return callback
+
+    return Recorder()
+
+
+def replay(args: argparse.Namespace, setting: Setting, done: dict, samples: list) -> dict:
+    """Replay ``args.bag`` through the node running ``setting``; returns the live figures."""
     out = args.out / "live"
     out.mkdir(parents=True, exist_ok=True)
     bag_out = out / "node_outputs"
     if bag_out.exists():
-        import shutil
-
         shutil.rmtree(bag_out)  # a previous live run of this folder: replaced, like the report
-    in_ts = get_typestore(Stores.ROS2_HUMBLE)
-    reader = AnyReader([Path(args.bag)], default_typestore=in_ts)
-    reader.open()
-    conns = [c for c in reader.connections if c.topic in (args.image_topic, args.query_topic)]
-    if not any(c.topic == args.query_topic for c in conns):
-        reader.close()
-        raise LiveError(f"the bag has no {args.query_topic}: the node would get no question (questions from a truth "
-                        "file are used offline only)")  # fmt: skip
-    compressed = any(c.topic == args.image_topic and "Compressed" in c.msgtype for c in conns)
-    image_type = CompressedImage if compressed else Image
-
-    context = rclpy.context.Context()
-    rclpy.init(context=context)
-    node = executor = spin = proc = None
+    bag = _Bag(args)
     namespace = f"/atp_eval_{os.getpid()}"
     target = args.attach.rstrip("/") if args.attach else f"{namespace}/atp_vlm"
-    recorded: list[tuple[str, str, bytes, int]] = []  # (topic, msgtype, cdr, receive ns)
-    received: dict[int, tuple[float, bytes]] = {}  # answer stamp -> (receive monotonic, cdr)
-    lock = threading.Lock()
-    log = out / "node.log"
-    sent: dict[int, float] = {}
+    recorder = proc = None
+    try:
+        recorder = _recorder(args, target, bag.compressed)
+        proc = None if args.attach else _start(args, setting, namespace, bag.compressed, out / "node.log")
+        _wait_ready(recorder, proc, target, out / "node.log")
+        sent = _send(args, bag, recorder)
+        _drain(recorder, sent)
+    finally:
+        _stop(proc, recorder)
+        bag.close()
+    with recorder.lock:
+        rows = sorted(recorder.recorded, key=lambda r: r[3])
+    _write_bag(bag_out, rows)
+    return _live_figures(args, setting, {} if args.attach else done, samples, sent, recorder.received, rows, target)
 
-    def keep(topic: str, msgtype: str, answers: bool = False):
-        def callback(raw: bytes) -> None:
-            now_ns, now = time.time_ns(), time.monotonic()
-            with lock:
-                recorded.append((topic, msgtype, raw, now_ns))
-                if answers:
-                    msg = deserialize_message(raw, VlmAnswer)
-                    received.setdefault(msg.header.stamp.sec * 10**9 + msg.header.stamp.nanosec, (now, raw))
 
-        return callback
+def _start(args, setting: Setting, namespace: str, compressed: bool, log: Path):
+    from atp_ros.ros.process import start_node
+
+    image = f"image/compressed:={args.image_topic}" if compressed else f"image:={args.image_topic}"
+    remaps = [image, f"~/query:={args.query_topic}"]
+    return start_node(namespace, _node_params(args, setting, compressed), remaps, log)
+
+
+def _wait_ready(recorder, proc, target: str, log: Path) -> None:
+    """Until the node answers on ``target`` and listens to the frames."""
+    from atp_ros.ros.client import NodeNotReady
 
     try:
-        node = rclpy.create_node(f"atp_eval_replay_{os.getpid()}", context=context)
-        executor = SingleThreadedExecutor(context=context)
-        executor.add_node(node)
-        reliable = QoSProfile(depth=100, reliability=ReliabilityPolicy.RELIABLE)
-        outputs = [
-            (f"{target}/answer", VlmAnswer, "atp_ros_msgs/msg/VlmAnswer", True),
-            (f"{target}/keep_mask", Image, "sensor_msgs/msg/Image", False),
-            (f"{target}/overlay", Image, "sensor_msgs/msg/Image", False),
-            ("/diagnostics", DiagnosticArray, "diagnostic_msgs/msg/DiagnosticArray", False),
-        ]
-        for topic, cls, msgtype, is_answer in outputs:
-            node.create_subscription(cls, topic, keep(topic, msgtype, is_answer), reliable, raw=True)
-        pub_image = node.create_publisher(image_type, args.image_topic, qos_profile_sensor_data)
-        standing = QoSProfile(
-            depth=1, reliability=ReliabilityPolicy.RELIABLE, durability=DurabilityPolicy.TRANSIENT_LOCAL
+        recorder.wait_ready(
+            proc, log, READY_TIMEOUT_S, target, also=lambda: recorder.pub_image.get_subscription_count() > 0
         )
-        pub_query = node.create_publisher(String, args.query_topic, standing)
-        spin = threading.Thread(target=executor.spin, daemon=True)
-        spin.start()
-        if not args.attach:
-            cmd = _node_command(args, setting, namespace, compressed)
-            with log.open("w") as log_file:  # the child keeps its own descriptor
-                proc = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, env=os.environ.copy())
-        deadline = time.monotonic() + READY_TIMEOUT_S
-        while pub_image.get_subscription_count() == 0 or node.count_publishers(f"{target}/answer") == 0:
-            if proc is not None and proc.poll() is not None:
-                raise LiveError(f"the node exited with {proc.returncode}: {log.read_text()[-600:]}")
-            if time.monotonic() > deadline:
-                raise LiveError(f"no node answering on {target}/answer after {READY_TIMEOUT_S:.0f} s")
-            time.sleep(0.1)
-        t0_bag = t0_wall = None
-        frames = 0
-        for conn, t_ns, raw in reader.messages(connections=conns):
-            if t0_bag is None:
-                t0_bag, t0_wall = t_ns, time.monotonic()
-            wait = t0_wall + (t_ns - t0_bag) / 1e9 / args.rate - time.monotonic()
-            if wait > 0:
-                time.sleep(wait)
-            try:
-                msg = reader.deserialize(raw, conn.msgtype)
-                cdr = bytes(in_ts.serialize_cdr(msg, conn.msgtype))  # ROS 1 bags too: CDR for DDS
-            except Exception:
-                continue  # counted as skipped by the offline reader already
-            if conn.topic == args.query_topic:
-                pub_query.publish(cdr)
-                continue
-            stamp = int(msg.header.stamp.sec) * 10**9 + int(msg.header.stamp.nanosec)
-            sent[stamp] = time.monotonic()
-            pub_image.publish(cdr)
-            frames += 1
-            if args.live_frames and frames >= args.live_frames:
-                break
-        drain_end = time.monotonic() + DRAIN_MAX_S
-        while time.monotonic() < drain_end:
-            with lock:
-                last = max((t for t, _ in received.values()), default=0.0)
-                complete = len(set(received) & set(sent)) == len(sent)
-            if complete or (time.monotonic() - max(last, max(sent.values(), default=0.0)) > QUIET_S):
-                break
-            time.sleep(0.1)
-    finally:
-        if proc is not None:
-            stop_node(proc)
-        if executor is not None:
-            executor.shutdown()
-        if spin is not None:
-            spin.join(5)
-        if node is not None:
-            node.destroy_node()
-        rclpy.try_shutdown(context=context)
-        reader.close()
+    except NodeNotReady as err:
+        if proc is not None and proc.poll() is not None:
+            raise LiveError(f"the node exited with {proc.returncode}: {log.read_text()[-600:]}") from None
+        raise LiveError(f"no node answering on {target}/answer after {READY_TIMEOUT_S:.0f} s") from err
+
+
+def _send(args, bag: _Bag, recorder) -> dict[int, float]:
+    """Publish the bag's frames and questions at the recorded pace (times ``--rate``); frame stamp -> sent at."""
+    sent: dict[int, float] = {}
+    t0_bag = t0_wall = None
+    for topic, t_ns, msg, cdr in bag.messages():
+        if t0_bag is None:
+            t0_bag, t0_wall = t_ns, time.monotonic()
+        wait = t0_wall + (t_ns - t0_bag) / 1e9 / args.rate - time.monotonic()
+        if wait > 0:
+            time.sleep(wait)
+        if topic == args.query_topic:
+            recorder.pub_query.publish(cdr)
+            continue
+        sent[int(msg.header.stamp.sec) * 10**9 + int(msg.header.stamp.nanosec)] = time.monotonic()
+        recorder.pub_image.publish(cdr)
+        if args.live_frames and len(sent) >= args.live_frames:
+            break
+    return sent
+
+
+def _drain(recorder, sent: dict[int, float]) -> None:
+    """Until every frame is answered or no answer came for ``QUIET_S`` (at most ``DRAIN_MAX_S``)."""
+    drain_end = time.monotonic() + DRAIN_MAX_S
+    while time.monotonic() < drain_end:
+        with recorder.lock:
+            last = max((t for t, _ in recorder.received.values()), default=0.0)
+            complete = len(set(recorder.received) & set(sent)) == len(sent)
+        if complete or (time.monotonic() - max(last, max(sent.values(), default=0.0)) > QUIET_S):
+            return
+        time.sleep(0.1)
+
+
+def _stop(proc, recorder) -> None:
+    if proc is not None:
+        from atp_ros.ros.process import stop_node
+
+        stop_node(proc)
+    if recorder is not None:
+        recorder.close()
+
+
+def _write_bag(bag_out: Path, rows: list[tuple[str, str, bytes, int]]) -> None:
+    """What was recorded, as an mcap (opens in Foxglove)."""
+    from rosbags.rosbag2 import StoragePlugin, Writer
 
     ts = _typestore()
     with Writer(bag_out, version=9, storage_plugin=StoragePlugin.MCAP) as writer:
         connections = {}
-        with lock:
-            rows = sorted(recorded, key=lambda r: r[3])
         for topic, msgtype, raw, t_ns in rows:
             if topic not in connections:
                 connections[topic] = writer.add_connection(topic, msgtype, typestore=ts)
             writer.write(connections[topic], t_ns, raw)
-    if args.attach:  # the attached node runs its own parameters: no offline answers to compare with
-        done = {}
+
+
+def _live_figures(args, setting: Setting, done: dict, samples, sent, received, rows, target: str) -> dict:
+    """The figures, and the node's own counters from its last /diagnostics: frames received vs lost on the way."""
+    from diagnostic_msgs.msg import DiagnosticArray
+    from rclpy.serialization import deserialize_message
+
+    from atp_ros.ros.messages import find_status, status_values
+    from atp_ros_msgs.msg import VlmAnswer
+
+    bag_out = args.out / "live" / "node_outputs"
     figures = _figures(setting, sent, received, done, samples, rows, bag_out, VlmAnswer, deserialize_message)
-    if args.attach:
+    if args.attach:  # the attached node runs its own parameters: no offline answers to compare with
         figures["setting"] = f"the attached node's own parameters ({target})"
-    # The node's own counters (last /diagnostics): frames it received vs frames lost on the way.
     for topic, _msgtype, raw, _t in reversed(rows):
-        if topic != "/diagnostics":
-            continue
-        status = [st for st in deserialize_message(raw, DiagnosticArray).status if st.name.startswith(target)]
-        if status:
-            values = {kv.key: kv.value for kv in status[0].values}
+        status = find_status(deserialize_message(raw, DiagnosticArray), target) if topic == "/diagnostics" else None
+        if status is not None:
+            values = status_values(status)
             received_by_node = int(values.get("frames_received", 0))
             figures["node_frames_received"] = received_by_node
             figures["node_frames_dropped_busy"] = int(values.get("frames_dropped", 0))

@@ -41,7 +41,9 @@ def upsample_mask(mask: np.ndarray, height: int, width: int, box: Sequence[float
     return out & (rows >= 0)[:, None] & (cols >= 0)[None, :]
 
 
-def overlay(rgb: np.ndarray, mask: np.ndarray, box: Sequence[float] | object | None = None, dim: float = 0.35):
+def overlay(
+    rgb: np.ndarray, mask: np.ndarray, box: Sequence[float] | object | None = None, dim: float = 0.35
+) -> np.ndarray:
     """Camera image with pruned patches grayed out (kept patches untouched), each cell on the pixels its token saw.
 
     ``box``: the frame region the patch grid covers (``VlmResult.views[b]``); None: the whole frame.

@@ -1,14 +1,18 @@
-"""The installed ``vlm_node`` as a child process: where it is and how to stop it like Ctrl-C.
+"""The installed ``vlm_node`` as a child process: its command line, starting it, stopping it like Ctrl-C.
 
-Used by the demo, the live replay of ``evaluate`` and the tests; no rclpy import here.
+Used by the demos, the live replay of ``evaluate``, the soak and the tests; the rclpy side (publishing
+frames, recording answers, readiness) is :mod:`atp_ros.ros.client`. No rclpy import here.
 """
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import time
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 
 def node_executable() -> Path:
@@ -16,6 +20,46 @@ def node_executable() -> Path:
     from ament_index_python.packages import get_package_prefix
 
     return Path(get_package_prefix("atp_ros")) / "lib" / "atp_ros" / "vlm_node"
+
+
+def node_command(namespace: str, params: Mapping[str, Any], remaps: Sequence[str] = ()) -> list[str]:
+    """``vlm_node --ros-args`` in ``namespace`` with ``-r`` ``remaps`` and ``-p name:=value`` per parameter.
+
+    Booleans are written as ROS does (``true``/``false``); empty strings are left out (the node's default).
+    """
+    cmd = [str(node_executable()), "--ros-args", "-r", f"__ns:={namespace}"]
+    for remap in remaps:
+        cmd += ["-r", remap]
+    for name, value in params.items():
+        if isinstance(value, str) and value == "":
+            continue
+        cmd += ["-p", f"{name}:={str(value).lower() if isinstance(value, bool) else value}"]
+    return cmd
+
+
+def start_node(
+    namespace: str,
+    params: Mapping[str, Any],
+    remaps: Sequence[str] = (),
+    log: Path | None = None,
+    env: Mapping[str, str] | None = None,
+) -> subprocess.Popen:
+    """Start ``vlm_node`` (see :func:`node_command`), its output to ``log`` (else inherited).
+
+    Its SIGINT disposition is the default even when this process was started in the background
+    (where children inherit SIGINT ignored): :func:`stop_node` sends it Ctrl-C.
+    """
+    cmd = node_command(namespace, params, remaps)
+    environment = dict(os.environ if env is None else env)
+    if log is None:
+        return subprocess.Popen(cmd, env=environment, preexec_fn=_default_sigint)
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with log.open("w") as out:  # the child keeps its own descriptor
+        return subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=environment, preexec_fn=_default_sigint)
+
+
+def _default_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def stop_node(proc: subprocess.Popen, timeout: float = 10.0) -> float:
@@ -30,3 +74,13 @@ def stop_node(proc: subprocess.Popen, timeout: float = 10.0) -> float:
         proc.kill()
         proc.wait()
     return time.monotonic() - start
+
+
+def log_tail(log: Path | None, chars: int = 2000) -> str:
+    """The end of a node's log, or why there is none."""
+    if log is None:
+        return "(output not captured)"
+    try:
+        return log.read_text()[-chars:]
+    except OSError:
+        return "(no log)"

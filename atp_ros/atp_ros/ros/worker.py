@@ -12,9 +12,8 @@ node's ``on_answer`` callback, which publishes it. Everything here is tested wit
 - A stop hook reaches into the decode: :meth:`stop`, :meth:`pause` and a cancelled ask end
   a running ``generate`` within one token (``GenerationStopped``), not after
   ``max_new_tokens``.
-- Problems (bad frames, a failing model step, an unreachable service) are counted per
-  cause, kept for diagnostics, and logged the first time a cause occurs, then at its 10th,
-  100th, 1000th... occurrence: never a log line per frame.
+- Problems (bad frames, a failing model step, an unreachable service) are counted per cause
+  and logged at their 1st, 10th, 100th... occurrence (``atp_ros.problems``): never one per frame.
 """
 
 from __future__ import annotations
@@ -116,8 +115,7 @@ class LatestFrame:
             return frame
 
     def clear(self) -> None:
-        with self._lock:
-            self._frame = None
+        self.take()
 
 
 @dataclass

@@ -1,6 +1,6 @@
-"""Soak, short version (#12): 60 s of 30 Hz 640x480 frames through ``vlm_node`` by ``bench/soak.py``.
+"""Soak, short version (#12): 60 s of 30 Hz 640x480 frames through ``vlm_node`` by ``atp_ros.ros.soak``.
 
-The same code path as ``make soak`` (the script in its own process, the node in another),
+The same code path as ``make soak`` (``python -m atp_ros.ros.soak`` in its own process, the node in another),
 asserting behaviour only: the node stays up and exits 0 on SIGINT, answers keep coming, the
 frame counters add up, resident memory does not grow after warm-up. No timed assertion: the
 script's rate figure is reported, not asserted here.
@@ -18,7 +18,6 @@ from pathlib import Path
 
 import pytest
 
-SOAK = Path(__file__).resolve().parents[3] / "bench" / "soak.py"
 MAX_GROWTH = 0.05
 
 
@@ -44,10 +43,8 @@ def _stop_group(proc: subprocess.Popen) -> None:
 @pytest.mark.slow
 def test_soak_one_minute(tmp_path: Path) -> None:
     pytest.importorskip("rclpy")
-    if not SOAK.is_file():
-        pytest.skip(f"{SOAK} not in this checkout")
     log = tmp_path / "node.log"
-    cmd = [sys.executable, str(SOAK), "--minutes", "1", "--warmup-s", "20", "--window-s", "20"]
+    cmd = [sys.executable, "-m", "atp_ros.ros.soak", "--minutes", "1", "--warmup-s", "20", "--window-s", "20"]
     cmd += ["--out", str(tmp_path), "--log", str(log)]
     # Its own session: the finally below can end the script and the node it started, and nothing else.
     proc = subprocess.Popen(
@@ -56,7 +53,7 @@ def test_soak_one_minute(tmp_path: Path) -> None:
     try:
         output, _ = proc.communicate(timeout=420)
         result = tmp_path / "soak.json"
-        assert result.is_file(), f"soak.py wrote no soak.json (exit {proc.returncode}):\n{output[-3000:]}"
+        assert result.is_file(), f"the soak wrote no soak.json (exit {proc.returncode}):\n{output[-3000:]}"
         fig = json.loads(result.read_text())
         node_log = log.read_text()[-2000:] if log.is_file() else "(no node log)"
         context = f"\n{(tmp_path / 'soak.md').read_text()}\nnode log tail:\n{node_log}"
