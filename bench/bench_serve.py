@@ -41,11 +41,9 @@ from atp_ros.serving.payload import embedding_payload
 from atp_ros.serving.server import deploy
 from atp_ros.serving.wire import encode_image
 from atp_ros.warehouse.scenes import questions_for_scene, render_scene, split_seed
+from common import RESULTS, stamp
 from rich.console import Console
 from rich.table import Table
-
-sys.path.insert(0, str(Path(__file__).parent))
-from common import RESULTS, stamp
 
 APP = "atp_vlm_bench"
 STREAMS = (1, 2, 4, 8)
@@ -233,8 +231,7 @@ def main() -> int:
     ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args()
     console = Console()
-    sys.path.insert(0, str(Path(__file__).parent))
-    from bench_realistic import checkpoint
+    from bench_realistic import checkpoint  # the script folder is on sys.path
 
     models = {"warehouse-tiny": ("warehouse-tiny", 24), REALISTIC: (str(checkpoint(REALISTIC)), 3)}
     keep = {p.name: p.default for p in PARAMS}["atp.keep_ratio"]

@@ -22,6 +22,7 @@ from rich.console import Console
 from sensor_msgs.msg import Image
 from std_msgs.msg import String
 
+from atp_ros.evaluation import metrics
 from atp_ros.ros.client import NodeClient, NodeNotReady
 from atp_ros.ros.messages import image_msg, stamp_ns
 from atp_ros.ros.process import node_command, start_node, stop_node
@@ -78,7 +79,7 @@ def save_overlays(out: Path, shots: list[tuple[VlmAnswer, Image, str]]) -> Path 
         ax.axis("off")
     for ax, (a, ov, truth) in zip(axes.flat, pick, strict=False):
         ax.imshow(_rgb(ov))
-        mark = "ok" if a.answer.strip() == truth else f"truth: {truth}"
+        mark = "ok" if metrics.correct(a.answer, [truth]) else f"truth: {truth}"
         ax.set_title(
             f"{a.query}\n-> {a.answer!r} ({mark}), {a.visual_tokens_kept}/{a.visual_tokens_total} tokens", fontsize=8
         )
@@ -181,7 +182,7 @@ def show_answers(camera: Camera, seen: Stream, console: Console) -> None:
         scene = seen.scenes.get(stamp_ns(a.header))
         truth_q = standing_question(scene, **seen.params_of[a.query]) if scene is not None else None
         truth = truth_q.answer if truth_q is not None else "?"
-        ok = a.answer.strip() == truth
+        ok = metrics.correct(a.answer, [truth])
         seen.correct.append(ok)
         seen.pending.append((a, truth))
         console.print(

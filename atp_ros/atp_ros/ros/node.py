@@ -217,7 +217,7 @@ class VlmNode(AskEndpoints, LifecycleNode):
         if not self.model_id:
             raise ModelLoadError("model_id is empty: set it, e.g. -p model_id:=llava-hf/llava-1.5-7b-hf")
         if self._param("backend") == "ray":
-            from atp_ros.serving.serve import RemoteBackend
+            from atp_ros.serving.client import RemoteBackend
 
             return RemoteBackend(self._param("ray.address"), self._param("ray.app"), self._param("ray.timeout_s"))
         from atp_ros.backends import load_backend

@@ -13,6 +13,8 @@ rclpy = pytest.importorskip("rclpy")
 from rclpy.executors import SingleThreadedExecutor  # noqa: E402
 from std_msgs.msg import String  # noqa: E402
 
+pytestmark = pytest.mark.dds
+
 LISTENER = textwrap.dedent(
     """
     import sys

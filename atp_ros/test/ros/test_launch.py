@@ -19,6 +19,8 @@ from launch import LaunchDescription  # noqa: E402
 from launch.actions import IncludeLaunchDescription  # noqa: E402
 from launch.launch_description_sources import PythonLaunchDescriptionSource  # noqa: E402
 
+pytestmark = pytest.mark.dds
+
 
 @launch_pytest.fixture
 def launch_description(tmp_path: Path):

@@ -30,7 +30,7 @@ from node_harness import (  # noqa: E402
 from sensor_msgs.msg import Image  # noqa: E402
 from std_msgs.msg import String  # noqa: E402
 
-pytestmark = pytest.mark.ros
+pytestmark = [pytest.mark.ros, pytest.mark.dds]
 
 
 def frame(seed: int, stamp: int) -> Image:

@@ -26,7 +26,7 @@ from node_harness import (  # noqa: E402
 from sensor_msgs.msg import CompressedImage, Image  # noqa: E402
 from std_msgs.msg import String  # noqa: E402
 
-pytestmark = pytest.mark.ros
+pytestmark = [pytest.mark.ros, pytest.mark.dds]
 
 
 def frame(seed: int, stamp: int, h: int = 120, w: int = 160) -> Image:

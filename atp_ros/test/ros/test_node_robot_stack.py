@@ -37,7 +37,7 @@ from std_msgs.msg import String  # noqa: E402
 from atp_ros_msgs.action import Ask as AskAction  # noqa: E402
 from atp_ros_msgs.msg import VlmAnswer  # noqa: E402
 
-pytestmark = pytest.mark.ros
+pytestmark = [pytest.mark.ros, pytest.mark.dds]
 N_TOKENS = 64  # tiny LLaVA: 8x8 grid
 LONG = 1024  # max_new_tokens of the talker: a full answer takes tens of seconds on 2 cores
 

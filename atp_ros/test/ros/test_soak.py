@@ -18,6 +18,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.dds
+
 MAX_GROWTH = 0.05
 
 

@@ -26,7 +26,7 @@ from node_harness import (  # noqa: E402
 from sensor_msgs.msg import Image  # noqa: E402
 from std_msgs.msg import String  # noqa: E402
 
-pytestmark = pytest.mark.ros
+pytestmark = [pytest.mark.ros, pytest.mark.dds]
 N_TOKENS = 64  # tiny LLaVA: 64 px / patch 8 -> 8x8 grid
 
 
@@ -373,32 +373,3 @@ def test_shipped_params_file_applies_in_a_namespace(ros_ctx) -> None:
         with_default = {name for name, spec in params.BY_NAME.items() if spec.default != ()}  # `cameras`: unset
         assert with_default <= set(values), with_default - set(values)
         assert all(params.check(name, values[name]) is None for name in with_default)
-
-
-def test_multi_parameter_change_is_all_or_nothing_for_inference(tiny_llava, ros_ctx) -> None:
-    """The worker reads one snapshot of atp.*/processing.*: a rejected set leaves it untouched,
-    an accepted one replaces it whole (never a mix of old and new values)."""
-    from atp_ros.ros.node import VlmNode
-    from rclpy.parameter import Parameter
-
-    node = VlmNode(
-        context=ros_ctx, namespace=new_namespace(), parameter_overrides=[Parameter("model_id", value=str(tiny_llava))]
-    )
-    try:
-        assert node.bring_up() == ""
-        before = node.worker.config
-        result = node.set_parameters_atomically(
-            [Parameter("atp.keep_ratio", value=0.5), Parameter("atp.selector", value="magic")]
-        )
-        assert not result.successful and "selector" in result.reason
-        assert node.worker.config == before and node.get_parameter("atp.keep_ratio").value == 0.25
-        result = node.set_parameters_atomically(
-            [Parameter("atp.keep_ratio", value=0.5), Parameter("processing.max_rate_hz", value=2.0)]
-        )
-        assert result.successful, result.reason
-        config = node.worker.config
-        assert config.atp.keep_ratio == 0.5 and config.max_rate_hz == 2.0 and config.atp.alpha == before.atp.alpha
-        assert node.set_parameters([Parameter("use_sim_time", value=True)])[0].successful  # not ours: passes
-    finally:
-        node.stop()
-        node.destroy_node()

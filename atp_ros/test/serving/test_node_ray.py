@@ -21,7 +21,7 @@ from atp_ros.warehouse.scenes import render_scene  # noqa: E402
 from node_harness import Probe, image_msg, new_namespace, publish_until_answer, start_node, stop_node  # noqa: E402
 from std_msgs.msg import String  # noqa: E402
 
-pytestmark = pytest.mark.ros
+pytestmark = [pytest.mark.ros, pytest.mark.dds]
 APP = "atp_vlm_node_test"
 CFG = ServeConfig(app=APP, num_cpus=1, device="cpu", max_batch_size=4, batch_wait_timeout_s=0.01)
 
