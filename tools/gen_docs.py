@@ -29,6 +29,7 @@ MODEL_CARD_JSON = ROOT / "docs" / "model_card.json"
 FLOPS_JSON = ROOT / "bench" / "results" / "flops.json"
 REALISTIC_JSON = ROOT / "bench" / "results" / "realistic.json"
 NODE_JSON = ROOT / "bench" / "results" / "node.json"
+TRANSPORT_JSON = ROOT / "bench" / "results" / "transport.json"
 SERVE_JSON = ROOT / "bench" / "results" / "serve.json"
 PACKAGE = ROOT / "atp_ros" / "atp_ros"
 
@@ -74,8 +75,7 @@ def _range(param: Any) -> str:
     low, high = getattr(param, "low", None), getattr(param, "high", None)
     if low is None and high is None:
         return ""
-    bracket = "(" if getattr(param, "exclusive_low", False) else "["
-    return f"{bracket}{low}, {high}]"
+    return f"[{low}, {high}]"
 
 
 def shipped_values(path: Path = VLM_YAML) -> dict[str, Any]:
@@ -204,6 +204,20 @@ def node_throughput() -> str:
     return "\n".join(lines)
 
 
+def transport_table() -> str:
+    """A 30 Hz camera into the node with Fast DDS's defaults vs the shipped profile, from ``transport.json``."""
+    runs = json.loads(TRANSPORT_JSON.read_text())["runs"]
+    names = {"defaults": "defaults (driver untouched)", "profile": "profile on both sides"}
+    lines = ["| frame | Fast DDS | received / sent | answered / sent | lost (event) | stamp→answer p50 / p95 |",
+             "| --- | --- | --- | --- | --- | --- |"]  # fmt: skip
+    for r in runs:
+        latency = "-" if r["stamp_to_answer_ms_p50"] is None else (
+            f"{r['stamp_to_answer_ms_p50']:.0f} / {r['stamp_to_answer_ms_p95']:.0f} ms")  # fmt: skip
+        lines.append(f"| {r['size']} | {names.get(r['mode'], r['mode'])} | {r['received']} / {r['sent']} "
+                     f"| {r['answered']} / {r['sent']} | {r['frames_lost']} | {latency} |")  # fmt: skip
+    return "\n".join(lines)
+
+
 def serve_streams() -> str:
     """Ray Serve answers/s, latency and mean model-run size per stream count, from ``bench/results/serve.json``."""
     serve = json.loads(SERVE_JSON.read_text())
@@ -264,6 +278,7 @@ BLOCKS: dict[str, tuple[str, Callable[[], str]]] = {
     "modules": ("docs/architecture.md", module_index),
     "node-throughput": ("docs/performance.md", node_throughput),
     "serve-streams": ("docs/serving.md", serve_streams),
+    "transport": ("docs/node.md", transport_table),
 }
 
 

@@ -28,10 +28,19 @@ def _node(context, *args, **kwargs):
     query_topic = LaunchConfiguration("query_topic").perform(context)
     if query_topic:  # else the node's own ~/query, as with `ros2 run atp_ros vlm_node`
         remappings.append(("~/query", query_topic))
+    # transformers' "Loading weights" bars redraw with carriage returns: under launch they become blank lines
+    env = {"HF_HUB_DISABLE_PROGRESS_BARS": "1"}
+    chosen = os.environ.get("FASTDDS_DEFAULT_PROFILES_FILE") or os.environ.get("FASTRTPS_DEFAULT_PROFILES_FILE")
+    if LaunchConfiguration("dds_profile").perform(context).lower() in ("true", "1", "yes") and not chosen:
+        # Fast DDS profile for large frames (shared memory sized for 1080p); the camera driver needs it too
+        profile = os.path.join(get_package_share_directory("atp_ros"), "config", "fastdds_large_frames.xml")
+        env |= {"FASTDDS_DEFAULT_PROFILES_FILE": profile, "FASTRTPS_DEFAULT_PROFILES_FILE": profile,
+               "RMW_FASTRTPS_USE_QOS_FROM_XML": "0"}  # fmt: skip
     return [
         Node(
             package="atp_ros",
             executable="vlm_node",
+            additional_env=env,
             name="atp_vlm",
             namespace=LaunchConfiguration("namespace"),
             output="screen",
@@ -68,6 +77,12 @@ def generate_launch_description() -> LaunchDescription:
                 "i.e. /<namespace>/atp_vlm/query, the same as `ros2 run atp_ros vlm_node`)",
             ),
             DeclareLaunchArgument("namespace", default_value="", description="namespace of the node"),
+            DeclareLaunchArgument(
+                "dds_profile",
+                default_value="true",
+                description="run the node with the shipped Fast DDS profile for large frames "
+                "(config/fastdds_large_frames.xml); false: Fast DDS defaults or your own FASTDDS_DEFAULT_PROFILES_FILE",
+            ),
             DeclareLaunchArgument(
                 "device", default_value="", description="auto | cpu | cuda | cuda:N (empty: device of params_file)"
             ),

@@ -17,6 +17,14 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 os.environ.setdefault("ROS_DOMAIN_ID", str(random.Random(os.getpid()).randint(1, 101)))
 # Discovery and traffic stay on this machine.
 os.environ.setdefault("ROS_AUTOMATIC_DISCOVERY_RANGE", "LOCALHOST")
+# The shipped Fast DDS profile for large frames, as the tools use it; set before this process creates its
+# first DDS participant (Fast DDS reads profiles once). ATP_ROS_DDS_PROFILE=0 runs the suite on the defaults.
+try:
+    from atp_ros.ros.process import use_dds_profile
+
+    use_dds_profile()
+except ImportError:  # no install space sourced: the tests that need ROS skip
+    pass
 
 
 def pytest_report_header(config: pytest.Config) -> list[str]:

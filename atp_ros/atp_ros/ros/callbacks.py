@@ -1,7 +1,9 @@
-"""Callbacks that never end the node: a guard for each ROS callback and a spin that resumes after one fails."""
+"""Callbacks that never end the node: a guard for each ROS callback, a spin that resumes after one
+fails, and a shutdown that no second signal interrupts."""
 
 from __future__ import annotations
 
+import signal
 from collections.abc import Callable
 from functools import wraps
 from typing import Any
@@ -43,3 +45,28 @@ def spin(node: Any, executor: Executor) -> None:
             if not rclpy.ok(context=node.context):
                 return
             node._report("callback", f"a callback failed: {type(err).__name__}: {err}")
+
+
+def shutdown(node: Any, executor: Executor | None) -> None:
+    """Stop answering and release ROS resources; never raises, and no signal interrupts it.
+
+    ``ros2 launch`` forwards the terminal's Ctrl-C as a second SIGINT, and a supervisor may add
+    SIGTERM: landing inside this cleanup they would end the process with a traceback (and launch
+    would report a crash), so later signals are ignored here; every step is bounded in time.
+    """
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_IGN)
+    if node is not None:
+        _quietly(node.stop, 5.0)  # ends a running decode within one token and joins the worker
+    idle = executor is None or _quietly(executor.shutdown, 2.0)
+    if node is not None and idle:  # a callback still running (a transition loading a model) keeps the node
+        _quietly(node.destroy_node)
+    _quietly(rclpy.try_shutdown)
+
+
+def _quietly(step: Callable, *args: Any) -> Any:
+    """``step(*args)``; an error there (a context already invalid) changes nothing: we are leaving."""
+    try:
+        return step(*args)
+    except Exception:
+        return False

@@ -22,7 +22,7 @@ from rclpy.qos import qos_profile_sensor_data
 from sensor_msgs.msg import CompressedImage, Image
 from std_msgs.msg import String
 
-from atp_ros.ros import messages
+from atp_ros.ros import messages, process
 from atp_ros.ros.process import log_tail
 
 
@@ -35,6 +35,7 @@ class NodeClient:
 
     def __init__(self, name: str, namespace: str = "", context: Any = None) -> None:
         self._own_context = context is None
+        process.use_dds_profile()  # this client sends camera frames: the sender's side needs the profile
         if context is None:
             context = rclpy.context.Context()
             rclpy.init(context=context)

@@ -44,9 +44,9 @@ from atp_ros import __version__
 from atp_ros.backends import images as image_io
 from atp_ros.backends.errors import ModelLoadError, ServiceUnavailable
 from atp_ros.backends.loading import release_cuda_cache
-from atp_ros.ros import diagnostics, messages, overlay, params
+from atp_ros.ros import diagnostics, messages, overlay, params, transport
 from atp_ros.ros.asks import AskEndpoints
-from atp_ros.ros.callbacks import guarded, spin
+from atp_ros.ros.callbacks import guarded, shutdown, spin
 from atp_ros.ros.worker import ERROR, WARN, BadInput, InferenceWorker, Outcome
 from atp_ros_msgs.msg import VlmAnswer
 
@@ -158,27 +158,30 @@ class VlmNode(AskEndpoints, LifecycleNode):
 
     def on_activate(self, state: LifecycleState) -> TransitionCallbackReturn:
         """Subscribe to the cameras and queries and start answering."""
-        transport = self._param("image_transport")
-        compressed = transport == "compressed"
-        image_type, image_topic = (CompressedImage, "image/compressed") if compressed else (Image, "image")
+        compressed = self._param("image_transport") == "compressed"
+        image_type = CompressedImage if compressed else Image
+        topics = []
         for cam in self.cameras:
+            # image_transport's convention: <remapped base topic>/compressed, so `-r image:=/cam/image` carries over
+            topic = self.resolve_topic_name(cam.topic("image")) + ("/compressed" if compressed else "")
+            topics.append(topic)
+            lost = transport.loss_events(lambda: self.worker, cam.name, topic, len(self.cameras) > 1)
             self._subscriptions_io.append(
                 self.create_subscription(
-                    image_type,
-                    cam.topic(image_topic),
-                    partial(self._on_image, cam.name),
-                    qos_profile_sensor_data,
-                    callback_group=self._input_group,
+                    image_type, topic, partial(self._on_image, cam.name), qos_profile_sensor_data,
+                    callback_group=self._input_group, event_callbacks=lost,
                 )
-            )
+            )  # fmt: skip
         self._subscribe_query("~/query", None)  # every camera's question
+        relative = self.resolve_topic_name("query")  # `-r query:=/planner/question` remaps this spelling, not ~/query
+        if relative != self.resolve_topic_name("query", only_expand=True):
+            self._subscribe_query(relative, None)
         for cam in self.cameras:
             if cam.name:
                 self._subscribe_query(cam.private("query"), cam.name)
         self.worker.start()
         self.state = "active"
-        inputs = ", ".join(self.resolve_topic_name(c.topic(image_topic)) for c in self.cameras)
-        self.get_logger().info(f"active: listening on {inputs} and {self.resolve_topic_name('~/query')}")
+        self.get_logger().info(f"active: listening on {', '.join(topics)} and {self.resolve_topic_name('~/query')}")
         return super().on_activate(state)
 
     def on_deactivate(self, state: LifecycleState) -> TransitionCallbackReturn:
@@ -422,13 +425,7 @@ def run(args: list[str] | None = None) -> int:
     except (KeyboardInterrupt, ExternalShutdownException):
         pass
     finally:
-        if node is not None:
-            node.stop()  # ends a running decode within one token and joins the worker
-        if executor is not None:
-            executor.shutdown()
-        if node is not None:
-            node.destroy_node()
-        rclpy.try_shutdown()
+        shutdown(node, executor)
     return 0
 
 

@@ -23,7 +23,6 @@ class Param:
     high: float | None = None
     choices: tuple[str, ...] = ()
     runtime: bool = False  # may change while the node runs
-    exclusive_low: bool = False  # the low end itself is invalid (keep_ratio 0)
 
 
 PARAMS: tuple[Param, ...] = (
@@ -75,10 +74,9 @@ PARAMS: tuple[Param, ...] = (
         "atp.keep_ratio",
         0.25,
         "fraction of visual tokens kept, K = ceil(r*N); used when keep_tokens is 0",
-        0.0,
+        0.001,  # 0 would keep nothing: the descriptor's range is exactly what the check accepts
         1.0,
         runtime=True,
-        exclusive_low=True,
     ),
     Param("atp.keep_tokens", 0, "number of visual tokens kept (0 = use keep_ratio)", 0, 100000, runtime=True),
     Param(
@@ -160,9 +158,8 @@ def check(name: str, value: Any) -> str | None:
             return f"{name} must be a number"
         if isinstance(spec.default, int) and not isinstance(value, int):
             return f"{name} must be an integer"
-        if spec.low is not None and (value < spec.low or (spec.exclusive_low and value == spec.low)):
-            bracket = "(" if spec.exclusive_low else "["
-            return f"{name}={value} is outside {bracket}{spec.low}, {spec.high}]"
+        if spec.low is not None and value < spec.low:
+            return f"{name}={value} is outside [{spec.low}, {spec.high}]"
         if spec.high is not None and value > spec.high:
             return f"{name}={value} is outside [{spec.low}, {spec.high}]"
         return None

@@ -1,4 +1,5 @@
-"""The installed ``vlm_node`` as a child process: its command line, starting it, stopping it like Ctrl-C.
+"""The installed ``vlm_node`` as a child process: its command line, starting it, stopping it like Ctrl-C,
+and the Fast DDS profile that lets large frames through (both sides of a camera topic need it).
 
 Used by the demos, the live replay of ``evaluate``, the soak and the tests; the rclpy side (publishing
 frames, recording answers, readiness) is :mod:`atp_ros.ros.client`. No rclpy import here.
@@ -13,6 +14,33 @@ import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
+
+PROFILE_FILE = "fastdds_large_frames.xml"  # in the package's share/config/
+PROFILE_VARS = ("FASTDDS_DEFAULT_PROFILES_FILE", "FASTRTPS_DEFAULT_PROFILES_FILE")  # Jazzy+ / Humble spelling
+OPT_OUT = "ATP_ROS_DDS_PROFILE"  # "0": keep Fast DDS's defaults in the tools (demo, replay, soak, benches, tests)
+
+
+def dds_profile() -> Path:
+    """The shipped Fast DDS profile for large frames (shared memory sized for 1080p, large socket buffers)."""
+    from ament_index_python.packages import get_package_share_directory
+
+    return Path(get_package_share_directory("atp_ros")) / "config" / PROFILE_FILE
+
+
+def dds_profile_env(environ: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The variables that select :func:`dds_profile` for a process, or {} when the user chose their own
+    profile (``FASTDDS_DEFAULT_PROFILES_FILE`` set) or opted out (``ATP_ROS_DDS_PROFILE=0``)."""
+    environ = os.environ if environ is None else environ
+    if environ.get(OPT_OUT, "1") == "0" or any(environ.get(v) for v in PROFILE_VARS):
+        return {}
+    path = str(dds_profile())
+    return dict.fromkeys(PROFILE_VARS, path) | {"RMW_FASTRTPS_USE_QOS_FROM_XML": "0"}
+
+
+def use_dds_profile() -> None:
+    """Select the large-frame profile for THIS process; call before its first rclpy context is initialized
+    (Fast DDS reads profiles once, when the process creates its first participant)."""
+    os.environ.update(dds_profile_env())
 
 
 def node_executable() -> Path:
@@ -51,6 +79,7 @@ def start_node(
     """
     cmd = node_command(namespace, params, remaps)
     environment = dict(os.environ if env is None else env)
+    environment |= dds_profile_env(environment)  # the node sends overlays; frames need it on the sender's side
     if log is None:
         return subprocess.Popen(cmd, env=environment, preexec_fn=_default_sigint)
     log.parent.mkdir(parents=True, exist_ok=True)
