@@ -34,8 +34,13 @@ def _node(context, *args, **kwargs):
     if LaunchConfiguration("dds_profile").perform(context).lower() in ("true", "1", "yes") and not chosen:
         # Fast DDS profile for large frames (shared memory sized for 1080p); the camera driver needs it too
         profile = os.path.join(get_package_share_directory("atp_ros"), "config", "fastdds_large_frames.xml")
-        env |= {"FASTDDS_DEFAULT_PROFILES_FILE": profile, "FASTRTPS_DEFAULT_PROFILES_FILE": profile,
-               "RMW_FASTRTPS_USE_QOS_FROM_XML": "0"}  # fmt: skip
+        # one variable only: Humble's Fast DDS reads the old spelling, later ones warn about it
+        var = (
+            "FASTRTPS_DEFAULT_PROFILES_FILE"
+            if os.environ.get("ROS_DISTRO") == "humble"
+            else "FASTDDS_DEFAULT_PROFILES_FILE"
+        )
+        env |= {var: profile, "RMW_FASTRTPS_USE_QOS_FROM_XML": "0"}
     return [
         Node(
             package="atp_ros",

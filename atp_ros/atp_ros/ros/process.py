@@ -33,8 +33,14 @@ def dds_profile_env(environ: Mapping[str, str] | None = None) -> dict[str, str]:
     environ = os.environ if environ is None else environ
     if environ.get(OPT_OUT, "1") == "0" or any(environ.get(v) for v in PROFILE_VARS):
         return {}
-    path = str(dds_profile())
-    return dict.fromkeys(PROFILE_VARS, path) | {"RMW_FASTRTPS_USE_QOS_FROM_XML": "0"}
+    return {profile_var(environ): str(dds_profile()), "RMW_FASTRTPS_USE_QOS_FROM_XML": "0"}
+
+
+def profile_var(environ: Mapping[str, str] | None = None) -> str:
+    """The variable this distro's Fast DDS reads: one only (both would load the profile twice, and
+    Jazzy and later warn that the old spelling is deprecated)."""
+    environ = os.environ if environ is None else environ
+    return PROFILE_VARS[1] if environ.get("ROS_DISTRO", "").lower() == "humble" else PROFILE_VARS[0]
 
 
 def use_dds_profile() -> None:
