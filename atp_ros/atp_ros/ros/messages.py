@@ -109,9 +109,12 @@ def find_status(array: Any, prefix: str) -> Any:
     return next((s for s in array.status if s.name.startswith(prefix)), None)
 
 
-def descriptor(spec: params.Param) -> ParameterDescriptor:
-    """The ROS parameter descriptor of one of the node's parameters: description, read-only, range, choices."""
+def descriptor(spec: params.Param, type_: Any = None) -> ParameterDescriptor:
+    """The ROS parameter descriptor of one of the node's parameters: description, read-only, range, choices
+    (and ``type_``, an ``rclpy.parameter.Parameter.Type``, where the declaration cannot infer it)."""
     desc = ParameterDescriptor(description=spec.description, read_only=not spec.runtime)
+    if type_ is not None:
+        desc.type = type_.value
     if spec.choices:
         desc.additional_constraints = "one of: " + ", ".join(spec.choices)
     if spec.low is not None and not isinstance(spec.default, bool):

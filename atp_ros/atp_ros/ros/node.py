@@ -29,7 +29,7 @@ from typing import Any
 
 import rclpy
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
-from rcl_interfaces.msg import SetParametersResult
+from rcl_interfaces.msg import ParameterDescriptor, SetParametersResult
 from rclpy.callback_groups import MutuallyExclusiveCallbackGroup, ReentrantCallbackGroup
 from rclpy.event_handler import SubscriptionEventCallbacks
 from rclpy.exceptions import ParameterException, ParameterUninitializedException
@@ -75,8 +75,12 @@ class VlmNode(AskEndpoints, LifecycleNode):
     def __init__(self, **kwargs: Any) -> None:
         super().__init__("atp_vlm", **kwargs)
         for spec in params.PARAMS:
-            if isinstance(spec.default, tuple):  # a string array without a default ([] has no type in ROS)
-                self.declare_parameter(spec.name, Parameter.Type.STRING_ARRAY, messages.descriptor(spec))
+            if isinstance(spec.default, tuple):  # typed, writable, an unset one a typed [], then read-only:
+                # rclpy answers a get_parameters request naming an uninitialized parameter with no values at all
+                self.declare_parameter(spec.name, Parameter.Type.STRING_ARRAY, ParameterDescriptor())
+                if self._param(spec.name) is None:
+                    self.set_parameters([Parameter(spec.name, Parameter.Type.STRING_ARRAY, list(spec.default))])
+                self.set_descriptor(spec.name, messages.descriptor(spec, Parameter.Type.STRING_ARRAY))
             else:
                 self.declare_parameter(spec.name, spec.default, messages.descriptor(spec))
         for spec in params.PARAMS:  # values from a YAML file / command line get the same checks

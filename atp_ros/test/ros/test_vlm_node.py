@@ -373,3 +373,19 @@ def test_shipped_params_file_applies_in_a_namespace(ros_ctx) -> None:
         with_default = {name for name, spec in params.BY_NAME.items() if spec.default != ()}  # `cameras`: unset
         assert with_default <= set(values), with_default - set(values)
         assert all(params.check(name, values[name]) is None for name in with_default)
+
+
+def test_every_parameter_gets_and_dumps_over_the_services(running) -> None:
+    """What `ros2 param dump /atp_vlm` and `ros2 param get` do: list, then get every name in one request."""
+    from atp_ros.ros.params import PARAMS
+    from rcl_interfaces.srv import GetParameters, ListParameters
+
+    probe, _, _ = running
+    listed = probe.call(probe.node.create_client(ListParameters, "atp_vlm/list_parameters"), ListParameters.Request(),
+                        "list_parameters").result.names  # fmt: skip
+    assert {p.name for p in PARAMS} <= set(listed)
+    got = probe.call(probe.node.create_client(GetParameters, "atp_vlm/get_parameters"),
+                     GetParameters.Request(names=listed), "get_parameters").values  # fmt: skip
+    assert len(got) == len(listed), "an uninitialized parameter makes rclpy return no values at all"
+    cameras = got[listed.index("cameras")]
+    assert cameras.type == 9 and list(cameras.string_array_value) == []  # PARAMETER_STRING_ARRAY, unset
