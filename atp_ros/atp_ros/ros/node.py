@@ -335,8 +335,7 @@ class VlmNode(AskEndpoints, LifecycleNode):
     # ------------------------------------------------------------------ outputs
 
     def _log(self, level: int, line: str) -> None:
-        # One call site per severity: rclpy keys its logging state by call site and raises
-        # "Logger severity cannot be changed between calls" when one site logs at two levels.
+        # One call site per severity: rclpy raises when one call site logs at two severities.
         logger = self.get_logger()
         if level >= ERROR:
             logger.error(line)
