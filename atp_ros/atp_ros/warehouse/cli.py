@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -55,21 +56,32 @@ def parse_size(text: str) -> tuple[int, int]:
     return h, w
 
 
-def generate(split: str, count: int, seed: int, out: Path, size: tuple[int, int], questions: int) -> int:
-    """Write ``count`` images and ``questions`` questions per image; returns the number of samples."""
+def write_samples(split: str, count: int, seed: int, out: Path, sample: Callable[[int], tuple]) -> int:
+    """``DIR/images`` + ``DIR/samples.jsonl``: ``sample(seed) -> (rgb, questions)`` per image; returns the count
+    of samples (one line per question: image path, the question's fields, the image's seed)."""
     images = out / "images"
     images.mkdir(parents=True, exist_ok=True)
     n = 0
     with (out / "samples.jsonl").open("w") as f:
         for i in tqdm(range(count), desc=f"{split} images", unit="img"):
-            scene_seed = split_seed(split, seed + i)
-            scene = render_scene(scene_seed, height=size[0], width=size[1])
+            image_seed = split_seed(split, seed + i)
+            rgb, questions = sample(image_seed)
             name = f"images/{split}_{seed + i:07d}.png"
-            Image.fromarray(scene.rgb).save(out / name)
-            for q in distinct_questions(scene, questions):
-                f.write(json.dumps({"image": name, **q.as_dict(), "seed": scene_seed}) + "\n")
+            Image.fromarray(rgb).save(out / name)
+            for q in questions:
+                f.write(json.dumps({"image": name, **q.as_dict(), "seed": image_seed}) + "\n")
                 n += 1
     return n
+
+
+def generate(split: str, count: int, seed: int, out: Path, size: tuple[int, int], questions: int) -> int:
+    """Write ``count`` flat-world images and ``questions`` questions per image; returns the number of samples."""
+
+    def sample(scene_seed: int) -> tuple:
+        scene = render_scene(scene_seed, height=size[0], width=size[1])
+        return scene.rgb, distinct_questions(scene, questions)
+
+    return write_samples(split, count, seed, out, sample)
 
 
 class BagWriter:

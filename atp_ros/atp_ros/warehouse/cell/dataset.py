@@ -15,7 +15,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 from tqdm import tqdm
 
 from atp_ros.warehouse.cell.episodes import Episode, random_still
@@ -31,20 +30,14 @@ def generate(
     split: str, count: int, seed: int, out: Path, size: tuple[int, int], questions: int, held_out_only: bool = False
 ) -> int:
     """Write ``count`` stills and up to ``questions`` questions each; returns the number of samples."""
-    images = out / "images"
-    images.mkdir(parents=True, exist_ok=True)
-    n = 0
-    with (out / "samples.jsonl").open("w") as f:
-        for i in tqdm(range(count), desc=f"{split} cell stills", unit="img"):
-            still_seed = split_seed(split, seed + i)
-            frame = random_still(still_seed, width=size[1], height=size[0])
-            name = f"images/{split}_{seed + i:07d}.png"
-            Image.fromarray(frame.rgb).save(out / name)
-            rng = np.random.default_rng([still_seed, 3])
-            for q in questions_for(frame.truth, rng, questions, split, held_out_only=held_out_only):
-                f.write(json.dumps({"image": name, **q.as_dict(), "seed": still_seed}) + "\n")
-                n += 1
-    return n
+    from atp_ros.warehouse.cli import write_samples
+
+    def sample(still_seed: int) -> tuple:
+        frame = random_still(still_seed, width=size[1], height=size[0])
+        rng = np.random.default_rng([still_seed, 3])
+        return frame.rgb, questions_for(frame.truth, rng, questions, split, held_out_only=held_out_only)
+
+    return write_samples(split, count, seed, out, sample)
 
 
 def standing_answer(truth: CellTruth, kind: str, slots: dict) -> tuple[str, list] | None:
