@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 import subprocess
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 from atp_ros.ros import process
@@ -31,6 +33,21 @@ def start_node(model_dir: Path | str, namespace: str, log: Path, **overrides) ->
     """Launch ``vlm_node`` in its own process with ``-p name:=value`` overrides (``a__b`` for ``a.b``)."""
     params = {"model_id": model_dir} | {name.replace("__", "."): value for name, value in overrides.items()}
     return process.start_node(namespace, params, log=log)
+
+
+@contextlib.contextmanager
+def running_node(model_dir: Path | str, context, log: Path, **overrides) -> Iterator[tuple[Probe, subprocess.Popen]]:
+    """The installed node started (see :func:`start_node`) and ready, with a :class:`Probe` on its namespace;
+    stopped like Ctrl-C and the probe closed afterwards."""
+    ns = new_namespace()
+    proc = start_node(model_dir, ns, log, **overrides)
+    probe = Probe(context, ns)
+    try:
+        probe.wait_ready(proc, log)
+        yield probe, proc
+    finally:
+        stop_node(proc)
+        probe.close()
 
 
 def new_namespace() -> str:

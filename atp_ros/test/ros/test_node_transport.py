@@ -19,7 +19,7 @@ import pytest
 rclpy = pytest.importorskip("rclpy")
 pytest.importorskip("atp_ros_msgs.msg")
 
-from node_harness import Probe, new_namespace, start_node, stop_node  # noqa: E402
+from node_harness import Probe, running_node  # noqa: E402
 
 pytestmark = [pytest.mark.ros, pytest.mark.dds]
 FRAMES = 90
@@ -65,16 +65,9 @@ def _camera(topic: str, profile: bool) -> subprocess.CompletedProcess:
 
 @pytest.fixture
 def node(tiny_llava, ros_ctx, tmp_path):
-    ns = new_namespace()
     log = tmp_path / "node.log"
-    proc = start_node(tiny_llava, ns, log, max_new_tokens=2)  # the node runs with the shipped profile
-    probe = Probe(ros_ctx, ns)
-    try:
-        probe.wait_ready(proc, log)
+    with running_node(tiny_llava, ros_ctx, log, max_new_tokens=2) as (probe, proc):  # with the shipped profile
         yield probe, proc, log
-    finally:
-        stop_node(proc)
-        probe.close()
 
 
 def _settled(probe: Probe, key: str) -> int:

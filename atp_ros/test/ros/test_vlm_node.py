@@ -19,9 +19,8 @@ from node_harness import (  # noqa: E402
     image_msg,
     new_namespace,
     publish_until_answer,
+    running_node,
     stamp_ns,
-    start_node,
-    stop_node,
 )
 from sensor_msgs.msg import Image  # noqa: E402
 from std_msgs.msg import String  # noqa: E402
@@ -33,16 +32,10 @@ N_TOKENS = 64  # tiny LLaVA: 64 px / patch 8 -> 8x8 grid
 @pytest.fixture(scope="module")
 def running(tiny_llava, ros_ctx, tmp_path_factory):
     """One node process shared by the tests of this module (startup imports torch: seconds)."""
-    ns = new_namespace()
     log = tmp_path_factory.mktemp("node") / "node.log"
-    proc = start_node(tiny_llava, ns, log, max_new_tokens=4, atp__keep_ratio=0.25, limits__max_image_pixels=200 * 200)
-    probe = Probe(ros_ctx, ns)
-    try:
-        probe.wait_ready(proc, log)
+    overrides = {"max_new_tokens": 4, "atp__keep_ratio": 0.25, "limits__max_image_pixels": 200 * 200}
+    with running_node(tiny_llava, ros_ctx, log, **overrides) as (probe, proc):
         yield probe, proc, log
-    finally:
-        stop_node(proc)
-        probe.close()
 
 
 def frame(seed: int, stamp: int, h: int = 120, w: int = 160) -> Image:
