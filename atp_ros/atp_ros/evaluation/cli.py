@@ -17,9 +17,13 @@ command resumes after Ctrl-C. Exit status 0 when something was evaluated, 1 when
 from __future__ import annotations
 
 import argparse
+import contextlib
 import shlex
+import signal
 import sys
+import threading
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, replace
 from pathlib import Path
 
@@ -145,6 +149,15 @@ def main(argv: list[str] | None = None) -> int:
     _check(ap, args)
     started = time.strftime("%Y-%m-%d %H:%M:%S %Z")
     command = "evaluate " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
+    try:
+        return _evaluate(args, command, started)
+    except KeyboardInterrupt:  # before anything finished (reading the input, loading the model)
+        print("\nevaluate: interrupted before any setting finished; nothing written", file=sys.stderr)
+        return 130
+
+
+def _evaluate(args: argparse.Namespace, command: str, started: str) -> int:
+    """Read, sweep, report; Ctrl-C from the sweep on still writes the report of what finished."""
     loaded = _load_samples(args)
     backend = _load_model(args) if loaded else None
     if backend is None:
@@ -155,15 +168,40 @@ def main(argv: list[str] | None = None) -> int:
     if not done:
         print("evaluate: error: nothing was evaluated", file=sys.stderr)
         return 130 if interrupted else 1
-    results = _results(args, loaded, backend, done, robust, interrupted)
-    results["meta"] |= {"command": command, "date": started}  # keys already in place: the order stays
-    args.out.mkdir(parents=True, exist_ok=True)
-    if not interrupted:
-        _overlays(args.out, backend, loaded.samples, robust, base, args.max_new_tokens)
-        if args.live:
-            interrupted = _live(args, results, done, loaded.samples, robust)
-    _report(args.out, results)
-    return 130 if interrupted else 0
+    with _interrupt_held() as held:  # what finished is written whole, even when Ctrl-C comes meanwhile
+        results = _results(args, loaded, backend, done, robust, interrupted)
+        results["meta"] |= {"command": command, "date": started}  # keys already in place: the order stays
+        args.out.mkdir(parents=True, exist_ok=True)
+    if not (interrupted or held):
+        try:
+            _overlays(args.out, backend, loaded.samples, robust, base, args.max_new_tokens)
+            if args.live:
+                interrupted = _live(args, results, done, loaded.samples, robust)
+        except KeyboardInterrupt:
+            interrupted = True
+            print("\nevaluate: interrupted: writing what has finished")
+    with _interrupt_held() as held_too:
+        _report(args.out, results)
+    return 130 if interrupted or held or held_too else 0
+
+
+@contextlib.contextmanager
+def _interrupt_held() -> Iterator[list[int]]:
+    """Ctrl-C (SIGINT) is held back inside the block; the yielded list is non-empty once one came.
+
+    Outside the main thread signals cannot be handled here, and the block runs as it is.
+    """
+    got: list[int] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield got
+        return
+    before = signal.signal(signal.SIGINT, lambda signum, frame: got.append(signum))
+    try:
+        yield got
+    finally:
+        signal.signal(signal.SIGINT, before)
+        if got:
+            print("\nevaluate: interrupted: the report holds what had finished")
 
 
 def _load_samples(args: argparse.Namespace):

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import csv
+import io
 import json
 import platform
 from pathlib import Path
 
 import numpy as np
 
+from atp_ros.evaluation.files import write_atomic
 from atp_ros.evaluation.sweep import quality
 from atp_ros.method import KEEP_ALL
 
@@ -103,16 +105,16 @@ def _ci(stat: dict) -> str:
 
 
 def write(out: Path, results: dict) -> None:
-    """results.json, results.csv (one row per setting), report.md and the plots."""
+    """results.json, results.csv (one row per setting), report.md and the plots; each file whole or not at all."""
     out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps(results, indent=1))
-    rows = results["settings"]
-    with (out / "results.csv").open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=CSV_COLUMNS)
-        writer.writeheader()
-        writer.writerows(_row(r) for r in rows)
+    write_atomic(out / "results.json", json.dumps(results, indent=1))
+    table = io.StringIO(newline="")
+    writer = csv.DictWriter(table, fieldnames=CSV_COLUMNS)
+    writer.writeheader()
+    writer.writerows(_row(r) for r in results["settings"])
+    write_atomic(out / "results.csv", table.getvalue())
     plots = _plots(out, results)
-    (out / "report.md").write_text(_markdown(results, plots))
+    write_atomic(out / "report.md", _markdown(results, plots))
 
 
 def _markdown(results: dict, plots: list[str]) -> str:
@@ -194,7 +196,7 @@ def _plots(out: Path, results: dict) -> list[str]:
 def _save(plt, fig, out: Path, name: str) -> str:
     """``fig`` laid out and written to ``out/name``, then closed; returns ``name``."""
     fig.tight_layout()
-    fig.savefig(out / name, dpi=110)
+    write_atomic(out / name, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
     plt.close(fig)
     return name
 
@@ -304,5 +306,5 @@ def overlay_grid(out: Path, shots: list[tuple[np.ndarray, str, str, str]], title
     if title:
         fig.suptitle(title, fontsize=9)
     fig.tight_layout()
-    fig.savefig(out / "overlays.png", dpi=110)
+    write_atomic(out / "overlays.png", lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
     plt.close(fig)

@@ -23,6 +23,7 @@ import torch
 
 from atp_ros.backends import STAGES, VlmBackend
 from atp_ros.evaluation import metrics
+from atp_ros.evaluation.files import write_atomic
 from atp_ros.evaluation.perturb import corrupt, perturb_question
 from atp_ros.evaluation.sources import Sample
 from atp_ros.method import KEEP_ALL, AtpConfig
@@ -156,10 +157,7 @@ class Cache:
             return None
 
     def put(self, setting: Setting, entry: dict) -> None:
-        path = self._path(setting)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"setting": asdict(setting), **entry}))
-        tmp.replace(path)  # atomic: an interrupted write never leaves half a file behind
+        write_atomic(self._path(setting), json.dumps({"setting": asdict(setting), **entry}))
 
 
 def _evidence_keep(result, b: int, sample: Sample) -> float | None:

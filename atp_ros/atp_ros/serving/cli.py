@@ -98,6 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         signal.signal(signal.SIGTERM, _interrupt)
         start_ray(cfg.address, cfg.ray_num_cpus)
+        signal.signal(signal.SIGTERM, _interrupt)  # again: ray.init put in its own, which exits mid-flight
         try:
             deploy(cfg)
         except RuntimeError as err:

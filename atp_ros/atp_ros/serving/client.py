@@ -25,6 +25,8 @@ from atp_ros.serving.config import DEFAULT_APP
 from atp_ros.serving.wire import IMAGE_FORMATS, Image, ServedResult, ServeRequest, make_request
 
 POLL_S = 0.05  # how often a waiting client checks its stop hook
+# ray.init and ray.shutdown act on the whole process: every client in it connects under this one lock.
+_RAY_LOCK = threading.Lock()
 
 
 def _metadata_field(key: str, convert: Callable[[Any], Any] = lambda value: value) -> property:
@@ -40,7 +42,8 @@ class RemoteBackend:
     its connection) and gets the app's handle and metadata. Any failure to reach the service,
     and any request slower than ``timeout_s``, raises :class:`ServiceUnavailable` and drops the
     handle, so the next call connects anew. Metadata attributes keep the last values fetched.
-    Thread safe: several threads may call ``answer`` at once (their requests batch together).
+    Thread safe: several threads may call ``answer`` at once (their requests batch together), and
+    several clients may share a process (its one Ray connection).
     """
 
     def __init__(
@@ -95,7 +98,8 @@ class RemoteBackend:
         with self._lock:
             if self._handle is None:
                 try:
-                    self._ensure_ray()
+                    with _RAY_LOCK:
+                        self._ensure_ray()
                 except ServiceUnavailable as err:
                     raise self._unavailable(str(err)) from None
                 try:
@@ -119,7 +123,7 @@ class RemoteBackend:
 
     def close(self) -> None:
         """Forget the handle; disconnect from Ray if this client connected."""
-        with self._lock:
+        with self._lock, _RAY_LOCK:
             self._handle = None
             if self._owns_ray and ray.is_initialized():
                 ray.shutdown()

@@ -25,7 +25,8 @@ SERVICE_ERRORS: tuple[type[BaseException], ...] = (
 
 
 def start_ray(address: str = "", num_cpus: int = 0) -> bool:
-    """Connect this process to Ray: join ``address``, or start a local instance when it is empty.
+    """Connect this process to Ray: join ``address``, or start a local instance when it is empty
+    (bound to 127.0.0.1: nothing outside this machine reaches it).
 
     Returns True when this process started the instance (it ends with this process).
     """
@@ -33,10 +34,14 @@ def start_ray(address: str = "", num_cpus: int = 0) -> bool:
     logging.getLogger("ray.serve").setLevel(logging.WARNING)  # no INFO line per handle and router
     if address:
         ray_compat.enable_token_auth()
-        ray.init(address=address, **quiet)
+        found = address if address.startswith("ray://") else resolve(address)
+        if not found.startswith("ray://") and ray_compat.on_loopback(found):  # a loopback instance: this driver too
+            ray_compat.init_on_loopback(address=found, **quiet)
+        else:
+            ray.init(address=address, **quiet)
         return False
     ray_compat.run_workers_unniced()
-    ray.init(num_cpus=num_cpus or None, include_dashboard=False, **quiet)
+    ray_compat.init_on_loopback(num_cpus=num_cpus or None, include_dashboard=False, **quiet)
     return True
 
 
@@ -90,13 +95,28 @@ def probe(address: str, timeout: float) -> None:
 
 
 def resolve(address: str) -> str:
-    """``auto`` (or RAY_ADDRESS) -> the host:port of a running cluster; others unchanged."""
+    """``auto`` (or RAY_ADDRESS) -> the host:port of a running cluster; others unchanged.
+
+    A loopback address stays loopback when a cluster listens there (atp-serve's own local
+    instance); otherwise it becomes this machine's interface address, as Ray has it.
+    """
     if address.startswith("ray://"):
         return address
     try:
+        here = ray_compat.canonical_address(address, keep_loopback=True)
+        if here is not None and ray_compat.on_loopback(here) and _listening(here):
+            return here
         found = ray_compat.canonical_address(address)
     except ConnectionError as err:  # "auto" and no cluster running here
         raise ServiceUnavailable(f"no Ray cluster found for address {address!r} ({one_line(err)})") from None
     if found is None:
         raise ServiceUnavailable(f"no Ray cluster found for address {address!r}")
     return found
+
+
+def _listening(address: str) -> bool:
+    try:
+        probe(address, 1.0)
+    except ServiceUnavailable:
+        return False
+    return True

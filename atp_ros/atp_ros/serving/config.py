@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
@@ -30,15 +31,17 @@ class ServeConfig:
     batch_wait_timeout_s: float = 0.01  # how long a batch waits to fill after its first request
 
     def check(self) -> None:
-        """ValueError naming the first bad setting."""
+        """ValueError naming the first bad setting: every number finite and in range, counts whole."""
         if not self.app or not self.model_id:
             raise ValueError("app and model.model_id must not be empty")
-        for name in ("num_replicas", "max_batch_size"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("ray_num_cpus", "num_cpus", "num_gpus", "max_ongoing_requests", "batch_wait_timeout_s"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        for name, low in LOWEST.items():
+            value = getattr(self, name)
+            whole = isinstance(getattr(ServeConfig, name), int)  # the field's default says its type
+            ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+            if not ok or (whole and value != int(value)):
+                raise ValueError(f"{label(name)} must be {'an integer' if whole else 'a finite number'}, got {value!r}")
+            if value < low:
+                raise ValueError(f"{label(name)} must be >= {low}, got {value!r}")
 
     @property
     def ongoing(self) -> int:
@@ -68,6 +71,40 @@ SECTIONS: dict[str, dict[str, str]] = {
     "deployment.ray_actor_options": {"num_cpus": "num_cpus", "num_gpus": "num_gpus"},
     "batching": {"max_batch_size": "max_batch_size", "batch_wait_timeout_s": "batch_wait_timeout_s"},
 }
+
+
+# Numeric settings -> the least each may be.
+LOWEST: dict[str, int] = {
+    "num_replicas": 1,
+    "max_batch_size": 1,
+    "ray_num_cpus": 0,
+    "num_cpus": 0,
+    "num_gpus": 0,
+    "max_ongoing_requests": 0,
+    "batch_wait_timeout_s": 0,
+}
+NO_FLAG = frozenset({"ray_num_cpus", "max_ongoing_requests"})  # settings only serve.yaml sets
+
+
+def label(name: str) -> str:
+    """How a user finds setting ``name``: its serve.yaml key and its atp-serve flag."""
+    key = next(f"{section}.{k}".lstrip(".") for section, keys in SECTIONS.items() for k, v in keys.items() if v == name)
+    flag = "" if name in NO_FLAG else f" / --{name.replace('_', '-')}"
+    return f"{key}{flag}"
+
+
+def _typed(value: Any, kind: type) -> Any:
+    """``value`` of a serve.yaml key as ``kind``; ValueError unless it is one (2.9 is no integer)."""
+    if kind is str:
+        return "" if value is None else str(value)
+    if isinstance(value, bool) or not isinstance(value, int | float | str):
+        raise ValueError
+    number = float(value)
+    if kind is int:
+        if not math.isfinite(number) or number != int(number):
+            raise ValueError
+        return int(number)
+    return number
 
 
 def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -104,10 +141,16 @@ def config_from_yaml(path: Path, base: ServeConfig = ServeConfig()) -> ServeConf
             if name is None:
                 raise ValueError(f"{path}: unknown setting {'.'.join(filter(None, (section, key)))!r}")
             try:
-                values[name] = types[name](value if value is not None else "")
+                values[name] = _typed(value, types[name])
             except (TypeError, ValueError):
-                raise ValueError(f"{path}: {section}.{key} must be a {types[name].__name__}, got {value!r}") from None
-    return replace(base, **values)
+                what = {int: "an integer", float: "a number"}[types[name]]
+                raise ValueError(f"{path}: {section}.{key} must be {what}, got {value!r}") from None
+    cfg = replace(base, **values)
+    try:
+        cfg.check()
+    except ValueError as err:
+        raise ValueError(f"{path}: {err}") from None
+    return cfg
 
 
 def code_version(cfg: ServeConfig) -> str:

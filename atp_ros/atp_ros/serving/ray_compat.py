@@ -34,14 +34,22 @@ def enable_token_auth() -> None:
     maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
 
 
-def canonical_address(address: str) -> str | None:
+def canonical_address(address: str, keep_loopback: bool = False) -> str | None:
     """The ``host:port`` of the cluster ``address`` names (``auto``: the one running here), None if none.
 
-    Raises ConnectionError when ``auto`` finds no cluster. Private: ``ray._private.services``.
+    Ray turns a loopback host into this machine's interface address; ``keep_loopback`` keeps
+    it (what a loopback-only instance needs). Raises ConnectionError when ``auto`` finds no
+    cluster. Private: ``ray._private.services``, ``ray._private.ray_constants.ENABLE_RAY_CLUSTER``.
     """
+    from ray._private import ray_constants
     from ray._private.services import canonicalize_bootstrap_address
 
-    return canonicalize_bootstrap_address(address)
+    flag = ray_constants.ENABLE_RAY_CLUSTER
+    ray_constants.ENABLE_RAY_CLUSTER = flag and not keep_loopback
+    try:
+        return canonicalize_bootstrap_address(address)
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = flag
 
 
 def forget_controller() -> None:
@@ -77,3 +85,56 @@ def run_workers_unniced() -> None:
     service, and a niced model falls far behind whatever else shares a robot computer's cores.
     """
     os.environ.setdefault("RAY_worker_niceness", "0")
+
+
+def init_on_loopback(**options: Any) -> None:
+    """``ray.init(**options)`` on loopback: a local instance that listens on 127.0.0.1 only, or a
+    driver joining such an instance (``address`` on 127.0.0.1).
+
+    ``ray.init(_node_ip_address="127.0.0.1")`` alone is not enough: Ray replaces a loopback
+    address by the machine's interface address unless its cluster mode is off
+    (``ray._private.ray_constants.ENABLE_RAY_CLUSTER``, env ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER``),
+    so both are switched off while Ray starts (the processes it starts inherit the setting). A
+    driver joining with the interface address would wait forever for a raylet there.
+    """
+    import ray
+    from ray._private import ray_constants
+
+    env, flag = os.environ.get(_CLUSTER_ENV), ray_constants.ENABLE_RAY_CLUSTER
+    os.environ[_CLUSTER_ENV] = "0"
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    try:
+        ray.init(_node_ip_address=LOOPBACK, **options)
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = flag
+        if env is None:
+            os.environ.pop(_CLUSTER_ENV, None)
+        else:
+            os.environ[_CLUSTER_ENV] = env
+
+
+def on_loopback(address: str) -> bool:
+    """Whether ``host:port`` names this machine's loopback interface."""
+    host = address.removeprefix("ray://").rpartition(":")[0].strip("[]")
+    return host in (LOOPBACK, "localhost", "::1")
+
+
+def keep_replica_on_loopback() -> None:
+    """In a replica of a loopback-only instance, bind Serve's inter-deployment gRPC server to loopback.
+
+    Serve binds it to every interface (``"[::]:0"`` in ``ray.serve._private.replica``), whatever
+    address the node has. Called from the deployment's constructor, which Serve runs before it
+    starts that server; a replica on a cluster node (not loopback) is left alone.
+    """
+    import ray
+    from ray.serve._private import replica
+
+    if ray.util.get_node_ip_address() != LOOPBACK or getattr(replica, "_atp_loopback", False):
+        return
+    bind = replica.add_port_to_grpc_server
+    replica.add_port_to_grpc_server = lambda server, address: bind(server, address.replace("[::]", LOOPBACK))
+    replica._atp_loopback = True
+
+
+LOOPBACK = "127.0.0.1"
+_CLUSTER_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"

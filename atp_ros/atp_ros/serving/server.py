@@ -33,32 +33,53 @@ QUIET = {"log_level": "WARNING", "enable_access_log": False}  # Serve logging: e
 def answer_requests(backend: Any, requests: Sequence[ServeRequest]) -> list[ServedResult | Exception]:
     """Answer one formed batch: one ``backend.answer`` per distinct (AtpConfig, max_new_tokens).
 
-    A request that cannot be decoded or checked gets its own ValueError; a failing call fails
-    only the requests in it. Results come back in request order.
+    Every request is checked on arrival with the node's own image limits; one that fails gets
+    its own ValueError and never reaches the model. When a shared call fails anyway, its
+    requests are answered again one by one, so only the request that fails alone gets the
+    error. Results come back in request order.
     """
     out: list[ServedResult | Exception | None] = [None] * len(requests)
     groups: dict[tuple[AtpConfig, int], list[tuple[int, list[np.ndarray]]]] = {}
     for i, request in enumerate(requests):
         try:
-            groups.setdefault(request.key, []).append((i, checked_frames(request)))
-        except ValueError as err:  # a plain ValueError: it travels back through Ray (BadInput does not pickle)
+            frames = checked_frames(request)
+            groups.setdefault(request.key, []).append((i, frames))
+        except ValueError as err:  # a plain ValueError: it travels back through Ray whatever its type
             out[i] = ValueError(f"request rejected: {err}")
-    for (atp, max_new_tokens), members in groups.items():
-        images = [frame for _, frames in members for frame in frames]
-        questions = [q for i, _ in members for q in requests[i].questions]
-        call_id = uuid.uuid4().hex[:12]
+        except Exception as err:  # anything else a malformed request trips over stays its own
+            out[i] = ValueError(f"request rejected: {type(err).__name__}: {err}")
+    for members in groups.values():
         try:
-            result = backend.answer(images, questions, atp, max_new_tokens)
+            _answer_call(backend, requests, members, out)
         except Exception as err:
-            for i, _ in members:
-                out[i] = err
-            continue
-        offset = 0
-        for i, frames in members:
-            part = result.part(offset, offset + len(frames))
-            out[i] = ServedResult(part, len(requests), len(images), call_id, offset)
-            offset += len(frames)
+            if len(members) == 1:
+                out[members[0][0]] = err
+                continue
+            for member in members:  # one request broke the shared call: the others must not fail with it
+                try:
+                    _answer_call(backend, requests, [member], out)
+                except Exception as alone:
+                    out[member[0]] = alone
     return out  # type: ignore[return-value]  # every slot was filled above
+
+
+def _answer_call(
+    backend: Any,
+    requests: Sequence[ServeRequest],
+    members: list[tuple[int, list[np.ndarray]]],
+    out: list[ServedResult | Exception | None],
+) -> None:
+    """One ``backend.answer`` over ``members`` (request index, frames), split back into ``out``."""
+    atp, max_new_tokens = requests[members[0][0]].key
+    images = [frame for _, frames in members for frame in frames]
+    questions = [q for i, _ in members for q in requests[i].questions]
+    result = backend.answer(images, questions, atp, max_new_tokens)
+    call_id = uuid.uuid4().hex[:12]
+    offset = 0
+    for i, frames in members:
+        part = result.part(offset, offset + len(frames))
+        out[i] = ServedResult(part, len(requests), len(images), call_id, offset)
+        offset += len(frames)
 
 
 def backend_metadata(backend: Any) -> dict[str, Any]:
@@ -134,6 +155,7 @@ class AtpVlmServer:
     def __init__(self, model: dict[str, str]) -> None:
         from atp_ros.backends import load_backend
 
+        ray_compat.keep_replica_on_loopback()
         self.backend = load_backend(**model)
         self.model = Coalescer(partial(answer_requests, self.backend))
         self.formed: Counter[int] = Counter()  # batch size as @serve.batch formed it -> batches

@@ -66,18 +66,20 @@ def decode_image(image: Image, limits: ImageLimits = ImageLimits()) -> np.ndarra
     """An HxWx3 uint8 RGB array from raw pixels or JPEG / PNG bytes.
 
     Raises :class:`BadInput` (a ValueError) for bytes that do not decode, an array of another
-    shape or type, and a frame beyond ``limits``.
+    shape or type, a frame without pixels and a frame beyond ``limits``.
     """
     if isinstance(image, bytes | bytearray | memoryview):
         data = bytes(image)
         fmt = next((name for magic, name in _MAGIC.items() if data.startswith(magic)), "unknown")
         try:
-            return compressed_to_rgb(SimpleNamespace(format=fmt, data=data), limits)
+            image = compressed_to_rgb(SimpleNamespace(format=fmt, data=data), limits)
         except BadInput as err:
             raise BadInput(err.cause, f"cannot decode image bytes ({len(data)} bytes): {err}") from None
     arr = np.asarray(image)
     if arr.ndim != 3 or arr.shape[2] != 3 or arr.dtype != np.uint8:
         raise BadInput("encoding", f"expected an HxWx3 uint8 RGB array, got {arr.dtype} {arr.shape}")
+    if arr.shape[0] == 0 or arr.shape[1] == 0:  # the node's raw_to_rgb refuses these too
+        raise BadInput("size", f"zero-size image {arr.shape[1]}x{arr.shape[0]}")
     if arr.shape[0] * arr.shape[1] > limits.max_pixels:
         raise BadInput("too_large", f"image {arr.shape[1]}x{arr.shape[0]} exceeds max_image_pixels={limits.max_pixels}")
     return arr

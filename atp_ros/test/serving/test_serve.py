@@ -14,6 +14,7 @@ import queue
 import re
 import signal
 import subprocess
+import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -54,7 +55,7 @@ def local():
 @pytest.fixture(scope="module")
 def cluster():
     """A local Ray instance for this module; its GCS address."""
-    ray.init(num_cpus=2, include_dashboard=False, namespace=NAMESPACE, log_to_driver=False)
+    ray_compat.init_on_loopback(num_cpus=2, include_dashboard=False, namespace=NAMESPACE, log_to_driver=False)
     try:
         yield ray.get_runtime_context().gcs_address
     finally:
@@ -175,6 +176,32 @@ def test_coalescer_merges_the_batches_that_queued_while_the_model_ran() -> None:
 
     assert asyncio.run(main()) == [[10], [20], [30], [40], [50], [60]]
     assert runs == [[1], [2, 3, 4, 5], [6]]  # one run per free model, up to max_batch_size
+
+
+def test_a_request_that_breaks_a_shared_call_fails_alone(local, frames) -> None:
+    """Checked on arrival (0x0 frames never reach the model); a call that fails anyway is retried per request."""
+    calls = []
+    poison = frames[2][0]
+
+    class Fragile:  # the real backend, failing every call that holds one particular frame
+        def answer(self, images, *args):
+            calls.append(len(images))
+            if any(img is poison for img in images):
+                raise RuntimeError("shape '[1, 3, 192, 192]' is invalid for input of size 0")
+            return local.answer(images, *args)
+
+    atp = AtpConfig(keep_ratio=0.25)
+    reqs = [ServeRequest((frames[i][0],), (frames[i][1],), atp, 4) for i in range(4)]
+    reqs.insert(1, ServeRequest((np.zeros((0, 0, 3), np.uint8),), ("q",), atp, 4))
+    reqs.insert(2, ServeRequest(("not a frame",), ("q",), atp, 4))
+    out = answer_requests(Fragile(), reqs)
+    assert isinstance(out[1], ValueError) and "zero-size image 0x0" in str(out[1])
+    assert isinstance(out[2], ValueError) and "request rejected" in str(out[2])
+    assert isinstance(out[4], RuntimeError) and "invalid for input" in str(out[4])  # frames[2]: its own error
+    healthy = [0, 3, 5]
+    assert all(not isinstance(out[i], Exception) for i in healthy)
+    assert calls == [4, 1, 1, 1, 1]  # the shared call (4 checked requests) failed: each once more alone
+    assert _replay(local, [reqs[i] for i in healthy], [out[i] for i in healthy]) == 3
 
 
 # ----------------------------------------------------------------------------- atp-serve
@@ -311,6 +338,62 @@ def test_request_errors_stop_and_timeout(app, frames) -> None:
     assert err.value.cause == "service" and "\n" not in str(err.value)
     remote.timeout_s = 60
     assert len(remote.answer([frames[0][0]], frames[0][1], max_new_tokens=4).answers) == 1
+
+
+def test_bad_frames_fail_only_their_own_request_among_concurrent_clients(app, local, frames) -> None:
+    """Healthy clients and clients sending frames no model can take, all at once into the same batches."""
+    healthy = RemoteBackend(app, APP, timeout_s=60)
+    handle = serve.get_app_handle(APP)  # past the client's own checks: what a client of another version sends
+    atp = AtpConfig(keep_ratio=0.25)
+    bad_frames = [np.zeros((0, 0, 3), np.uint8), np.zeros((0, 8, 3), np.uint8), b"\x89PNG broken"]
+
+    def bad(i: int):
+        try:
+            handle.remote(ServeRequest((bad_frames[i % 3],), ("q",), atp, 4)).result(timeout_s=60)
+        except Exception as err:  # Ray wraps the replica's ValueError
+            return err
+        return None
+
+    def good(i: int):
+        rgb, q = frames[i % len(frames)]
+        return healthy.answer_served([rgb], q, atp, 4)
+
+    with ThreadPoolExecutor(10) as pool:
+        goods = [pool.submit(good, i) for i in range(7)]
+        bads = [pool.submit(bad, i) for i in range(3)]
+        served = [f.result() for f in goods]
+        errors = [f.result() for f in bads]
+    assert all(err is not None and "request rejected" in str(err) for err in errors), errors
+    assert "zero-size image 0x0" in str(errors[0])
+    requests = [ServeRequest((frames[i % len(frames)][0],), (frames[i % len(frames)][1],), atp, 4) for i in range(7)]
+    assert _replay(local, requests, served) >= 1
+
+
+def test_two_clients_in_one_process_connect_at_once(app) -> None:
+    """Their first calls race to join Ray (ray.init is per process); both must answer."""
+    code = f"""
+import sys, threading
+import numpy as np
+from atp_ros.serving.client import RemoteBackend
+clients = [RemoteBackend({app!r}, {APP!r}, timeout_s=60) for _ in range(2)]
+barrier, out = threading.Barrier(2), []
+def first(c):
+    barrier.wait()
+    try:
+        res = c.answer([np.full((48, 64, 3), 90, np.uint8)], "is the gripper open?", max_new_tokens=2)
+        out.append(len(res.answers))
+    except Exception as err:
+        out.append(repr(err))
+threads = [threading.Thread(target=first, args=(c,)) for c in clients]
+[t.start() for t in threads]
+[t.join() for t in threads]
+print(out)
+for c in clients:
+    c.close()
+sys.exit(0 if out == [1, 1] else 1)
+"""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
 
 
 def test_client_raises_service_unavailable_then_recovers(app, local, frames) -> None:

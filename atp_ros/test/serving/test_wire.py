@@ -54,6 +54,10 @@ def test_decode_image_is_the_node_decoder_with_its_limits() -> None:
     assert wide.value.cause == "too_large"
     with pytest.raises(BadInput, match="HxWx3 uint8"):
         decode_image(rgb.astype(np.float32))
+    for empty in ((0, 0, 3), (0, 5, 3), (5, 0, 3)):  # what broke every request sharing its model call
+        with pytest.raises(BadInput, match="zero-size") as zero:
+            decode_image(np.zeros(empty, np.uint8))
+        assert zero.value.cause == "size"
 
 
 def test_requests_are_checked_on_both_sides() -> None:
@@ -96,7 +100,67 @@ def test_shipped_serve_yaml_and_bad_files(tmp_path) -> None:
     with pytest.raises(ValueError, match=r"unknown setting 'batching\.max_batch'"):
         config_from_yaml(bad)
     bad.write_text("deployment:\n  num_replicas: many\n")
-    with pytest.raises(ValueError, match="num_replicas must be a int"):
+    with pytest.raises(ValueError, match="num_replicas must be an integer"):
         config_from_yaml(bad)
     with pytest.raises(ValueError, match="not found"):
         config_from_yaml(tmp_path / "missing.yaml")
+
+
+@pytest.mark.parametrize(
+    ("yaml_text", "message"),
+    [
+        (
+            "batching:\n  batch_wait_timeout_s: .nan\n",
+            "batching.batch_wait_timeout_s / --batch-wait-timeout-s must be a finite number, got nan",
+        ),
+        (
+            "batching:\n  batch_wait_timeout_s: .inf\n",
+            "batching.batch_wait_timeout_s / --batch-wait-timeout-s must be a finite number, got inf",
+        ),
+        ("batching:\n  batch_wait_timeout_s: nan\n", "must be a finite number, got nan"),
+        ("batching:\n  max_batch_size: 2.9\n", "batching.max_batch_size must be an integer, got 2.9"),
+        ("batching:\n  max_batch_size: true\n", "batching.max_batch_size must be an integer, got True"),
+        ("ray:\n  num_cpus: .nan\n", "ray.num_cpus must be an integer, got nan"),
+        (
+            "deployment:\n  ray_actor_options:\n    num_cpus: -1\n",
+            "deployment.ray_actor_options.num_cpus / --num-cpus must be >= 0, got -1.0",
+        ),
+        ("deployment:\n  ray_actor_options:\n    num_gpus: .inf\n", "num_gpus / --num-gpus must be a finite number"),
+        ("deployment:\n  max_ongoing_requests: 1.5\n", "deployment.max_ongoing_requests must be an integer, got 1.5"),
+    ],
+)
+def test_every_number_in_serve_yaml_is_finite_in_range_and_whole_where_counted(tmp_path, yaml_text, message) -> None:
+    path = tmp_path / "serve.yaml"
+    path.write_text(yaml_text)
+    with pytest.raises(ValueError) as err:
+        config_from_yaml(path)
+    assert message in str(err.value) and "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize(
+    ("flag", "value", "setting"),
+    [
+        ("--batch-wait-timeout-s", "nan", "batching.batch_wait_timeout_s / --batch-wait-timeout-s"),
+        ("--batch-wait-timeout-s", "inf", "batching.batch_wait_timeout_s / --batch-wait-timeout-s"),
+        ("--num-cpus", "nan", "deployment.ray_actor_options.num_cpus / --num-cpus"),
+        ("--num-gpus", "-inf", "deployment.ray_actor_options.num_gpus / --num-gpus"),
+        ("--num-cpus", "-1", "deployment.ray_actor_options.num_cpus / --num-cpus"),
+    ],
+)
+def test_atp_serve_flags_name_the_setting_of_a_bad_number(flag, value, setting) -> None:
+    """The CLI's checks, in a process without Ray: one line naming the setting, exit 2, nothing started."""
+    code = (
+        "import sys; from atp_ros.serving.cli import config_from_args, parse_args\n"
+        f"args, _ = parse_args([{flag + '=' + value!r}])\n"
+        "try:\n    config_from_args(args)\nexcept ValueError as err:\n    print(err); sys.exit(2)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stdout.count("\n") == 1 and proc.stdout.startswith(setting), proc.stdout
+
+
+def test_serve_config_checks_numbers_built_in_code() -> None:
+    for bad in ({"max_batch_size": 2.9}, {"num_replicas": float("nan")}, {"batch_wait_timeout_s": float("inf")}):
+        with pytest.raises(ValueError, match="must be"):
+            ServeConfig(**bad).check()
+    ServeConfig(num_gpus=0.5, num_cpus=1.5, max_batch_size=4).check()
