@@ -34,7 +34,8 @@ from torch import Tensor, nn
 
 from atp_ros.backends.flops import attention_flops, decoder_prefill_flops, lm_dims
 from atp_ros.backends.openclip_tower import load_openclip_joint_space
-from atp_ros.backends.pipeline import Batch, LmPrompt, VisionStates, VlmBackend, gather_with_prefix, trim_after_eos
+from atp_ros.backends.pipeline import VlmBackend
+from atp_ros.backends.stages import Batch, LmPrompt, VisionStates, gather_with_prefix, trim_after_eos
 from atp_ros.backends.views import processor_view
 from atp_ros.method import AtpConfig, Selection
 

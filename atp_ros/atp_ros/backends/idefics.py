@@ -41,7 +41,8 @@ from torch import Tensor, nn
 
 from atp_ros.backends.flops import attention_flops, decoder_prefill_flops
 from atp_ros.backends.loading import checkpoint_name
-from atp_ros.backends.pipeline import Batch, LmPrompt, VisionStates, VlmBackend, gather_with_prefix
+from atp_ros.backends.pipeline import VlmBackend
+from atp_ros.backends.stages import Batch, LmPrompt, VisionStates, gather_with_prefix
 from atp_ros.backends.text_towers import load_joint_space
 from atp_ros.backends.views import processor_view
 from atp_ros.method import AtpConfig, Selection

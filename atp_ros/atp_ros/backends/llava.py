@@ -49,7 +49,8 @@ from torch import Tensor
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from atp_ros.backends.flops import decoder_prefill_flops, lm_dims
-from atp_ros.backends.pipeline import Batch, LmPrompt, VisionStates, VlmBackend
+from atp_ros.backends.pipeline import VlmBackend
+from atp_ros.backends.stages import Batch, LmPrompt, VisionStates
 from atp_ros.backends.text_towers import dense_states, head_probe_attention, load_joint_space
 from atp_ros.backends.views import processor_view
 from atp_ros.method import AtpConfig, Selection

@@ -16,8 +16,8 @@ import numpy as np
 
 from atp_ros.backends.errors import BadInput
 from atp_ros.backends.images import ImageLimits, compressed_to_rgb
-from atp_ros.backends.pipeline import questions_for
 from atp_ros.backends.results import VlmResult
+from atp_ros.backends.stages import questions_for
 from atp_ros.method import AtpConfig
 
 Image = np.ndarray | bytes  # an HxWx3 uint8 RGB array, or a JPEG / PNG file's bytes
