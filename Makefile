@@ -7,7 +7,7 @@ VENV := .venv
 ENV := . $(VENV)/bin/activate && source install/setup.bash &&
 PYTEST_ARGS ?=
 
-.PHONY: help setup demo test bench lint format clean train-tiny model-card eval soak serve-demo gpu-check
+.PHONY: help setup demo test bench lint format clean train-tiny train-cell model-card eval soak serve-demo gpu-check docs
 
 help:
 	@echo "make demo   - set up if needed, then run the node on a camera stream over DDS and print its answers"
@@ -19,6 +19,8 @@ help:
 	@echo "make soak   - 10 min of 30 Hz 640x480 frames through the node: RSS growth, crashes, answers, drops (bench/results/soak)"
 	@echo "make lint   - ruff check + format check"
 	@echo "make train-tiny - retrain warehouse-tiny from nothing (CPU, resumable; out/warehouse-tiny)"
+	@echo "make train-cell - train the rendered warehouse cell's model from nothing (CPU, resumable; out/warehouse-cell)"
+	@echo "make docs   - regenerate the generated tables in README.md and docs/ from the parameters and result files"
 	@echo "make model-card - validation-chosen defaults + test tables of a warehouse model (out/model_card)"
 	@echo "make setup  - .venv with pinned deps (+ ROS 2 wheels when no ROS is sourced), colcon build"
 
@@ -38,6 +40,13 @@ bench: setup
 # Resumable: rerun after an interruption and it continues from out/train-tiny/state.pt.
 train-tiny: setup
 	@$(ENV) python -m atp_ros.warehouse.train --out out/warehouse-tiny --work out/train-tiny $(TRAIN_ARGS)
+
+# The rendered cell's model (#20): resumable, rerun to continue from out/train-cell.
+train-cell: setup
+	@$(ENV) python -m atp_ros.warehouse.cell.model --out out/warehouse-cell --work out/train-cell $(TRAIN_ARGS)
+
+docs: setup
+	@$(ENV) python tools/gen_docs.py
 
 # A warehouse test-split bag with ground truth, then the sweep, robustness and a live replay through the node.
 EVAL_BAG ?= out/eval/warehouse_test_bag

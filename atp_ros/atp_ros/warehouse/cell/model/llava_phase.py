@@ -1,0 +1,165 @@
+"""Phase 3 of the cell model: projector + Llama decoder from scratch on the cached frozen-tower features."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+from rich.progress import Progress
+from torch import Tensor
+
+from atp_ros.testing.tiny.llava import CHAT_TEMPLATE, IMAGE_TOKEN
+from atp_ros.warehouse.cell.model.data import Frames, draw_questions, patch_mask
+from atp_ros.warehouse.cell.model.loop import Phase, run_phase
+from atp_ros.warehouse.cell.model.recipe import NUM_PATCHES, Recipe, bf16_forward, plain_forward
+from atp_ros.warehouse.train_llava import llava_config, llava_loss
+
+if TYPE_CHECKING:
+    from atp_ros.warehouse.cell.model.run import CellTrainer
+
+
+class Prompts:
+    """Token ids of the turns, split where the backend's chat template puts the image."""
+
+    def __init__(self, tok) -> None:
+        from jinja2 import Template
+
+        self.tok = tok
+        self.image_id = tok.convert_tokens_to_ids(IMAGE_TOKEN)
+        content = [{"type": "image"}, {"type": "text", "text": "{q}"}]
+        text = Template(CHAT_TEMPLATE).render(
+            messages=[{"role": "user", "content": content}], add_generation_prompt=True
+        )
+        self.before, after = text.split("<image>")
+        self.head = tok(self.before, add_special_tokens=False)["input_ids"]
+        self.first_turn = after  # "\n{q} ASSISTANT:"
+
+    def turn(self, question: str, answer: str, first: bool) -> tuple[list[int], int, int]:
+        """Ids of one turn (text after the image for the first), the answer id and the answer's offset."""
+        text = self.first_turn.replace("{q}", question) if first else f" USER: {question} ASSISTANT:"
+        ids = self.tok(text, add_special_tokens=False)["input_ids"]
+        ans = self.tok(answer, add_special_tokens=False)["input_ids"]
+        assert len(ans) == 1, f"answer {answer!r} is not one token"
+        return [*ids, ans[0], self.tok.eos_token_id], ans[0], len(ids)
+
+
+def llava_batch(prompts: Prompts, frames: Frames, idx, rng: np.random.Generator, r: Recipe, split: str = "train"):
+    """Token ids, original position ids, attention mask, kept patches, targets and evidence positions of a
+    batch of multi-turn sequences (see ``warehouse.train_llava.llava_batch``: the same layout)."""
+    rows, positions, image_keep, targets, evidence = [], [], [], [], []
+    head = prompts.head
+    for i in idx:
+        truth = frames.truths[int(i)]
+        qs = draw_questions(truth, rng, r.llava_turns, split, r.hard_kinds)
+        keep = np.arange(NUM_PATCHES)
+        if rng.random() < r.drop_share:
+            k = max(1, round(NUM_PATCHES * rng.uniform(0.1, 1.0)))
+            keep = np.sort(rng.choice(NUM_PATCHES, size=k, replace=False))
+        ids = head + [prompts.image_id] * len(keep)
+        pos = list(range(len(head))) + [len(head) + int(j) for j in keep]
+        nxt = len(head) + NUM_PATCHES  # text after the image keeps its unpruned position
+        slot_of = {int(j): len(head) + n for n, j in enumerate(keep)}
+        tgt, ev_rows = [], []
+        for t, q in enumerate(qs):
+            tids, ans, off = prompts.turn(q.question, q.answer, first=(t == 0))
+            start = len(ids)
+            ids += tids
+            pos += list(range(nxt, nxt + len(tids)))
+            nxt += len(tids)
+            tgt += [(start + off - 1, ans), (start + off, prompts.tok.eos_token_id)]
+            seq = [slot_of[int(j)] for j in np.flatnonzero(patch_mask(q, truth)) if int(j) in slot_of]
+            if seq and t < r.sup_turns:
+                ev_rows.append((start + off - 1, seq))
+        rows.append(ids)
+        positions.append(pos)
+        image_keep.append(keep)
+        targets.append(tgt)
+        evidence.append(ev_rows)
+    return (*_pad(rows, positions, prompts.tok.pad_token_id), image_keep, targets, evidence)
+
+
+def _pad(rows: list[list[int]], positions: list[list[int]], pad_id: int) -> tuple[Tensor, Tensor, Tensor]:
+    length = max(len(x) for x in rows)
+    ids_t = torch.full((len(rows), length), pad_id, dtype=torch.long)
+    pos_t = torch.zeros((len(rows), length), dtype=torch.long)
+    mask_t = torch.zeros((len(rows), length), dtype=torch.long)
+    for b, (ids, pos) in enumerate(zip(rows, positions, strict=True)):
+        ids_t[b, : len(ids)] = torch.tensor(ids)
+        pos_t[b, : len(pos)] = torch.tensor(pos)
+        mask_t[b, : len(ids)] = 1
+    return ids_t, pos_t, mask_t
+
+
+def new_llava(r: Recipe, tok, clip):
+    """A fresh LLaVA (warehouse-tiny's layout at the cell's 256 tokens) with the trained CLIP tower inside, frozen."""
+    from transformers import LlavaForConditionalGeneration
+
+    config = llava_config(r, tok, clip.config.vision_config)
+    config.image_seq_length = NUM_PATCHES
+    config.text_config.max_position_embeddings = 1024
+    torch.manual_seed(r.seed + 3)
+    model = LlavaForConditionalGeneration(config)
+    model.model.vision_tower.load_state_dict(clip.vision_model.state_dict())
+    model.model.vision_tower.requires_grad_(False)
+    return model
+
+
+def train_llava(
+    trainer: CellTrainer,
+    clip,
+    train: tuple[Frames, Tensor],
+    val: tuple[Frames, Tensor],
+    progress: Progress,
+    checkpoint_every_s: float,
+):
+    """Phase 3, resumed from ``trainer.state`` and checkpointed into it; validation accuracy every 250 steps."""
+    r = trainer.r
+    frames, feats = train
+    model = new_llava(r, trainer.tok, clip)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=r.llava_lr, weight_decay=0.01)
+    bf16_forward(model.model.language_model, r)
+    prompts = Prompts(trainer.tok)
+    ema: list[float] = []
+
+    def one_step(rng: np.random.Generator):
+        idx = np.sort(rng.choice(len(frames), size=min(r.llava_batch, len(frames)), replace=False))
+        batch = llava_batch(prompts, frames, idx, rng, r)
+        loss, acc = llava_loss(model, feats[torch.as_tensor(idx)].float(), *batch, prompts.image_id, r)
+        ema[:] = [acc if not ema else 0.98 * ema[0] + 0.02 * acc]
+        return loss, {"loss": loss.item(), "acc": acc}, f"loss {loss.item():.3f} acc~{ema[0]:.3f}"
+
+    def validate(step: int) -> dict:
+        if step % 250 and step != r.llava_steps:
+            return {}
+        out = {"val_acc": val_accuracy(model, prompts, r, val)}
+        model.train()
+        return out
+
+    phase = Phase("llava", r.llava_steps, r.llava_lr, stream=3)
+    run_phase(trainer, phase, model, opt, one_step, progress, checkpoint_every_s, after_step=validate)
+    plain_forward(model.model.language_model)
+    return model
+
+
+@torch.no_grad()
+def val_accuracy(model, prompts: Prompts, recipe: Recipe, val: tuple[Frames, Tensor]) -> float:
+    """Answer accuracy on one val-split question per validation frame (train phrasings, all image tokens)."""
+    frames, feats = val
+    model.eval()
+    rng = np.random.default_rng(12345)
+    r = Recipe(**{**recipe.__dict__, "llava_turns": 1, "drop_share": 0.0, "hard_kinds": ()})
+    lm = model.model.language_model
+    correct = total = 0
+    for s in range(0, len(frames), 32):
+        idx = np.arange(s, min(s + 32, len(frames)))
+        ids, pos, mask, _, targets, _ = llava_batch(prompts, frames, idx, rng, r, split="val")
+        embeds = lm.embed_tokens(ids)
+        projected = model.model.multi_modal_projector(feats[torch.as_tensor(idx)].float().flatten(0, 1))
+        embeds = embeds.masked_scatter((ids == prompts.image_id)[..., None].expand_as(embeds), projected)
+        hidden = lm(inputs_embeds=embeds, attention_mask=mask, position_ids=pos).last_hidden_state
+        for b, t in enumerate(targets):
+            if t:
+                correct += int(model.lm_head(hidden[b, t[0][0]]).argmax()) == t[0][1]
+                total += 1
+    return correct / max(total, 1)

@@ -1,0 +1,154 @@
+"""What decides the cell model's weights: the recipe, the image geometry, the tokenizer and the pixels."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from atp_ros.warehouse.train_data import CLIP_FIELDS, CLIP_MEAN, CLIP_STD
+
+IMAGE_SIZE = 256  # a 640 x 480 frame is squeezed to this square, as the shipped processor does
+PATCH = 16
+GRID = IMAGE_SIZE // PATCH  # 16
+NUM_PATCHES = GRID * GRID  # 256 visual tokens
+# Training frames are rendered at these sizes (width, height) and squeezed like a camera frame:
+# the camera's 4:3 most of the time, the stills' square default sometimes.
+RENDER_SIZES = ((640, 480), (640, 480), (480, 360), (336, 336))
+TEXT_POSITIONS = 48  # the CLIP text tower's context: the longest phrasing is well under it
+
+__all__ = ["CLIP_MEAN", "CLIP_STD", "GRID", "IMAGE_SIZE", "NUM_PATCHES", "PATCH", "Recipe", "clip_part", "pixels"]
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """Everything that decides the trained weights (seeded: the same recipe gives the same model)."""
+
+    seed: int = 0
+    train_images: int = 8_000
+    val_images: int = 300
+    test_images: int = 150  # rendered at 640 x 480 for the end-of-training report
+    test_per_image: int = 4
+    latency_repeats: int = 30
+    chunk: int = 250  # frames rendered (and saved in --work) per chunk
+    clip_steps: int = 1_200
+    clip_batch: int = 40
+    clip_lr: float = 1e-3
+    llava_steps: int = 1_700
+    llava_batch: int = 20
+    llava_turns: int = 12  # question/answer turns per image in one sequence (image tokens dominate the cost)
+    llava_lr: float = 1e-3
+    drop_share: float = 0.3  # sequences trained on a random 10-100% subset of image tokens
+    # Attention supervision: in this LM layer, these heads of the answer-predicting position are
+    # taught to look at the question's evidence patches.
+    sup_layer: int = 2
+    sup_heads: int = 2
+    sup_weight: float = 1.0
+    sup_turns: int = 4  # turns per sequence whose attention is supervised (the loss is a per-turn loop)
+    feature_layer: int = -1  # the layer the region loss aligned with the questions' words
+    # Kinds drawn twice for the LLM: the slot- and object-bound lookups are the hard part.
+    hard_kinds: tuple[str, ...] = ("color_at", "label_at", "where", "left_right", "which_level")
+    # The towers' and the LM's matmuls in bfloat16 (weights, optimizer and losses stay float32):
+    # ~3x the float32 matmul rate on a CPU with AVX512-BF16; elsewhere it still works, only slower.
+    bf16: bool = True
+    vision_hidden: int = 192
+    vision_layers: int = 4
+    vision_heads: int = 6
+    text_hidden: int = 128
+    text_layers: int = 2
+    lm_hidden: int = 256
+    lm_layers: int = 4
+    lm_intermediate: int = 768
+
+
+QUICK = {
+    "train_images": 24,
+    "val_images": 6,
+    "test_images": 2,
+    "test_per_image": 2,
+    "latency_repeats": 2,
+    "chunk": 12,
+    "clip_steps": 3,
+    "clip_batch": 8,
+    "llava_steps": 3,
+    "llava_batch": 4,
+    "llava_turns": 3,
+    "vision_hidden": 64,
+    "vision_layers": 2,
+    "vision_heads": 2,
+    "text_hidden": 64,
+    "text_layers": 1,
+    "lm_hidden": 64,
+    "lm_layers": 3,  # the attention supervision reads layer 2
+    "lm_intermediate": 128,
+}
+
+_CELL_CLIP_FIELDS = (*CLIP_FIELDS, "vision_heads", "chunk")
+
+
+def clip_part(recipe: dict) -> dict:
+    """The recipe fields that decide the frames and the CLIP phase (kept while they are unchanged)."""
+    return {k: recipe.get(k) for k in _CELL_CLIP_FIELDS}
+
+
+def pixels(rgb: np.ndarray) -> np.ndarray:
+    """The frame squeezed to ``IMAGE_SIZE`` x ``IMAGE_SIZE`` (bicubic, as the shipped processor), uint8 HWC."""
+    img = Image.fromarray(rgb)
+    if img.size != (IMAGE_SIZE, IMAGE_SIZE):
+        img = img.resize((IMAGE_SIZE, IMAGE_SIZE), Image.Resampling.BICUBIC)
+    return np.asarray(img, dtype=np.uint8)
+
+
+def bf16_forward(module, r: Recipe) -> None:
+    """Run ``module``'s forward under CPU bfloat16 autocast (when ``r.bf16``), its floating outputs
+    returned as float32: the towers' matmuls go fast while the losses' cosines, logsumexps and
+    soft-maxes stay in float32. ``plain_forward`` undoes it."""
+    import torch
+
+    if not r.bf16:
+        return
+    inner = module.forward
+
+    def forward(*args, **kwargs):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return _to_float(inner(*args, **kwargs))
+
+    module.forward = forward
+
+
+def plain_forward(module) -> None:
+    """Undo :func:`bf16_forward` (the class's forward again)."""
+    vars(module).pop("forward", None)
+
+
+def _to_float(value):
+    import torch
+
+    if isinstance(value, torch.Tensor):
+        return value.float() if value.is_floating_point() else value
+    if isinstance(value, (tuple, list)):
+        return type(value)(_to_float(v) for v in value)
+    if isinstance(value, dict):  # a transformers ModelOutput
+        for key in list(value.keys()):
+            value[key] = _to_float(value[key])
+    return value
+
+
+def normalize(rgb: np.ndarray):
+    """uint8 ``(B, H, W, 3)`` -> the CLIP pixel tensor ``(B, 3, H, W)`` (rescaled, normalized)."""
+    import torch
+
+    x = torch.from_numpy(np.ascontiguousarray(rgb)).float().div_(255.0)
+    x = (x - torch.tensor(CLIP_MEAN)) / torch.tensor(CLIP_STD)
+    return x.permute(0, 3, 1, 2).contiguous()
+
+
+def make_tokenizer(work: Path):
+    """The cell's byte-level BPE (``cell.tokenizer``), built into ``work/tokenizer`` (deterministic)."""
+    from atp_ros.warehouse.cell.tokenizer import build_tokenizer
+
+    tok = build_tokenizer(work / "tokenizer")
+    tok.padding_side = "left"
+    return tok

@@ -1,0 +1,103 @@
+"""The resumable training run of the cell model: frames, CLIP, features, LLaVA, checkpoint, report."""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+from rich.progress import Progress, TextColumn, TimeElapsedColumn
+
+from atp_ros.warehouse.cell.model.clip_phase import features, train_clip
+from atp_ros.warehouse.cell.model.data import render_frames
+from atp_ros.warehouse.cell.model.evaluate import evaluate
+from atp_ros.warehouse.cell.model.llava_phase import train_llava
+from atp_ros.warehouse.cell.model.recipe import IMAGE_SIZE, Recipe, clip_part, make_tokenizer
+from atp_ros.warehouse.train import Trainer, plot_learning_curve, save_checkpoint
+
+LLAVA_KEYS = ("llava", "llava_opt", "llava_step", "done")
+
+
+class CellTrainer(Trainer):
+    """warehouse-tiny's resumable run (state, log) for the cell: ``--work``/state.pt every few minutes."""
+
+    def __init__(self, work: Path, recipe: Recipe, fresh: bool, console_print=print) -> None:
+        self.work, self.r, self.print = work, recipe, console_print
+        self.state_path = work / "state.pt"
+        self.log_path = work / "train_log.jsonl"
+        work.mkdir(parents=True, exist_ok=True)
+        if fresh:
+            for p in (self.state_path, self.log_path):
+                p.unlink(missing_ok=True)
+        torch.manual_seed(recipe.seed)
+        self.tok = make_tokenizer(work)
+        self.state = torch.load(self.state_path, weights_only=False) if self.state_path.exists() else {}
+        saved = self.state.get("recipe", {})
+        if self.state and clip_part(saved) != clip_part(asdict(recipe)):
+            raise SystemExit(f"{self.state_path} was trained with another recipe; rerun with --fresh")
+        if self.state and saved != recipe.__dict__ and "llava" in self.state:
+            console_print("recipe changed after the CLIP phase: keeping CLIP, restarting the LLaVA phase")
+            for key in LLAVA_KEYS:
+                self.state.pop(key, None)
+
+    def finished(self, out: Path) -> bool:
+        """True when this recipe's run is done and its checkpoint and report are in ``out``."""
+        return bool(self.state.get("done")) and (out / "config.json").is_file() and (out / "metrics.json").is_file()
+
+    def run(self, out: Path, checkpoint_every_s: float = 180.0) -> dict:
+        """Every phase in order (each resumes from the saved state); returns the report (``metrics.json``)."""
+        if self.finished(out):
+            self.print(f"{out} is already trained (state in {self.work}); --fresh retrains")
+            return json.loads((out / "metrics.json").read_text())
+        r = self.r
+        # rich's bar, percentage and ETA, plus each phase's running losses and the time spent.
+        cols = (*Progress.get_default_columns(), TextColumn("{task.fields[info]}"), TimeElapsedColumn())
+        times: dict[str, float] = dict(self.state.get("times", {}))
+
+        def timed(name: str, fn, *args):
+            t = time.monotonic()
+            value = fn(*args)
+            times[name] = times.get(name, 0.0) + time.monotonic() - t
+            return value
+
+        with Progress(*cols, refresh_per_second=1) as progress:
+            frames = timed("render", render_frames, self.work, "train", r.train_images, r, progress)
+            val = timed("render", render_frames, self.work, "val", r.val_images, r, progress)
+            clip = timed("clip", train_clip, self, frames, progress, checkpoint_every_s)
+            feats = timed("features", features, clip, frames, r, progress, "features train")
+            val_feats = timed("features", features, clip, val, r, progress, "features val")
+            model = timed(
+                "llava", train_llava, self, clip, (frames, feats), (val, val_feats), progress, checkpoint_every_s
+            )
+            save_cell_checkpoint(out, model, clip, self.tok, r)
+            plot_learning_curve(self.log_path, out / "learning_curve.png")
+            report = timed("test", evaluate, out, r, progress)
+        report |= {"recipe": asdict(r), "sizes": sizes(out), "seconds": {k: round(v, 1) for k, v in times.items()}}
+        (out / "metrics.json").write_text(json.dumps(report, indent=1) + "\n")
+        self.save_state(done=True, times=times)
+        self.print(f"saved {out}")
+        return report
+
+
+def save_cell_checkpoint(out: Path, model, clip, tok, r: Recipe) -> None:
+    """warehouse-tiny's checkpoint layout (float16 LLaVA + processor + ``atp_text_tower/``) at 256 px."""
+    from transformers import LlavaProcessor
+
+    save_checkpoint(out, model, clip, tok, r)
+    processor = LlavaProcessor.from_pretrained(out)
+    square = {"height": IMAGE_SIZE, "width": IMAGE_SIZE}
+    processor.image_processor.size = dict(square)
+    processor.image_processor.crop_size = dict(square)
+    processor.save_pretrained(out)
+
+
+def sizes(out: Path) -> dict:
+    """Parameter counts and safetensors megabytes of the checkpoint and its text tower."""
+    files = sorted(out.rglob("*.safetensors"))
+    total = sum(f.stat().st_size for f in files)
+    return {
+        "safetensors_mb": round(total / 1e6, 2),
+        "files": {str(f.relative_to(out)): f.stat().st_size for f in files},
+    }

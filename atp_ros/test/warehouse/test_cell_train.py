@@ -1,0 +1,56 @@
+"""The cell model's trainer end to end in --quick mode: checkpoint loads with both ATP signals, answers with
+ATP on, a finished run is not retrained, and the checkpoint stays within the size limit."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+
+pytest.importorskip("atp_ros.warehouse.cell.scene")  # sets MUJOCO_GL (egl) before MuJoCo loads
+
+from atp_ros.backends import AtpConfig, load_backend
+from atp_ros.warehouse.cell.episodes import random_still
+from atp_ros.warehouse.cell.model.__main__ import main
+from atp_ros.warehouse.cell.model.recipe import NUM_PATCHES
+
+MAX_MB = 40
+
+
+def test_quick_train_loads_answers_and_resumes(tmp_path) -> None:
+    out, work = tmp_path / "out", tmp_path / "work"
+    assert main(["--out", str(out), "--work", str(work), "--quick"]) == 0
+
+    report = json.loads((out / "metrics.json").read_text())
+    assert set(report["settings"]) == {"full", "atp_0.25", "atp_0.11", "random_0.11"}
+    assert report["settings"]["atp_0.25"]["tokens_kept"] == pytest.approx(0.25 * NUM_PATCHES, abs=1)
+    assert (out / "learning_curve.png").stat().st_size > 0
+    assert (out / "atp_text_tower" / "config.json").is_file()
+    assert sum(f.stat().st_size for f in out.rglob("*.safetensors")) <= MAX_MB * 1e6
+
+    backend = load_backend(str(out), device="cpu")
+    assert backend.joint is not None, "the atp_text_tower/ CLIP must load for S_inter"
+    frame = random_still(123, width=640, height=480)
+    result = backend.answer(
+        [frame.rgb],
+        ["what color is the box on the top shelf in slot two?"],
+        AtpConfig(keep_ratio=0.25),
+        max_new_tokens=3,
+    )
+    assert result.visual_tokens_total == NUM_PATCHES
+    assert result.visual_tokens_kept == [round(0.25 * NUM_PATCHES)]
+    assert isinstance(result.answers[0], str)
+
+    # A finished run is found, not retrained: the log and the weights stay as they were.
+    log = (work / "train_log.jsonl").read_text()
+    weights = (out / "model.safetensors").stat().st_mtime_ns
+    assert main(["--out", str(out), "--work", str(work), "--quick"]) == 0
+    assert (work / "train_log.jsonl").read_text() == log
+    assert (out / "model.safetensors").stat().st_mtime_ns == weights
+
+    # Without the checkpoint, a rerun rebuilds it from the saved state (frames from their cache, no step retrained).
+    shutil.rmtree(out)
+    assert main(["--out", str(out), "--work", str(work), "--quick"]) == 0
+    assert (work / "train_log.jsonl").read_text() == log
+    assert (out / "metrics.json").is_file()
