@@ -96,15 +96,20 @@ def llava_batch(tok, scenes, idx, rng: np.random.Generator, r: Recipe, image_tok
         image_keep.append(keep)
         targets.append(tgt)
         evidence.append(ev_rows)
+    return (*pad_rows(rows, positions, tok.pad_token_id), image_keep, targets, evidence)
+
+
+def pad_rows(rows: list[list[int]], positions: list[list[int]], pad_id: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Right-padded ``(B, T)`` token ids, position ids and attention mask of sequences of different lengths."""
     length = max(len(x) for x in rows)
-    ids_t = torch.full((len(rows), length), tok.pad_token_id, dtype=torch.long)
+    ids_t = torch.full((len(rows), length), pad_id, dtype=torch.long)
     pos_t = torch.zeros((len(rows), length), dtype=torch.long)
     mask_t = torch.zeros((len(rows), length), dtype=torch.long)
     for b, (ids, pos) in enumerate(zip(rows, positions, strict=True)):
         ids_t[b, : len(ids)] = torch.tensor(ids)
         pos_t[b, : len(pos)] = torch.tensor(pos)
         mask_t[b, : len(ids)] = 1
-    return ids_t, pos_t, mask_t, image_keep, targets, evidence
+    return ids_t, pos_t, mask_t
 
 
 def attention_to_evidence_loss(lm, hidden_in: Tensor, pos: Tensor, evidence, layer_idx: int, heads: int) -> Tensor:

@@ -13,7 +13,7 @@ from atp_ros.testing.tiny.llava import CHAT_TEMPLATE, IMAGE_TOKEN
 from atp_ros.warehouse.cell.model.data import Frames, draw_questions, patch_mask
 from atp_ros.warehouse.cell.model.loop import Phase, run_phase
 from atp_ros.warehouse.cell.model.recipe import NUM_PATCHES, Recipe, bf16_forward, plain_forward
-from atp_ros.warehouse.train_llava import llava_config, llava_loss
+from atp_ros.warehouse.train_llava import llava_config, llava_loss, pad_rows
 
 if TYPE_CHECKING:
     from atp_ros.warehouse.cell.model.run import CellTrainer
@@ -76,19 +76,7 @@ def llava_batch(prompts: Prompts, frames: Frames, idx, rng: np.random.Generator,
         image_keep.append(keep)
         targets.append(tgt)
         evidence.append(ev_rows)
-    return (*_pad(rows, positions, prompts.tok.pad_token_id), image_keep, targets, evidence)
-
-
-def _pad(rows: list[list[int]], positions: list[list[int]], pad_id: int) -> tuple[Tensor, Tensor, Tensor]:
-    length = max(len(x) for x in rows)
-    ids_t = torch.full((len(rows), length), pad_id, dtype=torch.long)
-    pos_t = torch.zeros((len(rows), length), dtype=torch.long)
-    mask_t = torch.zeros((len(rows), length), dtype=torch.long)
-    for b, (ids, pos) in enumerate(zip(rows, positions, strict=True)):
-        ids_t[b, : len(ids)] = torch.tensor(ids)
-        pos_t[b, : len(pos)] = torch.tensor(pos)
-        mask_t[b, : len(ids)] = 1
-    return ids_t, pos_t, mask_t
+    return (*pad_rows(rows, positions, prompts.tok.pad_token_id), image_keep, targets, evidence)
 
 
 def new_llava(r: Recipe, tok, clip):
