@@ -1,4 +1,4 @@
-"""Start the atp_vlm node: `ros2 launch atp_ros vlm.launch.py model_id:=... image_topic:=/camera/image_raw`."""
+"""Start the atp_vlm node: `ros2 launch atp_ros vlm.launch.py model_id:=... image_topic:=/camera/color/image_raw`."""
 
 import os
 
@@ -20,11 +20,10 @@ def _node(context, *args, **kwargs):
     parameters = [LaunchConfiguration("params_file")]
     if overrides:
         parameters.append(overrides)  # later entries win over the file
-    image_topic = LaunchConfiguration("image_topic")
-    remappings = [
-        ("image", image_topic),
-        ("image/compressed", [image_topic, "/compressed"]),  # image_transport naming
-    ]
+    image_topic = LaunchConfiguration("image_topic").perform(context)
+    # else the node's own `image` (/image, or /<namespace>/image), as with `ros2 run atp_ros vlm_node`; with
+    # image_transport: compressed the node follows the remapped base (<image_topic>/compressed)
+    remappings = [("image", image_topic)] if image_topic else []
     query_topic = LaunchConfiguration("query_topic").perform(context)
     if query_topic:  # else the node's own ~/query, as with `ros2 run atp_ros vlm_node`
         remappings.append(("~/query", query_topic))
@@ -71,9 +70,9 @@ def generate_launch_description() -> LaunchDescription:
             ),
             DeclareLaunchArgument(
                 "image_topic",
-                default_value="/camera/image_raw",
-                description="camera topic remapped onto the node's 'image' input ('<image_topic>/compressed' "
-                "with image_transport: compressed)",
+                default_value="",
+                description="camera topic remapped onto the node's 'image' input ('<image_topic>/compressed' with "
+                "image_transport: compressed); empty: the node's own 'image', the same as `ros2 run atp_ros vlm_node`",
             ),
             DeclareLaunchArgument(
                 "query_topic",
