@@ -4,11 +4,11 @@ A 640x480 rgb8 warehouse bag recorded at 30 Hz is replayed through the installed
 ``evaluate --live`` machinery: the node in its own process, frames over Fast DDS, outputs
 recorded). Reported: frames answered per second sustained, stamp-to-answer latency p50/p99, the
 node's own overhead per frame (receipt to publish minus inference: conversion, queueing, message
-building) and its resident memory, for Fast DDS's default transport and for
-``FASTDDS_BUILTIN_TRANSPORTS=LARGE_DATA`` (shared memory + TCP for large samples), each in its own
-process. Writes ``bench/results/node.json``.
+building) and its resident memory, for Fast DDS's default transport, for
+``FASTDDS_BUILTIN_TRANSPORTS=LARGE_DATA`` (shared memory + TCP for large samples) and for the shipped
+profile (``config/fastdds_large_frames.xml``), each in its own process. Writes ``bench/results/node.json``.
 
-    PYTHONPATH=atp_ros python bench/bench_node.py [--frames 150]
+    python bench/bench_node.py [--frames 150] [--out bench/results]
 """
 
 from __future__ import annotations
@@ -79,6 +79,7 @@ def run_once(bag: Path, out: Path) -> dict:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--frames", type=int, default=150, help="frames in the 30 Hz bag")
+    ap.add_argument("--out", type=Path, default=RESULTS, help="folder for node.json")
     ap.add_argument("--child", nargs=2, metavar=("BAG", "OUT"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
@@ -90,10 +91,12 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         bag = Path(tmp) / "bag30"
         write_bag(bag, "test", args.frames, 0, 30.0, (480, 640), 10)
-        for transport in ("default", "LARGE_DATA"):
-            env = os.environ.copy()
-            env.pop("FASTDDS_BUILTIN_TRANSPORTS", None)
-            if transport != "default":
+        for transport in ("default", "LARGE_DATA", "profile"):
+            env = {
+                k: v for k, v in os.environ.items() if "PROFILES_FILE" not in k and k != "FASTDDS_BUILTIN_TRANSPORTS"
+            }
+            env["ATP_ROS_DDS_PROFILE"] = "1" if transport == "profile" else "0"  # the shipped profile, both sides
+            if transport == "LARGE_DATA":
                 env["FASTDDS_BUILTIN_TRANSPORTS"] = transport
             out = Path(tmp) / transport
             proc = subprocess.run(
@@ -104,10 +107,10 @@ def main() -> int:
                 return 1
             results[transport] = json.loads(proc.stdout.strip().splitlines()[-1])
             print(f"{transport}: {results[transport]}")
-    RESULTS.mkdir(parents=True, exist_ok=True)
+    args.out.mkdir(parents=True, exist_ok=True)
     out = {"meta": stamp() | {"frames": args.frames, "rate_hz": 30, "frame": "640x480 rgb8"}, "transports": results}
-    (RESULTS / "node.json").write_text(json.dumps(out, indent=1))
-    print(f"wrote {RESULTS / 'node.json'}")
+    (args.out / "node.json").write_text(json.dumps(out, indent=1))
+    print(f"wrote {args.out / 'node.json'}")
     return 0
 
 

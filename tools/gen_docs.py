@@ -187,7 +187,8 @@ def headline() -> str:
 def node_throughput() -> str:
     """The node over DDS per Fast DDS transport, from ``bench/results/node.json`` (``bench_node.py``)."""
     node = json.loads(NODE_JSON.read_text())
-    names = {"default": "default (UDP)", "LARGE_DATA": "`FASTDDS_BUILTIN_TRANSPORTS=LARGE_DATA`"}
+    names = {"default": "default (UDP)", "LARGE_DATA": "`FASTDDS_BUILTIN_TRANSPORTS=LARGE_DATA`",
+             "profile": "shipped profile (`fastdds_large_frames.xml`)"}  # fmt: skip
     lines = [
         "| transport | answered / sent | answers/s | lost in transport | dropped busy | stamp→answer p50 / p99 "
         "| node overhead p50 (of which slot wait) | inference p50 | node RSS |",
