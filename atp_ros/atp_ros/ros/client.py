@@ -17,7 +17,7 @@ from typing import Any
 
 import rclpy
 from diagnostic_msgs.msg import DiagnosticArray
-from rclpy.executors import SingleThreadedExecutor
+from rclpy.executors import ExternalShutdownException, SingleThreadedExecutor
 from rclpy.qos import qos_profile_sensor_data
 from sensor_msgs.msg import CompressedImage, Image
 from std_msgs.msg import String
@@ -44,8 +44,21 @@ class NodeClient:
         self.lock = threading.Lock()
         self.executor = SingleThreadedExecutor(context=context)
         self.executor.add_node(self.node)
-        self._spin = threading.Thread(target=self.executor.spin, daemon=True)
+        self._closing = threading.Event()
+        self._spin = threading.Thread(target=self._spin_until_closed, daemon=True)
         self._spin.start()
+
+    def _spin_until_closed(self) -> None:
+        # An entity destroyed from another thread while the executor builds its wait set raises
+        # InvalidHandle there (e.g. a camera publisher replaced mid-run): spinning must go on.
+        while not self._closing.is_set() and self.context.ok():
+            try:
+                self.executor.spin()
+                return
+            except ExternalShutdownException:
+                return
+            except Exception:
+                time.sleep(0.01)
 
     # ------------------------------------------------------------------ publishing
 
@@ -122,6 +135,7 @@ class NodeClient:
 
     def close(self) -> None:
         """Stop spinning and destroy the node (and the context when it is the client's own)."""
+        self._closing.set()
         self.executor.shutdown()
         self._spin.join(5)
         self.node.destroy_node()
