@@ -23,7 +23,8 @@ def guarded(cause: str, fallback: Callable | None = None) -> Callable:
             try:
                 return callback(self, *args, **kwargs)
             except Exception as err:
-                self._report(cause, f"{callback.__name__} failed: {type(err).__name__}: {err}")
+                if self.context.ok():  # else the process is shutting down: a publish on a dead context is no fault
+                    self._report(cause, f"{callback.__name__} failed: {type(err).__name__}: {err}")
                 return fallback(*args) if fallback is not None else None
 
         return guard
