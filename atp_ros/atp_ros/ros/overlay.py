@@ -42,17 +42,33 @@ def upsample_mask(mask: np.ndarray, height: int, width: int, box: Sequence[float
 
 
 def overlay(
-    rgb: np.ndarray, mask: np.ndarray, box: Sequence[float] | object | None = None, dim: float = 0.35
+    rgb: np.ndarray, mask: np.ndarray, box: Sequence[float] | object | None = None, dim: float = 0.3, edge: int = 2
 ) -> np.ndarray:
-    """Camera image with pruned patches grayed out (kept patches untouched), each cell on the pixels its token saw.
+    """Camera image with kept patches untouched, pruned ones dark gray, and the kept areas outlined in yellow.
 
-    ``box``: the frame region the patch grid covers (``VlmResult.views[b]``); None: the whole frame.
+    Each cell lands on the pixels its token saw. ``box``: the frame region the patch grid covers
+    (``VlmResult.views[b]``); None: the whole frame. ``edge``: outline width in pixels (0: none),
+    drawn on the pruned side so kept pixels stay exactly as the camera sent them.
     """
     keep = upsample_mask(mask, rgb.shape[0], rgb.shape[1], box)  # (H, W)
     gray = rgb.astype(np.float32).mean(axis=2, keepdims=True)  # (H, W, 1)
-    faded = (gray * dim + 255.0 * (1.0 - dim) * 0.5).astype(np.uint8).repeat(3, axis=2)
+    # Dark and colorless, so the kept patches' colors stand out on a rendered (colorful) scene too.
+    faded = (gray * dim).astype(np.uint8).repeat(3, axis=2)
     out = np.where(keep[:, :, None], rgb, faded)
+    if edge > 0:
+        out[_grow(keep, edge) & ~keep] = (255, 255, 0)
     return np.ascontiguousarray(out.astype(np.uint8))
+
+
+def _grow(keep: np.ndarray, by: int) -> np.ndarray:
+    """``keep`` dilated by ``by`` pixels (a square neighbourhood)."""
+    out = keep.copy()
+    h, w = keep.shape
+    for dy in range(-by, by + 1):
+        for dx in range(-by, by + 1):
+            src = keep[max(-dy, 0) : h - max(dy, 0), max(-dx, 0) : w - max(dx, 0)]
+            out[max(dy, 0) : h - max(-dy, 0), max(dx, 0) : w - max(-dx, 0)] |= src
+    return out
 
 
 def relevant_region(scores: np.ndarray, box: Sequence[float] | object, share: float = 0.75) -> tuple[float, ...]:

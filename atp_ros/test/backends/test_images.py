@@ -172,3 +172,15 @@ def test_odd_sizes_of_subsampled_encodings_are_bad_input(encoding) -> None:
     even = Image(height=h, width=6, encoding=encoding, step=step + (1 if step == w else 2), data=b"")
     even.data = bytes(even.step * rows)
     assert image_io.raw_to_rgb(even).shape == (4, 6, 3)
+
+
+def test_overlay_outlines_kept_areas_on_the_pruned_side() -> None:
+    img = np.full((12, 12, 3), (20, 200, 20), np.uint8)
+    mask = np.zeros((3, 3), np.uint8)
+    mask[1, 1] = 1  # pixels [4, 8) x [4, 8)
+    out = overlay.overlay(img, mask, edge=1)
+    assert np.array_equal(out[4:8, 4:8], img[4:8, 4:8])  # kept: exactly the camera's pixels
+    assert (out[3, 3:9] == (255, 255, 0)).all() and (out[4:8, 8] == (255, 255, 0)).all()  # a ring around them
+    far = out[0, 0]
+    assert far[0] == far[1] == far[2] and far[0] < img[0, 0].mean()  # pruned: dark gray
+    assert np.array_equal(overlay.overlay(img, mask, edge=0)[3, 3], far)
