@@ -34,6 +34,8 @@ setup(
             "train_tiny = atp_ros.warehouse.train:main",
             "evaluate = atp_ros.evaluation.cli:main",
             "atp-serve = atp_ros.serving.cli:main",
+            "cell_sim = atp_ros.cell_loop.sim_node:main",
+            "pick_planner = atp_ros.cell_loop.planner_node:main",
         ],
     },
 )

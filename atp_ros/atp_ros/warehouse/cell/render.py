@@ -60,6 +60,15 @@ class CellRenderer:
         geom = np.where(seg[..., 1] == int(mujoco.mjtObj.mjOBJ_GEOM), seg[..., 0], -1)
         return rgb, geom.astype(np.int32)
 
+    def depth(self, cell: Cell) -> np.ndarray:
+        """Planar depth (meters along the camera's optical axis) per pixel, float32 HxW, of the current scene."""
+        r = self._update(cell)
+        r.enable_depth_rendering()
+        try:
+            return r.render().astype(np.float32)
+        finally:
+            r.disable_depth_rendering()
+
     def close(self) -> None:
         """Free the GL context and its buffers (safe to call twice)."""
         if self._renderer is not None:
