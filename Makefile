@@ -7,7 +7,7 @@ VENV := .venv
 ENV := . $(VENV)/bin/activate && source install/setup.bash &&
 PYTEST_ARGS ?=
 
-.PHONY: help setup demo test bench lint format clean train-tiny train-cell model-card eval soak serve-demo gpu-check docs
+.PHONY: help setup demo test bench lint format clean train-tiny train-cell model-card eval soak serve-demo gpu-check docs cell-demo cell-eval
 
 help:
 	@echo "make demo   - set up if needed, then run the node on a camera stream over DDS and print its answers"
@@ -20,6 +20,8 @@ help:
 	@echo "make lint   - ruff check + format check"
 	@echo "make train-tiny - retrain warehouse-tiny from nothing (CPU, resumable; out/warehouse-tiny)"
 	@echo "make train-cell - train the rendered warehouse cell's model from nothing (CPU, resumable; out/warehouse-cell)"
+	@echo "make cell-demo - the robot-arm loop: simulator + perception node + pick planner on 3 tasks, frame strips (out/cell_demo)"
+	@echo "make cell-eval - closed-loop task success per pruning setting, 50 seeded tasks each (out/cell_eval)"
 	@echo "make docs   - regenerate the generated tables in README.md and docs/ from the parameters and result files"
 	@echo "make model-card - validation-chosen defaults + test tables of a warehouse model (out/model_card)"
 	@echo "make setup  - .venv with pinned deps (+ ROS 2 wheels when no ROS is sourced), colcon build"
@@ -44,6 +46,13 @@ train-tiny: setup
 # The rendered cell's model (#20): resumable, rerun to continue from out/train-cell.
 train-cell: setup
 	@$(ENV) python -m atp_ros.warehouse.cell.model --out out/warehouse-cell --work out/train-cell $(TRAIN_ARGS)
+
+# The robot-arm loop (#24): cell_sim + vlm_node + the pick planner (CELL_ARGS="--model DIR ...").
+cell-demo: setup
+	@$(ENV) python -m atp_ros.cell_loop.evaluate --tasks 3 --settings atp_0.25 --frames --out out/cell_demo $(CELL_ARGS)
+
+cell-eval: setup
+	@$(ENV) python -m atp_ros.cell_loop.evaluate --tasks 50 --out out/cell_eval $(CELL_ARGS)
 
 docs: setup
 	@$(ENV) python tools/gen_docs.py
