@@ -325,7 +325,9 @@ def frame_strip(frames: list[np.ndarray], caption: list[str], path: Path, count:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m atp_ros.cell_loop.evaluate", description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default="warehouse-cell", help="the perception node's model_id (bundled name or directory)")
+    ap.add_argument(
+        "--model", default="warehouse-cell", help="the perception node's model_id (bundled name or directory)"
+    )
     ap.add_argument("--tasks", type=int, default=50, help="seeded tasks per setting")
     ap.add_argument("--seed", type=int, default=1000, help="first seed (seeds seed .. seed+tasks-1 in every setting)")
     ap.add_argument("--settings", nargs="+", default=list(DEFAULT_SETTINGS), choices=list(SETTINGS))

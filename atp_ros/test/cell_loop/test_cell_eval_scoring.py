@@ -1,0 +1,80 @@
+"""The closed-loop evaluation's scoring without ROS: task choice from a frame's truth, ground-truth causes,
+the per-setting summary (success, Wilson interval, perception accuracy) and its table and plot."""
+
+from __future__ import annotations
+
+import pytest
+
+pytest.importorskip("atp_ros.warehouse.cell.scene")  # sets MUJOCO_GL (egl) before MuJoCo loads
+
+from atp_ros.cell_loop import evaluate, picking
+from atp_ros.cell_loop.sim import CellSim
+
+TARGET = {"id": 7, "where": "top-two", "color": "red"}
+
+
+def report(**kw) -> dict:
+    return {"timings": {"ask_s": 0.5, "total_s": 9.0, "inference_ms": 40.0}, "tokens": [64, 256]} | kw
+
+
+def test_choose_task_names_a_unique_visible_item() -> None:
+    sim = CellSim(320, 240, seed=1000)
+    try:
+        truth = sim.truth().to_json()
+    finally:
+        sim.close()
+    task, target = evaluate.choose_task(truth, 1000)
+    parsed = picking.Task.parse(task)
+    same = [o for o in truth["objects"] if (o["color"], o["kind"]) == (parsed.color, parsed.kind)]
+    assert len(same) == 1 and same[0]["id"] == target["id"]
+    assert target["where"] == f"{same[0]['level']}-{same[0]['slot']}"
+    assert evaluate.choose_task(truth, 1000) == (task, target)  # seeded
+    assert evaluate.choose_task({**truth, "objects": []}, 1) is None
+
+
+@pytest.mark.parametrize(
+    ("rep", "grasped", "cause"),
+    [
+        (report(delivered=True, answer_slot="top-two", confirm_answer="red"), [7], None),
+        (report(cause="answer_not_understood", answer_slot=None), [], "wrong_answer"),
+        (report(cause="wrong_box_grasped", answer_slot="top-three", confirm_answer="blue"), [3], "wrong_answer"),
+        (report(cause="wrong_box_grasped", answer_slot="top-two", confirm_answer="blue"), [3], "wrong_box_grasped"),
+        (
+            report(cause="grasp_not_confirmed", answer_slot="top-two", confirm_answer="nothing"),
+            [7],
+            "wrong_confirmation",
+        ),
+        (report(cause="ik_failure", answer_slot="top-two"), [], "ik_failure"),
+        (report(cause="timeout", answer_slot="top-two"), [7], "timeout"),
+        (report(cause="no_answer"), [], "no_answer"),
+    ],
+)
+def test_ground_truth_names_the_cause(rep, grasped, cause) -> None:
+    scored = evaluate.score("atp_0.25", 1, "bring the red box to the conveyor", TARGET, rep, grasped)
+    assert scored.cause == cause and scored.success == (cause is None)
+
+
+def test_holding_accuracy_only_where_the_truth_is_known() -> None:
+    right = evaluate.score("s", 1, "t", TARGET, report(answer_slot="top-two", confirm_answer="red"), [7])
+    wrong = evaluate.score("s", 1, "t", TARGET, report(answer_slot="top-two", confirm_answer="nothing"), [7])
+    other = evaluate.score("s", 1, "t", TARGET, report(answer_slot="top-two", confirm_answer="red"), [3])
+    assert (right.holding_correct, wrong.holding_correct, other.holding_correct) == (True, False, None)
+
+
+def test_summary_table_and_plot(tmp_path) -> None:
+    rows = [
+        evaluate.score("full", s, "t", TARGET, report(delivered=s < 3, answer_slot="top-two" if s < 4 else "x"), [7])
+        for s in range(5)
+    ]
+    summary = evaluate.summarize(rows, ["full", "random_0.25"])
+    full = summary["full"]
+    assert (full["tasks"], full["success"], full["success_rate"]) == (5, 3, 0.6)
+    assert full["success_ci95"][0] < 0.6 < full["success_ci95"][1]
+    assert full["causes"] == {"wrong_answer": 1, "other": 1} and full["where_accuracy"] == 0.8
+    assert summary["random_0.25"]["tasks"] == 0
+    meta = {"model": "m", "tasks": 5, "seeds": "0..4", "camera": "c", "time_scale": 4, "machine": "2 CPUs"}
+    table = evaluate.markdown(summary, meta)
+    assert "| full | 64 of 256 | 3/5 (" in table
+    evaluate.plot(summary, tmp_path / "success.png")
+    assert (tmp_path / "success.png").stat().st_size > 0
+    assert evaluate.wilson(0, 0) == (0.0, 1.0)
