@@ -51,7 +51,7 @@ def bench_device(model_dir: Path, device: str, repeats: int, max_new_tokens: int
                 "device": device,
                 "keep_ratio": ratio,
                 "kept": first.visual_tokens_kept[0],
-                "total": first.visual_tokens_total,
+                "total": first.visual_tokens_total[0],
                 "text_tokens": first.text_tokens[0],
                 "stage_ms": {s: statistics.median(getattr(r.timings, s) for r in results) for s in STAGES},
                 "frame_ms": statistics.median(r.timings.total for r in results),

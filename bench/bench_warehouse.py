@@ -54,7 +54,7 @@ def main() -> int:
             {
                 "keep_ratio": k,
                 "kept": results[0].visual_tokens_kept[0],
-                "total_tokens": results[0].visual_tokens_total,
+                "total_tokens": results[0].visual_tokens_total[0],
                 "p50_ms": float(np.percentile(total, 50)),
                 "p95_ms": float(np.percentile(total, 95)),
                 "stage_p50_ms": {s: float(np.median([getattr(r.timings, s) for r in results])) for s in STAGES},

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from atp_ros.backends import VlmBackend, VlmResult
 from atp_ros.backends.blip2 import Blip2Backend, qformer_flops
-from atp_ros.backends.flops import decoder_prefill_flops, lm_dims
+from atp_ros.backends.flops import decoder_prefill_flops, lm_dims, tower_flops
 from atp_ros.backends.idefics import IdeficsBackend, resampler_flops
 from atp_ros.backends.llava import LlavaBackend, llava_costs
 from atp_ros.method import Selection
@@ -137,6 +137,9 @@ class FamilyTester:
     family = ""
     requires: tuple[str, ...] = ()  # importable modules the tiny checkpoint needs (skip without them)
     positions_matter = False  # do AtpConfig.positions reach the LLM (visual tokens in its sequence)?
+    position_modes = ("compact", "original")  # the modes the family implements (the others: a note)
+    default_intra = "cls"  # S_intra of intra_signal="cls": "cls", "probe" (SigLIP) or "received" (no CLS, no probe)
+    intra_from_text_tower = False  # does S_intra read something only the text tower brings (SigLIP's probe)?
     dense_readouts = False  # maskclip / clearclip S_inter read-outs implemented
     shrinking = ("projector",)  # FLOP stages that pruning shrinks; the others do not change with K
     unpruned = ("projector_keep_all", "projector")  # (flops key, stage): that stage without pruning
@@ -148,6 +151,21 @@ class FamilyTester:
     def save(self, path: Path) -> Path:
         """Build and save the tiny checkpoint (with its text tower) under ``path``."""
         return self.builder(path, **dict(self.build_kwargs))
+
+    def expected_grids(self, backend: VlmBackend, images: list[np.ndarray]) -> list[tuple[int, int]]:
+        """Each image's token grid as the stock processor makes it (fixed-size families: 8 x 8 for every frame)."""
+        return [(8, 8)] * len(images)
+
+    def check_grid(self, backend: VlmBackend) -> None:
+        """What the loaded backend says about its grid (fixed-size families: one 8 x 8 grid, N = 64)."""
+        assert backend.grid == (8, 8) and backend.num_visual_tokens == N
+
+    def vision_flop_cases(self, backend: VlmBackend) -> dict[str, tuple[Callable[[], Any], float]]:
+        """``{name: (a call of the vision tower, the FLOPs the backend reports for it)}``, eager attention."""
+        v = backend.model.config.vision_config
+        pixels = torch.randn(1, 3, v.image_size, v.image_size)
+        assert backend.vision_flops == tower_flops(v, backend.has_cls)
+        return {"vision": (lambda: self.vision_tower(backend)(pixels), tower_flops(v, backend.has_cls))}
 
     def language_model(self, backend: VlmBackend) -> torch.nn.Module:
         """The module whose forward gets the prompt's ids or embeddings, mask, positions and KV cache."""
@@ -188,6 +206,8 @@ class LlavaTester(FamilyTester):
     def __init__(self, tower: str) -> None:
         self.tower = tower
         self.name = f"llava-{tower}"
+        self.default_intra = "cls" if tower == "clip" else "probe"
+        self.intra_from_text_tower = tower == "siglip"  # llava-interleave's tower has no head: the probe is the tower's
         self.build_kwargs = (("tower", tower),)
 
     def language_model(self, backend):
@@ -283,4 +303,9 @@ class IdeficsTester(FamilyTester):
         assert backend.joint.kind == "clip" and backend.model.config.use_resampler
 
 
-TESTERS: list[FamilyTester] = [LlavaTester("clip"), LlavaTester("siglip"), Blip2Tester(), IdeficsTester()]
+TESTERS: list[FamilyTester] = [
+    LlavaTester("clip"),
+    LlavaTester("siglip"),
+    Blip2Tester(),
+    IdeficsTester(),
+]

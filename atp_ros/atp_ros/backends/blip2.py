@@ -85,8 +85,8 @@ class Blip2Backend(VlmBackend):
         views = [processor_view(self.processor.image_processor, *img.shape[:2]) for img in images]
         return Batch(inputs["pixel_values"], inputs, views)
 
-    def encode(self, pixel_values: Tensor) -> VisionStates:
-        out = self.model.vision_model(pixel_values=pixel_values, output_hidden_states=True)
+    def encode(self, batch: Batch) -> VisionStates:
+        out = self.model.vision_model(pixel_values=batch.pixel_values, output_hidden_states=True)
         hs = out.hidden_states  # hs[i]: input of block i; hs[-1]: last block before ln_vision
         # The Q-Former reads last_hidden_state (after ln_vision); S_inter the raw last block (see module doc).
         return VisionStates(tokens=out.last_hidden_state, score_input=hs[self.score_layer], last=hs[-1])

@@ -128,10 +128,10 @@ class IdeficsBackend(VlmBackend):
         views = [processor_view(self.processor.image_processor, *img.shape[:2]) for img in images]
         return Batch(inputs["pixel_values"].flatten(0, 1), inputs, views)
 
-    def encode(self, pixel_values: Tensor) -> VisionStates:
+    def encode(self, batch: Batch) -> VisionStates:
         # IdeficsVisionTransformer.forward, unrolled to keep two layer inputs (it returns no hidden states).
         vision = self.model.model.vision_model
-        h = vision.pre_layrnorm(vision.embeddings(pixel_values, interpolate_pos_encoding=False))  # (B, 1+N, D)
+        h = vision.pre_layrnorm(vision.embeddings(batch.pixel_values, interpolate_pos_encoding=False))  # (B, 1+N, D)
         layers = vision.encoder.layers
         score_input = last_input = h
         for i, layer in enumerate(layers):

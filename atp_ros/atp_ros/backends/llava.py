@@ -136,7 +136,8 @@ class LlavaBackend(VlmBackend):
         views = [processor_view(self.processor.image_processor, *img.shape[:2]) for img in images]
         return Batch(pixel_values, inputs, views)
 
-    def encode(self, pixel_values: Tensor) -> VisionStates:
+    def encode(self, batch: Batch) -> VisionStates:
+        pixel_values = batch.pixel_values
         layers = [self.feature_layer] if isinstance(self.feature_layer, int) else list(self.feature_layer)
         out = self.tower(pixel_values, output_hidden_states=True, return_dict=True)
         hs = out.hidden_states  # (L+1) x (B, T, D): hs[i] is the input of encoder layer i

@@ -35,6 +35,7 @@ import abc
 import json
 import threading
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from functools import partial
 from typing import TYPE_CHECKING
 
@@ -67,6 +68,7 @@ from atp_ros.method import (
     make_selector,
     patch_text_cosine,
     received_attention,
+    stack_selections,
 )
 
 if TYPE_CHECKING:
@@ -78,6 +80,7 @@ class VlmBackend(abc.ABC):
 
     family: str = ""
     hf_class: str = ""  # the family's transformers model class, e.g. "LlavaForConditionalGeneration"
+    intra_only: str = "CLS-only"  # what scoring without the question is called in notes (no CLS: "intra-only")
 
     @classmethod
     def from_pretrained(
@@ -132,8 +135,11 @@ class VlmBackend(abc.ABC):
         self.model_id = model_id
         self.device = device
         self.dtype = dtype
-        side = int(vision_config.image_size) // int(vision_config.patch_size)
-        self.grid: tuple[int, int] = (side, side)  # (h, w) patch grid
+        # A fixed-size tower (image_size in its config) has one grid; a family whose grid follows the
+        # frame (Qwen2.5-VL) has none here: grid None, num_visual_tokens its per-image maximum (it sets it).
+        fixed = getattr(vision_config, "image_size", None)
+        side = int(fixed) // int(vision_config.patch_size) if fixed else 0
+        self.grid: tuple[int, int] | None = (side, side) if fixed else None  # (h, w) patch grid
         self.num_visual_tokens = side * side  # N: patches the selector chooses from
         self.has_cls = has_cls  # the tower puts a CLS token first
         self.prefix = prefix  # CLS tokens the consumer always gets besides the kept patches (0 or 1)
@@ -144,10 +150,13 @@ class VlmBackend(abc.ABC):
         self.text_tower_id = text_tower.source
         self.no_text_reason = text_tower.reason
         self.text_cache = TextEmbeddingCache(self.joint.encode_text, text_cache_size) if self.joint else None
-        self.vision_flops = tower_flops(vision_config, has_cls)  # all layers run on every frame whatever K is
+        # All layers run on every frame whatever K is; a per-image grid's family counts per call (vision_cost).
+        self.vision_flops = tower_flops(vision_config, has_cls) if fixed else 0.0
         self.load_notes = list(load_notes)  # said once at load: the node logs them and lists them in /diagnostics
         if self.joint is None:
-            self.load_notes.insert(0, f"no text tower for {model_id}: running CLS-only, alpha=0 ({text_tower.reason})")
+            self.load_notes.insert(
+                0, f"no text tower for {model_id}: running {self.intra_only}, alpha=0 ({text_tower.reason})"
+            )
         self._lock = threading.Lock()
 
     # ================================================================== the pipeline
@@ -178,11 +187,12 @@ class VlmBackend(abc.ABC):
                 batch = self.preprocess(rgb_arrays(images), qs)
             halt.check()
             with watch.stage("vision"):
-                vision = self.encode(batch.pixel_values)
+                vision = self.encode(batch)
             with watch.stage("scoring"):
                 selection, scoring, notes = self.score(vision, qs, atp)
             with watch.stage("projector"):
                 prompt = self.feed(vision, selection, batch, atp)
+            notes += prompt.notes
             halt.check()
             extra = {"stopping_criteria": halt.criteria()} if stop is not None else {}
             out = generate_timed(self.generator, watch, **prompt.generate_kwargs, **greedy(max_new_tokens), **extra)
@@ -190,26 +200,20 @@ class VlmBackend(abc.ABC):
             ids = self.new_tokens(out, prompt.input_len)
             answers = [a.strip() for a in self.tokenizer.batch_decode(ids, skip_special_tokens=True)]
         kept = [int(k) for k in selection.lengths.tolist()]
+        totals = [h * w for h, w in self.grids_of(vision)]
         joint_used = selection.s_inter is not None and self.joint is not None
-        cost = scoring_flops(
-            self.num_visual_tokens,
-            self.has_cls,
-            self.vision_hidden,
-            scoring.intra_signal,
-            self.joint.joint_flops(self.num_visual_tokens) if joint_used else 0.0,
-            self.joint.embed_dim if joint_used else 0,
-        )
+        cost = self.scoring_cost(vision, scoring.intra_signal, joint_used)
         return VlmResult(
             answers=answers,
             selection=selection,
-            visual_tokens_total=self.num_visual_tokens,
+            visual_tokens_total=totals,
             visual_tokens_kept=kept,
             consumer_tokens=prompt.consumer_tokens,
             text_tokens=prompt.text_tokens,
             timings=watch.timings(),
             scoring=scoring,
             views=batch.views,
-            flops=self._flops(kept, prompt, cost),
+            flops=self._flops(kept, prompt, cost, self.vision_cost(vision)),
             generated_ids=ids,
             notes=notes,
         )
@@ -228,11 +232,34 @@ class VlmBackend(abc.ABC):
             out = self.model.generate(**inputs, **greedy(max_new_tokens))
         return self.new_tokens(out, inputs["input_ids"].shape[1])
 
-    def _flops(self, kept: list[int], prompt: LmPrompt, scoring: float) -> dict[str, float]:
+    def _flops(self, kept: list[int], prompt: LmPrompt, scoring: float, vision: float) -> dict[str, float]:
         """Per-image FLOPs: the tower, scoring, and the family's projector and LLM prefill; ``pipeline`` sums them."""
         family = self.flops(kept, prompt)
-        parts = {"vision": self.vision_flops, "scoring": scoring, "projector": family["projector"]}
+        parts = {"vision": vision, "scoring": scoring, "projector": family["projector"]}
         return parts | family | {"pipeline": sum(parts.values()) + family["llm_prefill"]}
+
+    def grids_of(self, vision: VisionStates) -> list[tuple[int, int]]:
+        """Each image's token grid: the family's per-image grids, else the fixed one for every image."""
+        if vision.grids is not None:
+            return list(vision.grids)
+        return [self.grid] * int(vision.tokens.shape[0])
+
+    def vision_cost(self, vision: VisionStates) -> float:
+        """Per-image (batch mean) FLOPs of the tower forward; fixed-size towers: :attr:`vision_flops`."""
+        return self.vision_flops
+
+    def scoring_cost(self, vision: VisionStates, intra_signal: str, joint_used: bool) -> float:
+        """Per-image (batch mean) FLOPs of ATP scoring (:func:`scoring_flops` on each image's N_b)."""
+
+        def one(n: int) -> float:
+            joint = self.joint.joint_flops(n) if joint_used else 0.0
+            embed = self.joint.embed_dim if joint_used else 0
+            return scoring_flops(n, self.has_cls, self.vision_hidden, intra_signal, joint, embed)
+
+        sizes = [h * w for h, w in self.grids_of(vision)]
+        if len(set(sizes)) == 1:  # one grid: the one value, not a mean that may round it
+            return one(sizes[0])
+        return sum(one(n) for n in sizes) / len(sizes)
 
     # ================================================================== shared scoring
 
@@ -245,16 +272,17 @@ class VlmBackend(abc.ABC):
         """
         notes: list[str] = []
         patches = vision.tokens[:, self.prefix :]  # (B, N, D_c): what a diversity selector compares
+        grids = self.grids_of(vision)
         selector = atp.make_selector()
         tower = self.text_tower_id
         if not atp.enabled:
-            selection = selector.select(ScoreInputs(tokens=patches, grid=self.grid), atp.budget(patches.shape[1]))
+            selection = self.select(selector, ScoreInputs(tokens=patches), grids, atp)
             return selection, ScoringInfo("keep_all", 0.0, "", self.score_layer, "", tower), notes
         alpha = atp.requested_alpha
         tower_note = ""
         if selector.needs_text and self.joint is None:
             tower_note = (
-                f"no text tower for {self.model_id}: running CLS-only, alpha=0 instead of selector "
+                f"no text tower for {self.model_id}: running {self.intra_only}, alpha=0 instead of selector "
                 f"{atp.selector!r} with alpha={alpha} ({self.no_text_reason})"
             )
             notes.append(tower_note)
@@ -268,10 +296,33 @@ class VlmBackend(abc.ABC):
             text = torch.stack([self.text_cache.get(q) for q in questions])  # (B, E), cached per question
             patches_joint = self.joint.patches_to_joint(states)  # (B, N, E)
             s_inter = patch_text_cosine(patches_joint, text.to(patches_joint.device))  # (B, N)
-        inputs = ScoreInputs(s_intra=s_intra, s_inter=s_inter, tokens=patches, grid=self.grid)
-        selection = selector.select(inputs, atp.budget(self.num_visual_tokens))
+        inputs = ScoreInputs(s_intra=s_intra, s_inter=s_inter, tokens=patches)
+        selection = self.select(selector, inputs, grids, atp)
         info = ScoringInfo(selector.name, alpha, signal, self.score_layer, readout, tower, tower_note)
         return selection, info, notes
+
+    @staticmethod
+    def select(selector, inputs: ScoreInputs, grids: list[tuple[int, int]], atp: AtpConfig) -> Selection:
+        """Run ``selector`` with ``atp``'s budget applied per image on its own N_b = h_b * w_b tokens.
+
+        One grid for the whole batch: one batched call (fixed-size families always take this path).
+        Grids that differ: one call per image on its unpadded signals, stacked
+        (:func:`~atp_ros.method.stack_selections`); normalization and budgets are per image either
+        way, so an image gets the same selection alone as in any batch.
+        """
+        if len(set(grids)) == 1:
+            (h, w) = grids[0]
+            return selector.select(replace(inputs, grid=(h, w)), atp.budget(h * w))
+        parts = []
+        for b, (h, w) in enumerate(grids):
+            n = h * w
+
+            def cut(t: Tensor | None, b: int = b, n: int = n) -> Tensor | None:
+                return None if t is None else t[b : b + 1, :n]
+
+            one = ScoreInputs(cut(inputs.s_intra), cut(inputs.s_inter), cut(inputs.tokens), grid=(h, w))
+            parts.append(selector.select(one, atp.budget(n)))
+        return stack_selections(parts)
 
     def score_qk(self, x: Tensor, query_rows: slice) -> tuple[Tensor, Tensor]:
         """The score layer's queries of ``query_rows`` and keys of all tokens, from its input ``x`` ``(B, L, D)``.
@@ -318,8 +369,9 @@ class VlmBackend(abc.ABC):
         """The HF processor on RGB frames and the family's prompts."""
 
     @abc.abstractmethod
-    def encode(self, pixel_values: Tensor) -> VisionStates:
-        """One forward of the frozen vision tower, returning the states scoring and the consumer need."""
+    def encode(self, batch: Batch) -> VisionStates:
+        """One forward of the frozen vision tower on ``batch.pixel_values``, returning the states scoring and
+        the consumer need (and the per-image grids when they follow the frame)."""
 
     @abc.abstractmethod
     def feed(self, vision: VisionStates, selection: Selection, batch: Batch, atp: AtpConfig) -> LmPrompt:

@@ -82,9 +82,11 @@ class ScoringInfo:
 class VlmResult:
     """Everything one batched call produced. Token counts and FLOPs are per image.
 
-    Token counts mean the same in every family: ``visual_tokens_total`` is N, the patch tokens
-    the selector chose from, and ``visual_tokens_kept[b]`` is K_b, the patches it kept (the
-    keep mask's sum). A CLS token that a family always passes along (BLIP-2, IDEFICS, LLaVA
+    Token counts mean the same in every family: ``visual_tokens_total[b]`` is N_b, the tokens
+    the selector chose from for image ``b`` (a fixed N for families with one grid; per image for
+    those whose grid follows the frame, e.g. Qwen2.5-VL, where a token is one LLM token, a 2x2
+    merge group), and ``visual_tokens_kept[b]`` is K_b, the tokens it kept (the keep mask's sum).
+    A CLS token that a family always passes along (BLIP-2, IDEFICS, LLaVA
     with the ``full`` feature strategy) is counted in neither; ``consumer_tokens[b]`` is what
     the family's consumer actually received (LLaVA: image positions in the LLM; BLIP-2:
     Q-Former keys; IDEFICS: resampler context), CLS included. ``views[b]`` is the frame region
@@ -94,7 +96,7 @@ class VlmResult:
 
     answers: list[str]
     selection: Selection
-    visual_tokens_total: int
+    visual_tokens_total: list[int]
     visual_tokens_kept: list[int]
     consumer_tokens: list[int]
     text_tokens: list[int]
@@ -111,11 +113,21 @@ class VlmResult:
 
     @property
     def grid(self) -> tuple[int, int]:
+        """The token grid every image of the call shares; ValueError when they differ (use :meth:`grid_of`)."""
         return self.selection.grid
 
+    def grid_of(self, b: int = 0) -> tuple[int, int]:
+        """``(h, w)`` token grid of image ``b``."""
+        return self.selection.grid_of(b)
+
     def keep_mask(self, b: int = 0) -> np.ndarray:
-        """``(h, w)`` uint8 keep mask of image ``b`` (1 kept, 0 pruned)."""
-        return self.selection.mask[b].to(torch.uint8).cpu().numpy()
+        """``(h, w)`` uint8 keep mask of image ``b`` (1 kept, 0 pruned) on its own grid."""
+        return self.selection.mask_of(b).to(torch.uint8).cpu().numpy()
+
+    def score_grid(self, b: int = 0) -> np.ndarray:
+        """``(h, w)`` float32 fused score of image ``b`` on its own grid."""
+        h, w = self.grid_of(b)
+        return self.selection.scores[b, : h * w].reshape(h, w).float().cpu().numpy()
 
     def part(self, start: int, stop: int) -> VlmResult:
         """Images ``start:stop`` as a result of their own (a batch served to several callers, split back).
@@ -137,11 +149,13 @@ class VlmResult:
             scores=sel.scores[rows].clone(),
             s_intra=None if sel.s_intra is None else sel.s_intra[rows].clone(),
             s_inter=None if sel.s_inter is None else sel.s_inter[rows].clone(),
+            grids=None if sel.grids is None else sel.grids[rows],
         )
         return replace(
             self,
             answers=self.answers[rows],
             selection=selection,
+            visual_tokens_total=self.visual_tokens_total[rows],
             visual_tokens_kept=self.visual_tokens_kept[rows],
             consumer_tokens=self.consumer_tokens[rows],
             text_tokens=self.text_tokens[rows],

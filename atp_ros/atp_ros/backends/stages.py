@@ -5,7 +5,7 @@ gathering kept tokens, the stop hook)."""
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -34,6 +34,10 @@ class VisionStates:
     score_input: Tensor  # (B, L, D_v) hidden states entering the score layer (CLS first when the tower has one)
     last: Tensor  # (B, L, D_v) raw last-layer states (before any post-layernorm): S_inter, SigLIP probe
     last_input: Tensor | None = None  # (B, L, D_v) input of the last layer, for the dense read-outs
+    # Per image (h_b, w_b) token grid when it follows the frame (Qwen2.5-VL); None: the backend's fixed
+    # grid for every image. With grids, ``tokens`` is (B, max N_b, D_c) zero padded after N_b and the
+    # family says in its adapter how its tower states are laid out (Qwen2.5-VL: packed, (sum L_b, D_v)).
+    grids: list[tuple[int, int]] | None = None
 
 
 @dataclass(frozen=True)
@@ -44,6 +48,7 @@ class LmPrompt:
     input_len: int  # prompt length generate echoes before the new tokens (decoder-only LMs)
     text_tokens: list[int]  # per image: prompt tokens that are not visual
     consumer_tokens: list[int]  # per image: visual tokens the consumer received (CLS included)
+    notes: list[str] = field(default_factory=list)  # what the caller should know about how it was fed
 
 
 def greedy(max_new_tokens: int) -> dict:

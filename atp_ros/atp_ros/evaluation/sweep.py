@@ -166,7 +166,7 @@ def _evidence_keep(result, b: int, sample: Sample) -> float | None:
         return None
     view = result.views[b]
     boxes = [(x0 - view.x0, y0 - view.y0, x1 - view.x0, y1 - view.y0) for x0, y0, x1, y1 in sample.evidence]
-    need = evidence_mask(boxes, (view.y1 - view.y0, view.x1 - view.x0), result.grid)
+    need = evidence_mask(boxes, (view.y1 - view.y0, view.x1 - view.x0), result.grid_of(b))
     return metrics.evidence_recall(result.keep_mask(b).astype(bool), need)
 
 
@@ -219,7 +219,7 @@ def _records(result, chunk: Sequence[Sample]) -> list[dict]:
             "answer": result.answers[b],
             "accuracy": metrics.accuracy(result.answers[b], s.answers) if s.answers else None,
             "kept": int(result.visual_tokens_kept[b]),
-            "total": int(result.visual_tokens_total),
+            "total": int(result.visual_tokens_total[b]),
             "evidence_recall": _evidence_keep(result, b, s),
             "flops_prefill": float(result.flops["llm_prefill"]),
             "flops_pipeline": float(result.flops["pipeline"]),

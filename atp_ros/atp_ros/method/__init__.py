@@ -37,7 +37,14 @@ from atp_ros.method.scores import (
     patch_text_cosine,
     received_attention,
 )
-from atp_ros.method.selection import Budget, Selection, grid_shape, select_indices, select_top_k
+from atp_ros.method.selection import (
+    Budget,
+    Selection,
+    grid_shape,
+    select_indices,
+    select_top_k,
+    stack_selections,
+)
 from atp_ros.method.selectors import (
     KEEP_ALL,
     PRUNING_SELECTORS,
@@ -58,5 +65,5 @@ __all__ = [
     "ATPSelector", "AtpConfig", "Budget", "DivPruneSelector", "KeepAllSelector", "Normalization",
     "RandomSelector", "ScoreInputs", "Selection", "TokenSelector", "UniformSelector", "check_alpha",
     "cls_attention", "fuse_scores", "grid_shape", "make_selector", "normalize", "patch_text_cosine",
-    "received_attention", "select_indices", "select_top_k",
+    "received_attention", "select_indices", "select_top_k", "stack_selections",
 ]  # fmt: skip

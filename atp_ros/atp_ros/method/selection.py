@@ -80,6 +80,12 @@ class Selection:
     ``indices`` is ``(B, K_max)`` ascending; rows with fewer than ``K_max`` tokens
     (per-sample budgets) are padded with ``-1`` after ``lengths[b]`` entries.
     ``mask`` is the keep mask on the patch grid ``(B, h, w)``.
+
+    Images whose grids differ (a family with a per-image token grid, e.g. Qwen2.5-VL on frames
+    of different sizes) carry ``grids``: image ``b`` has ``grids[b] = (h_b, w_b)`` and
+    ``N_b = h_b * w_b`` tokens; ``mask`` is ``(B, max h, max w)`` with image ``b``'s grid in its
+    top-left corner and ``scores`` / ``s_intra`` / ``s_inter`` are ``(B, max N)`` zero padded
+    after ``N_b``. Read them per image with :meth:`grid_of`, :meth:`mask_of` and :meth:`tokens_of`.
     """
 
     indices: Tensor  # (B, K_max) long, ascending, -1 padded
@@ -89,16 +95,35 @@ class Selection:
     s_intra: Tensor | None = None  # (B, N) raw CLS attention (or received attention)
     s_inter: Tensor | None = None  # (B, N) raw patch/text cosine
     method: str = "atp"
+    grids: tuple[tuple[int, int], ...] | None = None  # per image (h_b, w_b) when they differ; None: mask's grid
 
     @property
     def num_tokens(self) -> int:
-        """N: patch tokens before pruning."""
+        """N: patch tokens before pruning (the largest N_b when the grids differ)."""
         return int(self.scores.shape[1])
 
     @property
     def grid(self) -> tuple[int, int]:
-        """(h, w) of the patch grid."""
+        """(h, w) of the patch grid every image shares; ValueError when they differ (use :meth:`grid_of`)."""
+        if self.grids is not None:
+            if len(set(self.grids)) > 1:
+                raise ValueError(f"the images' grids differ ({list(self.grids)}): use grid_of(b)")
+            return self.grids[0]
         return int(self.mask.shape[1]), int(self.mask.shape[2])
+
+    def grid_of(self, b: int) -> tuple[int, int]:
+        """(h, w) of image ``b``'s grid."""
+        return self.grids[b] if self.grids is not None else (int(self.mask.shape[1]), int(self.mask.shape[2]))
+
+    def tokens_of(self, b: int) -> int:
+        """N_b: image ``b``'s tokens before pruning."""
+        h, w = self.grid_of(b)
+        return h * w
+
+    def mask_of(self, b: int) -> Tensor:
+        """``(h_b, w_b)`` bool keep mask of image ``b``."""
+        h, w = self.grid_of(b)
+        return self.mask[b, :h, :w]
 
     @property
     def uniform(self) -> bool:
@@ -115,6 +140,47 @@ class Selection:
         out = torch.gather(tokens, 1, idx.unsqueeze(-1).expand(-1, -1, tokens.shape[-1]))
         valid = (self.indices >= 0).to(tokens.device).unsqueeze(-1)
         return out.masked_fill(~valid, 0)  # not a multiply: inf * 0 would be NaN
+
+
+def stack_selections(parts: list[Selection]) -> Selection:
+    """One selection of a batch from one single-image selection per image (grids may differ).
+
+    Every part must come from the same selector. Equal grids give the layout a batched call
+    builds (no ``grids``); differing grids the padded one the :class:`Selection` docstring describes.
+    """
+    if not parts or any(int(p.lengths.shape[0]) != 1 for p in parts):
+        raise ValueError("stack_selections needs one single-image selection per image")
+    grids = tuple(p.grid for p in parts)
+    b = len(parts)
+    n_max = max(h * w for h, w in grids)
+    h_max, w_max = max(h for h, _ in grids), max(w for _, w in grids)
+    k_max = max(int(p.lengths[0]) for p in parts)
+    indices = torch.full((b, k_max), -1, dtype=torch.long)
+    mask = torch.zeros(b, h_max, w_max, dtype=torch.bool)
+    for row, p in enumerate(parts):
+        k = int(p.lengths[0])
+        indices[row, :k] = p.indices[0, :k].cpu()
+        h, w = grids[row]
+        mask[row, :h, :w] = p.mask[0].cpu()
+
+    def padded(rows: list[Tensor | None]) -> Tensor | None:
+        if any(r is None for r in rows):
+            return None
+        out = torch.zeros(b, n_max, dtype=rows[0].dtype, device=rows[0].device)
+        for row, r in enumerate(rows):
+            out[row, : r.shape[1]] = r[0]
+        return out
+
+    return Selection(
+        indices=indices,
+        lengths=torch.cat([p.lengths.cpu() for p in parts]),
+        mask=mask,
+        scores=padded([p.scores for p in parts]),
+        s_intra=padded([p.s_intra for p in parts]),
+        s_inter=padded([p.s_inter for p in parts]),
+        method=parts[0].method,
+        grids=grids if len(set(grids)) > 1 else None,
+    )
 
 
 def grid_shape(num_tokens: int, grid: tuple[int, int] | None = None) -> tuple[int, int]:

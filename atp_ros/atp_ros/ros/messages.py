@@ -30,7 +30,7 @@ def reliable(depth: int = 10) -> QoSProfile:
 
 def score_grid(result: Any) -> np.ndarray:
     """The fused ATP score of image 0 of a ``VlmResult`` on its ``(h, w)`` patch grid, float32 on the host."""
-    return result.selection.scores[0].reshape(result.grid).cpu().numpy()
+    return result.score_grid(0)
 
 
 def answer_msg(
@@ -38,7 +38,7 @@ def answer_msg(
 ) -> VlmAnswer:
     """The VlmAnswer of a worker ``Outcome``; ``mask`` / ``scores`` are its ``(h, w)`` grids when already at hand."""
     result = outcome.result
-    h, w = result.grid
+    h, w = result.grid_of(0)
     mask = result.keep_mask(0) if mask is None else mask
     scores = score_grid(result) if scores is None else scores
     msg = VlmAnswer()
@@ -47,7 +47,7 @@ def answer_msg(
     msg.query = outcome.question
     msg.answer = result.answers[0]
     msg.model_id = model_id
-    msg.visual_tokens_total = int(result.visual_tokens_total)
+    msg.visual_tokens_total = int(result.visual_tokens_total[0])
     msg.visual_tokens_kept = int(result.visual_tokens_kept[0])
     msg.grid_height, msg.grid_width = int(h), int(w)
     msg.keep_mask = mask.reshape(-1).tobytes()

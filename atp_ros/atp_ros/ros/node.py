@@ -132,7 +132,11 @@ class VlmNode(AskEndpoints, LifecycleNode):
         try:
             self.get_logger().info(
                 f"loaded {self.model_id} ({b.family}) on {b.device} {b.dtype} in {time.monotonic() - started:.1f} s:"
-                f" {b.num_visual_tokens} visual tokens on a {b.grid[0]}x{b.grid[1]} grid"
+                + (
+                    f" {b.num_visual_tokens} visual tokens on a {b.grid[0]}x{b.grid[1]} grid"
+                    if b.grid is not None
+                    else f" a token grid per frame (at most {b.num_visual_tokens} visual tokens)"
+                )
             )
             self._log_notes(b.load_notes)
         except ServiceUnavailable as err:  # backend ray: the service may come later; frames count it till then

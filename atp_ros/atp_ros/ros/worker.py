@@ -446,5 +446,5 @@ class InferenceWorker:
         self._notes_logged.update(new)
         for note in new:
             self._safe_log(WARN, f"backend: {note}")
-        self.last_kept = (int(result.visual_tokens_kept[0]), int(result.visual_tokens_total))
+        self.last_kept = (int(result.visual_tokens_kept[0]), int(result.visual_tokens_total[0]))
         return Outcome(frame, question, rgb, result, started)

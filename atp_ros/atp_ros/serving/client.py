@@ -84,7 +84,7 @@ class RemoteBackend:
     device = _metadata_field("device")
     dtype = _metadata_field("dtype")
     num_visual_tokens = _metadata_field("num_visual_tokens")
-    grid = _metadata_field("grid", tuple)
+    grid = _metadata_field("grid", lambda grid: None if grid is None else tuple(grid))  # None: per frame
     load_notes = _metadata_field("load_notes", list)
 
     def describe(self) -> str:

@@ -90,7 +90,7 @@ def backend_metadata(backend: Any) -> dict[str, Any]:
         "device": str(backend.device),
         "dtype": str(backend.dtype),
         "num_visual_tokens": int(backend.num_visual_tokens),
-        "grid": tuple(int(g) for g in backend.grid),
+        "grid": tuple(int(g) for g in backend.grid) if backend.grid is not None else None,
         "load_notes": list(backend.load_notes),
         "describe": backend.describe(),
     }

@@ -16,7 +16,6 @@ import numpy as np
 import pytest
 import torch
 from atp_ros.backends import STAGES, AtpConfig, GenerationStopped, ModelLoadError, VlmBackend, VlmResult, load_backend
-from atp_ros.backends.flops import tower_flops
 from atp_ros.backends.loading import TEXT_TOWER_SUBDIR
 from backend_checks import MAX_NEW, QUESTIONS, TESTERS, FamilyTester, LmCalls, N, counted, outputs_of
 
@@ -36,7 +35,7 @@ def test_loads_through_load_backend(tester, ckpt, backend) -> None:
     assert backend.has_text_tower and backend.text_tower_id == str(ckpt / TEXT_TOWER_SUBDIR)
     assert backend.joint.vision_hidden == backend.vision_hidden
     assert backend.joint.encode_text("red box").shape == (backend.joint.embed_dim,)
-    assert backend.grid == (8, 8) and backend.num_visual_tokens == N
+    tester.check_grid(backend)
     assert backend.device.type == "cpu" and backend.dtype == torch.float32
     assert backend.model.config._attn_implementation == "sdpa"
     tester.check_loaded(backend)
@@ -64,7 +63,7 @@ def test_load_errors_name_the_path(tester, tmp_path, ckpt) -> None:
         load_backend(str(ckpt), text_encoder_id=str(tmp_path / "no_tower_here"))
 
 
-def test_missing_text_tower_runs_cls_only_with_note(backend, ckpt, images, tmp_path) -> None:
+def test_missing_text_tower_runs_cls_only_with_note(tester, backend, ckpt, images, tmp_path) -> None:
     """A copy without its text tower runs CLS-only and says so; an explicit tower fixes it."""
     bare = tmp_path / "bare"
     shutil.copytree(ckpt, bare, ignore=shutil.ignore_patterns(TEXT_TOWER_SUBDIR))
@@ -72,12 +71,12 @@ def test_missing_text_tower_runs_cls_only_with_note(backend, ckpt, images, tmp_p
     assert not cls_only.has_text_tower
     assert cls_only.load_notes and "no text tower" in cls_only.load_notes[0]
     result = cls_only.answer(images, QUESTIONS, AtpConfig(alpha=0.7, keep_tokens=8), max_new_tokens=2)
-    assert result.alpha_used == 0.0 and "running CLS-only, alpha=0" in result.notes[0]
+    assert result.alpha_used == 0.0 and f"running {backend.intra_only}, alpha=0" in result.notes[0]
     assert result.selection.s_inter is None and result.selection.s_intra is not None
     assert result.visual_tokens_kept == [8] * B
     ref = backend.answer(images, QUESTIONS, AtpConfig(alpha=0.0, keep_tokens=8), max_new_tokens=2)
     assert ref.notes == []
-    if backend.has_cls:  # same tower weights: CLS-only picks what the full backend picks with alpha 0
+    if not tester.intra_from_text_tower:  # same tower weights: CLS-only picks what the full backend picks
         assert len(result.notes) == 1 and result.selection.indices.tolist() == ref.selection.indices.tolist()
     else:  # SigLIP's probe came with the text tower: without it S_intra is received attention, noted
         assert len(result.notes) == 2 and "received attention" in result.notes[1]
@@ -99,18 +98,19 @@ KEEP_ALL = {
 
 @pytest.mark.parametrize("batch", [1, B])
 @pytest.mark.parametrize("case", sorted(KEEP_ALL))
-def test_keep_all_matches_stock_generate(backend, images, case: str, batch: int) -> None:
+def test_keep_all_matches_stock_generate(tester, backend, images, case: str, batch: int) -> None:
     imgs, qs = images[:batch], QUESTIONS[:batch]
     ref = backend.reference_generate(imgs, qs, max_new_tokens=MAX_NEW)
     assert all(len(r) > 0 for r in ref)
     assert batch == 1 or ref[0] != ref[1]  # the inputs matter: a degenerate model would prove nothing
     result = backend.answer(imgs, qs, KEEP_ALL[case], max_new_tokens=MAX_NEW)
     assert result.generated_ids == ref
-    assert result.visual_tokens_kept == [N] * batch
+    totals = [h * w for h, w in tester.expected_grids(backend, imgs)]
+    assert result.visual_tokens_total == result.visual_tokens_kept == totals
     if case == "disabled":
         assert result.selection.method == "keep_all"
     else:
-        assert result.selection.indices.tolist() == [list(range(N))] * batch
+        assert [result.selection.kept(b).tolist() for b in range(batch)] == [list(range(n)) for n in totals]
 
 
 def check_exact(backend: VlmBackend, images: list[np.ndarray]) -> None:
@@ -158,7 +158,7 @@ def test_prefill_holds_text_plus_visual_tokens_and_the_kv_cache_that_many(tester
     assert mask.sum(dim=1).tolist() == lengths
     assert mask[:, -1].all()  # every prompt ends where generation starts
     for b, length in enumerate(lengths):  # positions 0..len-1 on the real tokens
-        if atp.positions == "compact":
+        if atp.positions in tester.position_modes and atp.positions == "compact":
             assert positions[b][mask[b].bool()].tolist() == list(range(length))
     assert lm.calls[1]["cached"] == max(lengths)
     assert result.flops["llm_tokens"] == pytest.approx(np.mean(lengths))
@@ -178,7 +178,10 @@ def test_position_modes_change_only_position_ids(tester, backend, images) -> Non
     torch.testing.assert_close(tokens_o, tokens_c)
     assert torch.equal(original["attention_mask"], compact["attention_mask"])
     assert res_o.selection.indices.tolist() == res_c.selection.indices.tolist()
-    if tester.positions_matter:
+    if "compact" not in tester.position_modes:  # e.g. M-RoPE: original positions only, and a note says so
+        assert torch.equal(original["position_ids"], compact["position_ids"])
+        assert res_o.generated_ids == res_c.generated_ids and any("positions" in n for n in res_c.notes)
+    elif tester.positions_matter:
         assert not torch.equal(original["position_ids"], compact["position_ids"])
     else:
         assert res_o.generated_ids == res_c.generated_ids
@@ -209,31 +212,36 @@ def test_each_image_alone_matches_the_padded_batch(tester, backend, images) -> N
 # ---------------------------------------------------------------- result contents
 
 
-def test_result_contents(backend, images) -> None:
+def test_result_contents(tester, backend, images) -> None:
     result = backend.answer(images, QUESTIONS, AtpConfig(keep_tokens=12), max_new_tokens=MAX_NEW)
     sel = result.selection
+    grids = tester.expected_grids(backend, images)
     assert len(result.answers) == B and all(isinstance(a, str) for a in result.answers)
-    assert result.grid == (8, 8) and sel.mask.shape == (B, 8, 8) and result.visual_tokens_total == N
+    assert [result.grid_of(b) for b in range(B)] == grids
+    assert result.visual_tokens_total == [h * w for h, w in grids]
     assert len(result.views) == B
     for b in range(B):
         idx = sel.kept(b)
         assert int(sel.mask[b].sum()) == result.visual_tokens_kept[b] == 12
         assert torch.all(idx[1:] > idx[:-1])
-        assert sel.mask[b].flatten().nonzero().flatten().tolist() == idx.tolist()
+        assert sel.mask_of(b).flatten().nonzero().flatten().tolist() == idx.tolist()
+        assert result.keep_mask(b).shape == grids[b]
         assert result.keep_mask(b).dtype == np.uint8 and int(result.keep_mask(b).sum()) == 12
-    assert sel.s_intra.shape == sel.s_inter.shape == (B, N)
+        assert result.score_grid(b).shape == grids[b]
+    assert sel.s_intra.shape == sel.s_inter.shape == (B, max(result.visual_tokens_total))
     assert result.alpha_used == 0.5 and result.notes == []
     assert set(result.timings.as_dict()) >= set(STAGES)
     assert all(v >= 0 for v in result.timings.as_dict().values())
 
 
 @pytest.mark.parametrize("atp", [AtpConfig(keep_tokens=8), AtpConfig(keep_ratio=0.3), AtpConfig(mass=0.6)])
-def test_mask_sum_equals_kept(backend, images, atp) -> None:
+def test_mask_sum_equals_kept(tester, backend, images, atp) -> None:
     result = backend.answer(images, QUESTIONS, atp, max_new_tokens=2)
-    assert result.visual_tokens_total == N and result.grid == (8, 8)
+    grids = tester.expected_grids(backend, images)
+    assert result.visual_tokens_total == [h * w for h, w in grids]
     for b in range(B):
         mask = result.keep_mask(b)
-        assert mask.shape == (8, 8) and mask.dtype == np.uint8
+        assert mask.shape == grids[b] and mask.dtype == np.uint8
         assert int(mask.sum()) == result.visual_tokens_kept[b] == int(result.selection.lengths[b])
 
 
@@ -263,11 +271,7 @@ def test_flops_match_torch_flop_counter(tester, ckpt) -> None:
     attention matmuls a fused SDPA kernel would hide from it)."""
     backend = load_backend(str(ckpt), device="cpu")
     backend.model.set_attn_implementation("eager")
-    v = backend.model.config.vision_config
-    pixels = torch.randn(1, 3, v.image_size, v.image_size)
-    assert counted(lambda: tester.vision_tower(backend)(pixels)) == tower_flops(v, backend.has_cls)
-    assert backend.vision_flops == tower_flops(v, backend.has_cls)
-    for stage, (run, expected) in tester.flop_cases(backend).items():
+    for stage, (run, expected) in (tester.vision_flop_cases(backend) | tester.flop_cases(backend)).items():
         assert counted(run) == expected, stage
 
 
@@ -283,14 +287,18 @@ def test_selectors(backend, images, selector: str, alpha: float) -> None:
     assert result.alpha_used == alpha
 
 
-def test_received_signal(backend, images) -> None:
+def test_received_signal(tester, backend, images) -> None:
     atp = AtpConfig(intra_signal="received", alpha=0.0, keep_tokens=6)
     result = backend.answer(images, QUESTIONS, atp, max_new_tokens=2)
     assert result.scoring.intra_signal == "received" and result.visual_tokens_kept == [6] * B
     s = result.selection.s_intra
-    assert s.shape == (B, N) and torch.all(s > 0)
+    assert s.shape == (B, max(result.visual_tokens_total))
+    assert all(torch.all(s[b, :n] > 0) for b, n in enumerate(result.visual_tokens_total))
     cls = backend.answer(images, QUESTIONS, AtpConfig(alpha=0.0, keep_tokens=6), max_new_tokens=2)
-    assert not torch.allclose(s, cls.selection.s_intra)
+    if tester.default_intra == "received":  # no CLS and no probe: the family's S_intra is received attention
+        assert cls.scoring.intra_signal == "received" and torch.equal(s, cls.selection.s_intra)
+    else:
+        assert not torch.allclose(s, cls.selection.s_intra)
 
 
 def test_inter_readouts_are_used_or_noted(tester, backend, images) -> None:
@@ -299,7 +307,7 @@ def test_inter_readouts_are_used_or_noted(tester, backend, images) -> None:
     for readout in ("naive", "maskclip", "clearclip"):
         result = backend.answer(images, QUESTIONS, AtpConfig(alpha=1.0, inter_readout=readout), max_new_tokens=1)
         inter[readout] = result.selection.s_inter
-        assert inter[readout].shape == (B, N) and torch.isfinite(inter[readout]).all()
+        assert inter[readout].shape == (B, max(result.visual_tokens_total)) and torch.isfinite(inter[readout]).all()
         if tester.dense_readouts or readout == "naive":
             assert result.scoring.inter_readout == readout and result.notes == []
         else:

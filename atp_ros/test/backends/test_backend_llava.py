@@ -136,7 +136,7 @@ def test_full_strategy_keeps_cls_and_prunes_patches(backends: dict, images: list
     with LmCalls(be.model.model.language_model) as lm:
         res = be.answer(images, QUESTIONS, AtpConfig(keep_tokens=7), max_new_tokens=MAX_NEW)
     # Token counts are patches in every family; CLS rides along to the LLM and shows in consumer_tokens.
-    assert res.visual_tokens_total == N and res.visual_tokens_kept == [7, 7] and res.consumer_tokens == [8, 8]
+    assert res.visual_tokens_total == [N, N] and res.visual_tokens_kept == [7, 7] and res.consumer_tokens == [8, 8]
     assert res.selection.mask.sum(dim=(1, 2)).tolist() == [7, 7]
     assert lm.prefill["attention_mask"].sum(dim=1).tolist() == [t + 8 for t in res.text_tokens]
 

@@ -115,7 +115,7 @@ def test_remote_code_in_a_checkpoint_is_never_imported(tmp_path: Path) -> None:
     be = load_backend(str(ckpt), device="cpu")
     assert type(be.model) is LlavaForConditionalGeneration and be.has_text_tower
     res = be.answer([np.zeros((64, 64, 3), np.uint8)], "what is here?", max_new_tokens=1)
-    assert res.visual_tokens_total == 64 and len(res.answers) == 1
+    assert res.visual_tokens_total == [64] and len(res.answers) == 1
 
     _with_remote_code(ckpt, marker, model_type="evil_llava")
     with pytest.raises(ModelLoadError, match="model_type 'evil_llava' is not supported"):

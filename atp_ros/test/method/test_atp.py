@@ -41,6 +41,7 @@ from atp_ros.method import (
     received_attention,
     select_indices,
     select_top_k,
+    stack_selections,
 )
 from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
@@ -908,6 +909,31 @@ def test_select_indices_sorts_and_pads() -> None:
     assert sel.indices.tolist() == [[1, 4, 8], [2, -1, -1]]
     assert sel.lengths.tolist() == [3, 1] and not sel.uniform
     check_selection_invariants(sel, 9, (3, 3))
+
+
+def test_stacked_selections_keep_each_images_own_grid() -> None:
+    """Images whose grids differ (5x6, 4x4, 8x6 tokens) are selected alone and stacked: each keeps its own
+    grid, mask, scores and kept indices; reading a single grid of the batch is an error, not a guess."""
+    g = gen(3)
+    grids = [(5, 6), (4, 4), (8, 6)]
+    selector = ATPSelector(alpha=0.5)
+    parts, signals = [], []
+    for h, w in grids:
+        s_intra, s_inter = torch.rand(1, h * w, generator=g), torch.rand(1, h * w, generator=g)
+        signals.append((s_intra, s_inter))
+        parts.append(selector.select(ScoreInputs(s_intra, s_inter, grid=(h, w)), Budget(mass=0.5)))
+    sel = stack_selections(parts)
+    assert sel.grids == tuple(grids) and sel.mask.shape == (3, 8, 6) and sel.scores.shape == (3, 48)
+    for b, ((h, w), part) in enumerate(zip(grids, parts, strict=True)):
+        assert sel.grid_of(b) == (h, w) and sel.tokens_of(b) == h * w
+        assert torch.equal(sel.kept(b), part.kept(0)) and torch.equal(sel.mask_of(b), part.mask[0])
+        assert int(sel.mask[b].sum()) == int(sel.lengths[b])  # nothing outside the image's own grid
+        assert torch.equal(sel.scores[b, : h * w], part.scores[0]) and not sel.scores[b, h * w :].any()
+        assert torch.equal(sel.s_intra[b, : h * w], signals[b][0][0])
+    with pytest.raises(ValueError, match="grid_of"):
+        sel.grid  # noqa: B018
+    same = stack_selections([parts[0], parts[0]])  # equal grids: the batched layout, no per-image grids
+    assert same.grids is None and same.grid == (5, 6) and same.mask.shape == (2, 5, 6)
 
 
 # --------------------------------------------------------------------------- gather
