@@ -1,8 +1,9 @@
 """FLOPs and KV cache of the real architectures, without weights: what ATP saves on a 7B LLaVA.
 
-The configs of llava-1.5-7b/-13b, llava-interleave-qwen-0.5b, blip2-opt-2.7b and idefics-9b are
-written down in ``bench/archs/`` (nothing can be downloaded here). Per keep ratio the same analytic
-cost model the backends report (``llava_costs``/``blip2_costs``/``idefics_costs``, ``tower_flops``,
+The configs of llava-1.5-7b/-13b, llava-interleave-qwen-0.5b, blip2-opt-2.7b, idefics-9b and
+qwen2.5-vl-3b/-7b are written down in ``bench/archs/`` (nothing can be downloaded here). Per keep
+ratio the same analytic cost model the backends report (``llava_costs``/``blip2_costs``/``idefics_costs``/
+``qwen_costs``, ``tower_flops``/``qwen_vision_flops``,
 ``scoring_flops``; checked equal to torch's FlopCounterMode on tiny models in ``test_flops.py``)
 gives the LLM prefill FLOPs, the whole pipeline's FLOPs (ViT + ATP scoring + projector/Q-Former/
 resampler + prefill) and the fp16 KV cache per frame. A prompt of 40 text tokens is assumed.
@@ -23,6 +24,7 @@ from atp_ros.backends.blip2 import blip2_costs
 from atp_ros.backends.flops import kv_cache_bytes, scoring_flops, tower_flops
 from atp_ros.backends.idefics import idefics_costs
 from atp_ros.backends.llava import llava_costs
+from atp_ros.backends.qwen2_5_vl import qwen_costs, qwen_vision_flops
 from common import RESULTS, stamp
 from rich.console import Console
 from rich.table import Table
@@ -32,6 +34,9 @@ KEEP_RATIOS = (1.0, 0.6, 0.4, 0.25, 0.11)
 TEXT_TOKENS = 40
 JOINT_WIDTH = {"llava-1.5-7b": 768, "llava-1.5-13b": 768, "llava-interleave-qwen-0.5b": 1152}  # S_inter space
 JOINT_WIDTH |= {"blip2-opt-2.7b": 1024, "idefics-9b": 1024}  # EVA01-g-14, CLIP ViT-H/14
+# Qwen2.5-VL's grid follows the frame: a 640x480 camera frame, smart_resize'd to 476x644 px = 34x46 patches of
+# 14 px = 17x23 = 391 LLM tokens (2x2 merge). No matching text tower: S_intra alone (received attention).
+QWEN_FRAME_PATCHES = (1, 34, 46)
 
 
 def load(path: Path) -> PretrainedConfig:
@@ -42,6 +47,8 @@ def load(path: Path) -> PretrainedConfig:
 
 
 def rows_for(name: str, cfg: PretrainedConfig) -> list[dict]:
+    if cfg.model_type == "qwen2_5_vl":
+        return qwen_rows(name, cfg)
     v = cfg.vision_config
     side = int(v.image_size) // int(v.patch_size)
     n = side * side
@@ -64,22 +71,44 @@ def rows_for(name: str, cfg: PretrainedConfig) -> list[dict]:
         else:  # idefics: one <image> token in the text, the LLM cross-attends to 64 latents
             costs = idefics_costs(cfg, [TEXT_TOKENS + 1], [k + 1])
             text_cfg, consumer = cfg, k + 1
-        pipeline = vision + scoring + costs["projector"] + costs["llm_prefill"]
-        rows.append(
-            {
-                "model": name,
-                "keep_ratio": ratio,
-                "visual_tokens": k,
-                "consumer_tokens": consumer,
-                "llm_tokens": costs["llm_tokens"],
-                "vision_gflops": vision / 1e9,
-                "scoring_gflops": scoring / 1e9,
-                "projector_gflops": costs["projector"] / 1e9,
-                "llm_prefill_gflops": costs["llm_prefill"] / 1e9,
-                "pipeline_gflops": pipeline / 1e9,
-                "kv_cache_mib_fp16": kv_cache_bytes(text_cfg, round(costs["llm_tokens"])) / 2**20,
-            }
-        )
+        rows.append(_row(name, ratio, k, consumer, vision, scoring, costs, text_cfg))
+    return _relative(rows)
+
+
+def qwen_rows(name: str, cfg: PretrainedConfig) -> list[dict]:
+    """Qwen2.5-VL on a 640x480 frame: K counts LLM tokens (2x2 merge groups); scoring is received
+    attention at a full-attention block over the 4 N patches, intra-only (no text tower)."""
+    v = cfg.vision_config
+    t, h, w = QWEN_FRAME_PATCHES
+    n = t * h * w // 4
+    vision = qwen_vision_flops(v, QWEN_FRAME_PATCHES)
+    rows = []
+    for ratio in KEEP_RATIOS:
+        k = min(n, max(1, math.ceil(ratio * n - 1e-9)))
+        scoring = 0.0 if ratio == 1.0 else scoring_flops(4 * n, False, int(v.hidden_size), "received")
+        costs = qwen_costs(cfg, [TEXT_TOKENS], [k], [n])
+        rows.append(_row(name, ratio, k, k, vision, scoring, costs, cfg.text_config))
+    return _relative(rows)
+
+
+def _row(name, ratio, k, consumer, vision, scoring, costs, text_cfg) -> dict:
+    pipeline = vision + scoring + costs["projector"] + costs["llm_prefill"]
+    return {
+        "model": name,
+        "keep_ratio": ratio,
+        "visual_tokens": k,
+        "consumer_tokens": consumer,
+        "llm_tokens": costs["llm_tokens"],
+        "vision_gflops": vision / 1e9,
+        "scoring_gflops": scoring / 1e9,
+        "projector_gflops": costs["projector"] / 1e9,
+        "llm_prefill_gflops": costs["llm_prefill"] / 1e9,
+        "pipeline_gflops": pipeline / 1e9,
+        "kv_cache_mib_fp16": kv_cache_bytes(text_cfg, round(costs["llm_tokens"])) / 2**20,
+    }
+
+
+def _relative(rows: list[dict]) -> list[dict]:
     full = rows[0]
     for r in rows:
         r["llm_prefill_vs_full"] = r["llm_prefill_gflops"] / full["llm_prefill_gflops"]

@@ -24,10 +24,12 @@ from atp_ros.backends.blip2 import Blip2Backend, qformer_flops
 from atp_ros.backends.flops import decoder_prefill_flops, lm_dims, tower_flops
 from atp_ros.backends.idefics import IdeficsBackend, resampler_flops
 from atp_ros.backends.llava import LlavaBackend, llava_costs
+from atp_ros.backends.qwen2_5_vl import Qwen25VLBackend, qwen_costs, qwen_vision_flops
 from atp_ros.method import Selection
 from atp_ros.testing.tiny.blip2 import save_tiny_blip2
 from atp_ros.testing.tiny.idefics import save_tiny_idefics
 from atp_ros.testing.tiny.llava import save_tiny_llava
+from atp_ros.testing.tiny.qwen2_5_vl import save_tiny_qwen2_5_vl
 from torch.utils.flop_counter import FlopCounterMode
 
 MAX_NEW = 5
@@ -303,9 +305,64 @@ class IdeficsTester(FamilyTester):
         assert backend.joint.kind == "clip" and backend.model.config.use_resampler
 
 
+class Qwen25VLTester(FamilyTester):
+    """Qwen2.5-VL: a per-frame grid of LLM tokens (2x2 merge groups), M-RoPE, received attention, a given tower."""
+
+    name = family = "qwen2_5_vl"
+    positions_matter = True
+    position_modes = ("original",)  # M-RoPE: original positions only
+    default_intra = "received"  # no CLS, no pooling head
+    shrinking = ("llm_prefill",)  # the merger runs in the tower on every patch: projector 0 either way
+    unpruned = ("llm_prefill_unpruned", "llm_prefill")
+
+    backend_cls = Qwen25VLBackend
+    builder = staticmethod(save_tiny_qwen2_5_vl)
+
+    def expected_grids(self, backend, images):
+        # The stock processor's image_grid_thw (patches) over the 2x2 merge: 40x50 -> 5x6, 32x32 -> 4x4, 64x48 -> 8x6.
+        from PIL import Image
+
+        thw = backend.processor.image_processor(images=[Image.fromarray(i) for i in images])["image_grid_thw"]
+        return [(int(h) // 2, int(w) // 2) for _, h, w in thw.tolist()]
+
+    def check_grid(self, backend):
+        assert backend.grid is None and backend.num_visual_tokens == 64  # at most 64 x 64 px: 8 x 8 tokens
+
+    def language_model(self, backend):
+        return backend.model.model.language_model
+
+    def vision_tower(self, backend):
+        return backend.visual
+
+    def llm_image_tokens(self, backend, result, b):
+        return result.consumer_tokens[b]  # the shortened <|image_pad|> run; vision start/end count as text
+
+    def vision_flop_cases(self, backend):
+        from PIL import Image
+
+        frame = Image.fromarray(frames()[0])  # 40 x 50 -> 10 x 12 patches: windows of 2x2 merged tokens, one cut
+        enc = backend.processor.image_processor(images=[frame], return_tensors="pt")
+        thw = tuple(int(x) for x in enc["image_grid_thw"][0])
+        run = lambda: backend.visual(enc["pixel_values"], grid_thw=enc["image_grid_thw"])  # noqa: E731
+        return {"vision": (run, qwen_vision_flops(backend.visual.config, thw))}
+
+    def flop_cases(self, backend):
+        cfg = backend.model.config
+        k, text = 10, 23
+        embeds = torch.randn(1, text + k, cfg.text_config.hidden_size)
+        costs = qwen_costs(cfg, [text], [k], [40])
+        assert costs["llm_tokens"] == text + k
+        return {"llm_prefill": (lambda: self.language_model(backend)(inputs_embeds=embeds), costs["llm_prefill"])}
+
+    def check_loaded(self, backend):
+        assert backend.joint.kind == "siglip" and backend.score_layer == 3  # the last full-attention block
+        assert any("an approximation" in note for note in backend.load_notes)
+
+
 TESTERS: list[FamilyTester] = [
     LlavaTester("clip"),
     LlavaTester("siglip"),
     Blip2Tester(),
     IdeficsTester(),
+    Qwen25VLTester(),
 ]

@@ -20,6 +20,7 @@ FAMILIES: dict[str, tuple[str, str]] = {
     "llava": ("atp_ros.backends.llava", "LlavaBackend"),
     "blip-2": ("atp_ros.backends.blip2", "Blip2Backend"),
     "idefics": ("atp_ros.backends.idefics", "IdeficsBackend"),
+    "qwen2_5_vl": ("atp_ros.backends.qwen2_5_vl", "Qwen25VLBackend"),
 }
 
 
