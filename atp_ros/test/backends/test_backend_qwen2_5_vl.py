@@ -55,6 +55,22 @@ def test_grid_follows_the_frame_including_odd_merged_grids(backend) -> None:
     assert [v.as_tuple() for v in result.views] == [(0, 0, 64, 48), (0, 0, 40, 56)]  # the whole frame, resized
 
 
+def test_a_part_of_a_mixed_batch_keeps_its_own_grid(backend) -> None:
+    """Ray Serve answers a coalesced batch and splits it per caller (``VlmResult.part``): each part keeps its
+    frame's grid, mask, scores and token counts, and pickles without the rest of the batch."""
+    import pickle
+
+    imgs = _frames((48, 64), (56, 40), (32, 32))
+    result = backend.answer(imgs, [*QUESTIONS, "is the aisle empty?"], AtpConfig(keep_ratio=0.25), max_new_tokens=2)
+    for b in range(3):
+        part = pickle.loads(pickle.dumps(result.part(b, b + 1)))
+        assert part.grid_of(0) == result.grid_of(b) and part.visual_tokens_total == [result.visual_tokens_total[b]]
+        assert np.array_equal(part.keep_mask(0), result.keep_mask(b))
+        assert np.array_equal(part.score_grid(0), result.score_grid(b))
+        assert part.generated_ids == [result.generated_ids[b]]
+        assert part.visual_tokens_kept == [result.visual_tokens_kept[b]]
+
+
 def test_window_order_is_undone(backend) -> None:
     """The un-permuted last block, merged, is exactly the tower's output (which the model un-permutes itself)."""
     batch = backend.preprocess(_frames((40, 50), (64, 48)), QUESTIONS)
