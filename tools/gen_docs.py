@@ -162,6 +162,8 @@ def headline() -> str:
         "KV cache fp16",
         "ViT-L/14-336 + Qwen2-0.5B frame speed-up (CPU)",
     )
+    model = card.get("model", "warehouse-tiny")
+    header = (header[0], f"{model} tokens kept", *header[2:])
     lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
     tiny_all = round(card["selectors"]["atp@1.0"]["tokens_kept"])
     llava_all = _flops_row(flops, "llava-1.5-7b", 1.0)["visual_tokens"]

@@ -1,14 +1,16 @@
 """``warehouse``: write synthetic warehouse datasets and rosbags with ground truth.
 
-    warehouse generate --split test --count 200 --seed 0 --out DIR [--size 336] [--questions 2]
-        DIR/images/*.png and DIR/samples.jsonl (image, question, answer, answers, kind, evidence, seed)
-        --world cell: stills of the rendered 3D cell; samples also carry ``slots`` (the question's
-        structured meaning); ``--held-out-only`` (test split) asks only phrasings never trained on
+    warehouse generate --split test --count 200 --seed 0 --out DIR [--size 640x480] [--questions 2]
+        DIR/images/*.png and DIR/samples.jsonl (image, question, answer, answers, kind, evidence,
+        seed, slots: the question's structured meaning) of stills of the rendered 3D cell;
+        ``--held-out-only`` (test split) asks only phrasings never trained on
     warehouse bag --count 100 --rate 10 --out BAG [--split test] [--size 640x480] [--question-every 5]
-        a rosbag2 (mcap): /camera/image_raw (sensor_msgs/Image rgb8, stamped), /atp_vlm/query
-        (std_msgs/String, a new standing question every few frames) and BAG/ground_truth.jsonl,
-        one line per frame keyed by its stamp: the question in force, answer(s), evidence boxes.
-        --world cell: one continuous episode of the cell (the arm at work) instead of stills.
+        one continuous episode of the cell (the arm at work) as a rosbag2 (mcap): /camera/image_raw
+        (sensor_msgs/Image rgb8, stamped), /atp_vlm/query (std_msgs/String, a new standing question
+        every few frames) and BAG/ground_truth.jsonl, one line per frame keyed by its stamp: the
+        question in force, answer(s), evidence boxes.
+    --world flat: the 2D world of warehouse-tiny instead (independent stills, 8 template questions,
+        no ``slots``; default size 336 for generate).
 
 Splits are disjoint seed ranges (``scenes.SPLITS``); ``--seed`` is the first scene's offset
 inside the split. The same arguments write the same files.
@@ -167,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--count", type=int, default=100, help="images")
     g.add_argument("--seed", type=int, default=0, help="first scene offset inside the split")
     g.add_argument("--out", type=Path, required=True)
-    g.add_argument("--size", type=parse_size, default=(336, 336), help="N (square) or WIDTHxHEIGHT")
+    g.add_argument("--size", type=parse_size, default=None, help="N (square) or WIDTHxHEIGHT (640x480 cell, 336 flat)")
     g.add_argument("--questions", type=int, default=2, help="questions per image")
     g.add_argument("--held-out-only", action="store_true", help="cell, test split: only phrasings held out of training")
     b = sub.add_parser("bag", help="rosbag2 (mcap) camera stream + queries + ground-truth sidecar")
@@ -179,9 +181,11 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--size", type=parse_size, default=(480, 640), help="N or WIDTHxHEIGHT (default 640x480)")
     b.add_argument("--question-every", type=int, default=5, help="frames per standing question")
     for p in (g, b):
-        p.add_argument("--world", choices=WORLDS, default="flat",
-                       help="flat: 2D stills (warehouse-tiny's world); cell: the rendered 3D cell")  # fmt: skip
+        p.add_argument("--world", choices=WORLDS, default="cell",
+                       help="cell: the rendered 3D cell (warehouse-cell); flat: 2D world (warehouse-tiny)")  # fmt: skip
     args = ap.parse_args(argv)
+    if args.size is None:
+        args.size = (480, 640) if args.world == "cell" else (336, 336)
     if getattr(args, "held_out_only", False) and (args.world != "cell" or args.split != "test"):
         ap.error("--held-out-only goes with --world cell --split test")
     for name in ("count", "questions", "question_every"):

@@ -1,6 +1,11 @@
 """``make model-card``: measure a warehouse VLM on a split, choose ATP's defaults on validation, report on test.
 
-    python -m atp_ros.warehouse.model_card --model warehouse-tiny --out out/model_card [--images 600] [--quick]
+    python -m atp_ros.warehouse.model_card --model warehouse-cell --world cell --out out/model_card [--images 600]
+
+``--world cell`` (the default) asks the cell's questions of rendered 640x480 cell stills (validation
+frames: the trainer's validation seeds; test frames: test seeds its end-of-training report does not
+use; test questions worded only with phrasings training never saw); ``--world flat`` the 2D
+world's template questions of ``warehouse-tiny``'s square stills.
 
 1. **validation**: ATP (alpha x S_inter read-out x position mode) at keep 0.4 / 0.25 / 0.11;
    the defaults are the setting with the best mean accuracy over those budgets (evidence
@@ -34,7 +39,7 @@ from atp_ros.backends import AtpConfig, load_backend
 from atp_ros.evaluation.sources import Sample
 from atp_ros.evaluation.sweep import answer_samples
 from atp_ros.method import NORMALIZATIONS, PRUNING_SELECTORS
-from atp_ros.warehouse.scenes import KINDS, distinct_questions, render_scene, split_seed
+from atp_ros.warehouse.scenes import distinct_questions, render_scene, split_seed
 
 KEEPS = (1.0, 0.6, 0.4, 0.25, 0.11)
 VAL_KEEPS = (0.4, 0.25, 0.11)
@@ -43,8 +48,13 @@ READOUTS = ("naive", "maskclip", "clearclip")
 POSITIONS = ("original", "compact")
 
 
-def make_samples(split: str, images: int, per_image: int, size: tuple[int, int]) -> list[Sample]:
-    """``per_image`` distinct questions on each of ``images`` rendered scenes of ``split``."""
+CELL_TEST_OFFSET = 1_000  # test frames after the ones the trainer's own report used
+
+
+def make_samples(split: str, images: int, per_image: int, size: tuple[int, int], world: str = "flat") -> list[Sample]:
+    """``per_image`` distinct questions on each of ``images`` rendered scenes of ``split`` (validation or test)."""
+    if world == "cell":
+        return cell_samples(split, images, per_image, size)
     out = []
     for i in tqdm(range(images), desc=f"render {split}", unit="img", leave=False):
         scene = render_scene(split_seed(split, i), height=size[0], width=size[1])
@@ -55,13 +65,32 @@ def make_samples(split: str, images: int, per_image: int, size: tuple[int, int])
     return out
 
 
+def cell_samples(split: str, images: int, per_image: int, size: tuple[int, int]) -> list[Sample]:
+    """The cell's questions on rendered stills; test questions use held-out phrasings only."""
+    from atp_ros.warehouse.cell.episodes import random_still
+    from atp_ros.warehouse.cell.model.data import frame_seed
+    from atp_ros.warehouse.cell.questions import questions_for
+
+    cell_split, offset = ("val", 0) if split == "validation" else ("test", CELL_TEST_OFFSET)
+    out = []
+    for i in tqdm(range(images), desc=f"render cell {split}", unit="img", leave=False):
+        seed = frame_seed(cell_split, 0, offset + i)
+        frame = random_still(seed, width=size[1], height=size[0])
+        rng = np.random.default_rng([seed, 11])
+        held = cell_split == "test"
+        for j, q in enumerate(questions_for(frame.truth, rng, per_image, cell_split, held_out_only=held)):
+            boxes = tuple(tuple(float(v) for v in box) for box in q.evidence)
+            out.append(Sample(f"{split}:{i}:{j}", frame.rgb, q.question, tuple(q.answers), boxes, kind=q.kind))
+    return out
+
+
 def run(backend, samples: list[Sample], atp: AtpConfig, batch: int = 32) -> dict:
     """Accuracy (overall and per kind), evidence recall, tokens kept and ms per frame for one setting,
     answered and scored by the evaluation sweep (``evaluation.sweep.answer_samples``)."""
     start = time.perf_counter()
     records = answer_samples(backend, samples, atp, max_new_tokens=3, batch=batch, reseed_random=True)
     elapsed = (time.perf_counter() - start) * 1e3 / max(len(samples), 1)
-    by_kind: dict[str, list[float]] = {k: [] for k in KINDS}
+    by_kind: dict[str, list[float]] = {}
     for r, s in zip(records, samples, strict=True):
         by_kind.setdefault(s.kind, []).append(r["accuracy"])
     recall = [r["evidence_recall"] for r in records if r["evidence_recall"] is not None]
@@ -194,7 +223,7 @@ def markdown(report: dict, val_rows: list[dict]) -> str:
         f"normalization={c['normalization']}, S_intra layer={c['score_layer']} (backend default "
         f"{c['default_score_layer']}), positions={c['positions']}.",
         "",
-        f"**Full model (all 144 tokens), test: {full['accuracy']:.3f}** on {full['n']} questions",
+        f"**Full model (all {full['tokens_kept']:.0f} tokens), test: {full['accuracy']:.3f}** on {full['n']} questions",
         "",
         "| kind | " + " | ".join(full["per_kind"]) + " |",
         "|---|" + "---|" * len(full["per_kind"]),
@@ -247,7 +276,7 @@ def markdown(report: dict, val_rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot(report: dict, out: Path) -> None:
+def plot(report: dict, out: Path, model: str = "warehouse-cell") -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -260,7 +289,7 @@ def plot(report: dict, out: Path) -> None:
         ax[0].plot(KEEPS, acc, "o-", label=name)
         ax[1].plot(KEEPS, rec, "o-", label=name)
     ax[0].axhline(report["full"]["accuracy"], color="k", ls="--", lw=1, label="full")
-    ax[0].set(xlabel="keep ratio", ylabel="answer accuracy (test)", title="warehouse-tiny: accuracy", xscale="log")
+    ax[0].set(xlabel="keep ratio", ylabel="answer accuracy (test)", title=f"{model}: accuracy", xscale="log")
     ax[1].set(xlabel="keep ratio", ylabel="evidence recall", title="evidence patches kept", xscale="log")
     for a in ax:
         a.set_xticks(KEEPS, [str(k) for k in KEEPS])
@@ -270,32 +299,43 @@ def plot(report: dict, out: Path) -> None:
     plt.close(fig)
 
 
+def parse_size(text: str) -> tuple[int, int]:
+    """``"480x640"`` -> ``(480, 640)`` (height, width)."""
+    try:
+        h, w = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise SystemExit(f"--size {text!r}: expected HxW, e.g. 480x640") from None
+    return h, w
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="model_card", description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default="warehouse-tiny")
+    ap.add_argument("--model", default="warehouse-cell")
+    ap.add_argument("--world", choices=("cell", "flat"), default="cell", help="which warehouse the questions are about")
     ap.add_argument("--out", type=Path, default=Path("out/model_card"))
     ap.add_argument("--images", type=int, default=600, help="images per split (2 questions each)")
-    ap.add_argument("--size", type=int, default=336, help="square frame size of the rendered splits")
+    ap.add_argument("--size", default="", help="HxW of the rendered frames (default: 480x640 cell, 336x336 flat)")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--quick", action="store_true", help="a small smoke run (60 images)")
     args = ap.parse_args(argv)
     images = 60 if args.quick else args.images
     args.out.mkdir(parents=True, exist_ok=True)
-    size = (args.size, args.size)
-    val = make_samples("validation", max(images // 2, 1), 2, size)
+    size = parse_size(args.size or ("480x640" if args.world == "cell" else "336x336"))
+    val = make_samples("validation", max(images // 2, 1), 2, size, args.world)
     chosen, val_rows = choose_defaults(args.model, args.device, val)
     print(f"chosen on validation: {chosen}")
     (args.out / "chosen.json").write_text(json.dumps(chosen, indent=1) + "\n")
     backend = load_backend(args.model, device=args.device)
     if chosen["score_layer"] != chosen["default_score_layer"]:
         backend = load_backend_with_layer(args.model, args.device, chosen["score_layer"])
-    test = make_samples("test", images, 2, size)
+    test = make_samples("test", images, 2, size, args.world)
     report = test_report(backend, test, chosen)
     report["validation"] = val_rows
+    report["model"], report["world"] = Path(args.model).name, args.world
     (args.out / "model_card.json").write_text(json.dumps(report, indent=1) + "\n")
     md = markdown(report, val_rows)
     (args.out / "model_card.md").write_text(md)
-    plot(report, args.out)
+    plot(report, args.out, Path(args.model).name)
     print(md)
     return 0
 

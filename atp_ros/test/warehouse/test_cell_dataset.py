@@ -28,7 +28,8 @@ def _run(*args: str) -> subprocess.CompletedProcess:
 def test_generate_writes_the_data_contract_and_is_deterministic(tmp_path) -> None:
     outs = [tmp_path / "a", tmp_path / "b"]
     for out in outs:
-        proc = _run("generate", "--world", "cell", "--split", "test", "--count", "3", "--seed", "5", "--out", str(out),
+        # The contract's command as written (the cell is the default world).
+        proc = _run("generate", "--split", "test", "--count", "3", "--seed", "5", "--out", str(out),
                     "--size", "336", "--held-out-only")  # fmt: skip
         assert proc.returncode == 0, proc.stderr
     rows = [json.loads(line) for line in (outs[0] / "samples.jsonl").read_text().splitlines()]

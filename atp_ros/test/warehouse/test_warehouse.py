@@ -126,9 +126,8 @@ def _run(*args: str, cwd: Path) -> subprocess.CompletedProcess:
 
 def test_generate_cli_writes_images_and_samples(tmp_path: Path) -> None:
     out = tmp_path / "ds"
-    proc = _run(
-        "generate", "--split", "test", "--count", "3", "--seed", "5", "--out", str(out), "--size", "96", cwd=tmp_path
-    )
+    flat = ("--world", "flat", "--size", "96")
+    proc = _run("generate", *flat, "--split", "test", "--count", "3", "--seed", "5", "--out", str(out), cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     rows = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
     assert len(rows) == 6  # 2 questions per image by default
@@ -137,10 +136,7 @@ def test_generate_cli_writes_images_and_samples(tmp_path: Path) -> None:
         assert (out / r["image"]).is_file() and r["answer"] in r["answers"]
         assert SPLITS["test"] + 5 <= r["seed"] < SPLITS["test"] + 8
     again = tmp_path / "again"
-    assert (
-        _run("generate", "--count", "3", "--seed", "5", "--out", str(again), "--size", "96", cwd=tmp_path).returncode
-        == 0
-    )
+    assert _run("generate", *flat, "--count", "3", "--seed", "5", "--out", str(again), cwd=tmp_path).returncode == 0
     assert (again / "samples.jsonl").read_text() == (out / "samples.jsonl").read_text()
 
 
@@ -150,6 +146,8 @@ def test_bag_cli_writes_a_readable_rosbag_with_truth_keyed_by_stamp(tmp_path: Pa
     bag = tmp_path / "bag"
     proc = _run(
         "bag",
+        "--world",
+        "flat",
         "--count",
         "7",
         "--rate",
@@ -204,5 +202,5 @@ def test_cli_errors_are_one_message(tmp_path: Path, args: list[str], message: st
 
 def test_bag_refuses_to_overwrite(tmp_path: Path) -> None:
     (tmp_path / "bag").mkdir()
-    proc = _run("bag", "--count", "1", "--out", str(tmp_path / "bag"), cwd=tmp_path)
+    proc = _run("bag", "--world", "flat", "--count", "1", "--out", str(tmp_path / "bag"), cwd=tmp_path)
     assert proc.returncode == 1 and "exists" in proc.stderr and "Traceback" not in proc.stderr

@@ -48,7 +48,7 @@ def standing_answer(truth: CellTruth, kind: str, slots: dict) -> tuple[str, list
     return None
 
 
-def _pick_standing(truth: CellTruth, rng: np.random.Generator, split: str) -> tuple[str, dict, str] | None:
+def pick_standing(truth: CellTruth, rng: np.random.Generator, split: str) -> tuple[str, dict, str] | None:
     """A standing question answerable on this frame: ``(kind, slots, text)``."""
     for kind in rng.permutation(STANDING_KINDS):
         pool = candidates(truth, str(kind))
@@ -81,7 +81,7 @@ def write_bag(
         for i, frame in zip(tqdm(range(count), desc="cell bag frames", unit="frame"), frames, strict=False):
             stamp = bag.stamp(i, rate)
             if i % question_every == 0 or standing is None:
-                standing = _pick_standing(frame.truth, rng, split) or standing
+                standing = pick_standing(frame.truth, rng, split) or standing
                 if standing is not None:
                     bag.write_query(standing[2], stamp - 1_000_000)
             bag.write_image(frame.rgb, stamp)
