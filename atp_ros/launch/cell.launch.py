@@ -53,7 +53,8 @@ def _nodes(context, *args, **kwargs):
             package="atp_ros",
             executable="vlm_node",
             name="atp_vlm",
-            parameters=[perception],
+            # the shipped node parameters first (keyed /**/atp_vlm), this launch's values over them
+            parameters=[os.path.join(get_package_share_directory("atp_ros"), "config", "vlm.yaml"), perception],
             remappings=[("image", "camera/image_raw")],
             **common,
         ),
