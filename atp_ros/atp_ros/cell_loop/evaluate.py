@@ -13,6 +13,7 @@ strip per task (``make cell-demo``).
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import math
 import os
@@ -226,6 +227,7 @@ class Loop:
         self.events: list[dict] = []
         self.frames: list[tuple[float, np.ndarray]] = []
         self.keep_frames = False
+        self.image_stamps: collections.deque = collections.deque(maxlen=20)
         self.node.create_subscription(String, "cell_sim/truth", self._on_truth, LATCHED)
         self.node.create_subscription(String, "cell_sim/events", self._on_event, 50)
         from rclpy.qos import qos_profile_sensor_data
@@ -248,6 +250,8 @@ class Loop:
             self.events.append(json.loads(msg.data))
 
     def _on_image(self, msg) -> None:
+        with self.lock:
+            self.image_stamps.append(msg.header.stamp.sec + msg.header.stamp.nanosec * 1e-9)
         if self.keep_frames:
             rgb = np.frombuffer(bytes(msg.data), np.uint8).reshape(msg.height, msg.width, 3)
             with self.lock:
@@ -279,7 +283,7 @@ class Loop:
             else:
                 pv = ParameterValue(type=ParameterType.PARAMETER_STRING, string_value=str(v))
             params.append(Parameter(name=name, value=pv))
-        self.wait(lambda: client.service_is_ready(), 120, f"{what} parameter service")
+        self.wait(lambda: client.service_is_ready(), 300, f"{what} parameter service")
         future = client.call_async(SetParameters.Request(parameters=params))
         self.wait(future.done, 30, f"{what} parameters")
         refused = [r.reason for r in future.result().results if not r.successful]
@@ -294,7 +298,12 @@ class Loop:
         truth = self.wait(
             lambda: self.truth if self.truth and self.truth["state"]["seed"] == seed else None, 60, f"seed {seed}"
         )
-        time.sleep(settle_s)  # the node's latest frame must show the new scene before the planner asks about it
+        # The node's latest frame must show the new scene before the planner asks about it: two camera frames
+        # taken after the reset (the truth is published on the reset's tick, before the next render) and a margin.
+        self.wait(
+            lambda: sum(s > truth["stamp"] for s in list(self.image_stamps)) >= 2, 60, "camera frames of the new scene"
+        )
+        time.sleep(settle_s)
         return truth
 
     def close(self) -> None:
@@ -363,15 +372,16 @@ def main(argv: list[str] | None = None) -> int:
     )
     loop = None
     results: list[Scored] = []
+    interrupted = False
     try:
         loop = Loop(ns, {"speed_scale": 1.0, "max_age_s": 2.0 / args.camera_rate + 0.5})
-        loop.wait(lambda: loop.planner.ask.server_is_ready() or vlm.poll() is not None, 300, "the perception node")
+        loop.wait(lambda: loop.planner.ask.server_is_ready() or vlm.poll() is not None, 900, "the perception node")
         if vlm.poll() is not None:
             raise RuntimeError(f"vlm_node exited:\n{processes.log_tail(out / 'logs' / 'vlm_node.log')}")
         for setting in args.settings:
             loop.set_params(loop.vlm_params, SETTINGS[setting], "atp_vlm")
             for seed in range(args.seed, args.seed + args.tasks):
-                truth = loop.reset(seed, settle_s=2.5 / args.camera_rate)
+                truth = loop.reset(seed, settle_s=0.1)
                 chosen = choose_task(truth["frame"], seed)
                 if chosen is None:
                     print(f"{setting} seed {seed}: no nameable item in view, skipped", flush=True)
@@ -405,6 +415,11 @@ def main(argv: list[str] | None = None) -> int:
                         f"{'SUCCESS' if scored.success else 'FAILED: ' + str(scored.cause)} ({report.get('message')})",
                     ]
                     frame_strip(frames, caption, out / "frames" / f"{setting}_seed{seed}.png")
+    except (RuntimeError, TimeoutError) as err:
+        print(f"cell_eval: {err}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:  # keep what was measured: the report covers the tasks done so far
+        interrupted = True
     finally:
         if loop is not None:
             loop.close()
@@ -418,6 +433,7 @@ def main(argv: list[str] | None = None) -> int:
         "camera": f"{args.width}x{args.height} at {args.camera_rate:g} Hz",
         "time_scale": args.time_scale,
         "machine": f"{os.cpu_count()} CPUs",
+        "interrupted": interrupted,
     }
     (out / "report.json").write_text(
         json.dumps({"meta": meta, "summary": summary, "tasks": [r.__dict__ for r in results]}, indent=1)

@@ -140,6 +140,11 @@ class PickPlanner(Node):
             self._answers.append(msg)
             self._lock.notify_all()
 
+    def has_state(self) -> bool:
+        """Whether joint states and camera info have arrived (what a task needs before it starts)."""
+        with self._lock:
+            return bool(self._joints) and self._info is not None
+
     def _wait(self, predicate, timeout: float, cause: str, what: str) -> Any:
         """Until ``predicate()`` (called under the lock) returns a truthy value; GaveUp(cause) after ``timeout``."""
         deadline = time.monotonic() + timeout

@@ -28,7 +28,8 @@ def command(executable: str, namespace: str, params: Mapping[str, Any], remaps: 
         if isinstance(value, bool):
             text = str(value).lower()
         elif isinstance(value, list | tuple):
-            text = "[" + ", ".join(repr(float(v)) if isinstance(v, float) else str(v) for v in value) + "]"
+            floats = any(isinstance(v, float) for v in value)  # one type per ROS array: [0, 1.5] -> [0.0, 1.5]
+            text = "[" + ", ".join(repr(float(v)) if floats else str(v) for v in value) + "]"
         else:
             text = str(value)
         cmd += ["-p", f"{name}:={text}"]

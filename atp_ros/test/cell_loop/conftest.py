@@ -3,7 +3,15 @@ behaviour, never task success)."""
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
+
+# Import order matters in one process: torch's compiler stack (torchvision -> torch._dynamo -> triton) segfaults
+# when triton's LLVM loads after a MuJoCo EGL renderer has loaded the GL driver's. The whole suite imports it at
+# collection (the backend tests); this folder run alone must too, before its first render.
+with contextlib.suppress(ImportError):
+    import torch._dynamo  # noqa: F401
 
 
 @pytest.fixture(scope="session")

@@ -145,3 +145,12 @@ def test_ik_failure_names_the_pose(arm_model) -> None:
     with pytest.raises(picking.IkFailure, match="far: no IK solution"):
         arm_model.solve(np.array([0.0, 3.0, 3.0]), 0.0, label="far")
     assert arm.OPEN > arm.CLOSED
+
+
+def test_process_command_lines() -> None:
+    pytest.importorskip("ament_index_python")
+    from atp_ros.cell_loop import processes
+
+    cmd = processes.command("cell_sim", "/ns", {"camera.position": [0, 1.5, 2], "publish_depth": False, "task": ""})
+    assert cmd[0].endswith("/lib/atp_ros/cell_sim") and cmd[1:4] == ["--ros-args", "-r", "__ns:=/ns"]
+    assert cmd[4:] == ["-p", "camera.position:=[0.0, 1.5, 2.0]", "-p", "publish_depth:=false"]

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import threading
+import time
 
 import pytest
 
@@ -25,6 +26,7 @@ from atp_ros.cell_loop.sim_node import LATCHED  # noqa: E402
 from node_harness import new_namespace  # noqa: E402
 from rclpy.executors import MultiThreadedExecutor  # noqa: E402
 from std_msgs.msg import String  # noqa: E402
+from trajectory_msgs.msg import JointTrajectory, JointTrajectoryPoint  # noqa: E402
 
 pytestmark = [pytest.mark.ros, pytest.mark.dds]
 SIM = {"width": 320, "height": 240, "camera_rate": 4.0, "time_scale": 4.0, "truth_rate": 2.0, "seed": 1000}
@@ -69,11 +71,23 @@ def spin(context, *nodes):
     return executor, thread
 
 
-def wait(predicate, timeout: float, what: str):
-    from node_harness import Probe
+SLOW = 900.0  # s: only a process that exits or a loop that is stuck fails; a slow machine never does
 
-    Probe.wait_for(predicate, timeout, what)
-    return predicate()
+
+def wait(predicate, timeout: float, what: str, procs: dict | None = None):
+    """Until ``predicate()`` is truthy (returned); AssertionError after ``timeout`` or, at once, when one of
+    ``procs`` (log path -> process) exits, with the end of its log."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        for log, proc in (procs or {}).items():
+            assert proc.poll() is None, f"{log.name} exited with {proc.returncode} waiting for {what}:\n" + (
+                processes.log_tail(log)
+            )
+        time.sleep(0.1)
+    raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
 
 
 def test_one_task_end_to_end(quick_cell_model, rclpy_context, tmp_path) -> None:
@@ -82,20 +96,23 @@ def test_one_task_end_to_end(quick_cell_model, rclpy_context, tmp_path) -> None:
     ns = new_namespace()
     sim = processes.start_sim(ns, tmp_path / "sim.log", **SIM)
     vlm = processes.start_perception(ns, str(quick_cell_model), tmp_path / "vlm.log", max_new_tokens=3)
-    planner = processes.start_planner(ns, tmp_path / "planner.log", max_age_s=1.0)
+    slow = {"ask_timeout_s": SLOW, "confirm_timeout_s": SLOW, "move_timeout_s": SLOW}
+    planner = processes.start_planner(ns, tmp_path / "planner.log", max_age_s=2.0, **slow)
+    procs = {tmp_path / "sim.log": sim, tmp_path / "vlm.log": vlm, tmp_path / "planner.log": planner}
     rec = Recorder(rclpy_context, ns)
     executor, thread = spin(rclpy_context, rec.node)
     try:
-        truth = wait(lambda: rec.latest(rec.truth), 60, "the simulator's truth")
+        truth = wait(lambda: rec.latest(rec.truth), SLOW, "the simulator's truth", procs)
         assert truth["state"]["seed"] == SIM["seed"] and truth["frame"]["width"] == SIM["width"]
         task, target = choose_task(truth["frame"], SIM["seed"])
-        for proc, log in ((sim, "sim"), (vlm, "vlm"), (planner, "planner")):
-            assert proc.poll() is None, processes.log_tail(tmp_path / f"{log}.log")
         # the perception node is up once it publishes answers (the planner's subscription sees its publisher)
-        wait(lambda: rec.node.count_publishers(f"{ns}/atp_vlm/answer") > 0, 120, "the perception node")
-        wait(lambda: rec.node.count_subscribers(f"{ns}/pick_planner/task") > 0, 60, "the planner")
+        wait(lambda: rec.node.count_publishers(f"{ns}/atp_vlm/answer") > 0, SLOW, "the perception node", procs)
+        wait(lambda: rec.node.count_subscribers(f"{ns}/pick_planner/task") > 0, SLOW, "the planner", procs)
+        rec.pub_task.publish(String(data="bring the pink box to the conveyor"))  # bad input: one clear result
+        bad = wait(lambda: rec.latest(rec.results), SLOW, "the planner's result", procs)
+        assert bad["cause"] == "bad_task" and "cannot parse task" in bad["message"]
         rec.pub_task.publish(String(data=task))
-        result = wait(lambda: rec.latest(rec.results), 240, "the planner's result")
+        result = wait(lambda: len(rec.snapshot(rec.results)) > 1 and rec.latest(rec.results), SLOW, "the result", procs)
         assert result["task"] == task
         assert result["success"] or result["cause"] in picking.CAUSES, result
         if result["cause"] != "no_answer":  # the node answered the ~/ask goal about the simulated camera
@@ -128,27 +145,36 @@ def test_planner_drives_the_arm_to_the_conveyor(rclpy_context, tmp_path) -> None
     ns = new_namespace()
     sim = processes.start_sim(ns, tmp_path / "sim.log", **(SIM | {"publish_depth": False}))
     rec = Recorder(rclpy_context, ns)
-    planner = PickPlanner(context=rclpy_context, namespace=ns, confirm=False)
+    planner = PickPlanner(context=rclpy_context, namespace=ns, confirm=False, move_timeout_s=SLOW)
     executor, thread = spin(rclpy_context, rec.node, planner)
     try:
-        truth = wait(lambda: rec.latest(rec.truth), 60, "the simulator's truth")
+        truth = wait(lambda: rec.latest(rec.truth), SLOW, "the simulator's truth", {tmp_path / "sim.log": sim})
         task, target = choose_task(truth["frame"], SIM["seed"])
         parsed = picking.Task.parse(task)
         plan = planner.arm_model.pick_to_conveyor(*picking.parse_where(target["where"]), parsed.kind)
-        wait(lambda: planner._joints, 30, "joint states")
+        wait(planner.has_state, SLOW, "joint states and camera info", {tmp_path / "sim.log": sim})
+        # bad input first: refused with its reason, and the simulator keeps going
+        bad = JointTrajectory(joint_names=["elbow"], points=[JointTrajectoryPoint(positions=[0.0])])
+        planner.pub_trajectory.publish(bad)
+        rejected = wait(
+            lambda: [e for e in rec.snapshot(rec.events) if e["event"] == "trajectory_rejected"], SLOW, "the refusal"
+        )
+        assert "unknown joint names ['elbow']" in rejected[0]["reason"]
         report: dict = {}
         planner.execute(plan, parsed, report)
         assert report["timings"]["motion_s"] > 0
         events = wait(
             lambda: [e for e in rec.snapshot(rec.events) if e["event"] == "released"] and rec.snapshot(rec.events),
-            30,
+            SLOW,
             "the release",
         )
         grasped = [e for e in events if e["event"] == "grasped"]
         assert grasped and grasped[0]["id"] == target["id"] and grasped[0]["from"] == target["where"]
         released = [e for e in events if e["event"] == "released"]
         assert released[0] == {"event": "released", "id": target["id"], "to": "conveyor"}
-        state = wait(lambda: (t := rec.latest(rec.truth)) and t["state"]["holding"] is None and t["state"], 30, "truth")
+        state = wait(
+            lambda: (t := rec.latest(rec.truth)) and t["state"]["holding"] is None and t["state"], SLOW, "truth"
+        )
         assert next(o for o in state["objects"] if o["id"] == target["id"])["place"] == "conveyor"
     finally:
         executor.shutdown()
