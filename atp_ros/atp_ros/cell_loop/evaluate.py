@@ -116,9 +116,24 @@ def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
     return max(0.0, centre - half), min(1.0, centre + half)
 
 
+def paired_difference(a: dict[int, bool], b: dict[int, bool], draws: int = 4000) -> dict | None:
+    """Success of ``b`` minus ``a`` on the seeds both ran (the same tasks): the difference in points and a paired
+    bootstrap 95% interval over seeds (seeded, so a report is reproducible); None without common seeds."""
+    seeds = sorted(set(a) & set(b))
+    if not seeds:
+        return None
+    diff = np.array([float(b[s]) - float(a[s]) for s in seeds])
+    rng = np.random.default_rng(0)
+    means = diff[rng.integers(0, len(diff), (draws, len(diff)))].mean(axis=1)
+    lo, hi = np.percentile(means, [2.5, 97.5])
+    return {"points": round(100 * diff.mean(), 1), "ci95": [round(100 * lo, 1), round(100 * hi, 1)], "n": len(seeds)}
+
+
 def summarize(results: list[Scored], settings: list[str]) -> dict:
-    """Per setting: success rate and interval, causes, perception accuracy, latency and task time medians."""
+    """Per setting: success rate and interval, the paired difference to the first setting (the same seeds),
+    causes, perception accuracy, latency and task time medians."""
     out = {}
+    per_seed = {s: {r.seed: r.success for r in results if r.setting == s} for s in settings}
     for s in settings:
         rows = [r for r in results if r.setting == s]
         n, k = len(rows), sum(r.success for r in rows)
@@ -133,6 +148,7 @@ def summarize(results: list[Scored], settings: list[str]) -> dict:
             "success": k,
             "success_rate": round(k / n, 3) if n else None,
             "success_ci95": [round(v, 3) for v in wilson(k, n)],
+            "vs_first": paired_difference(per_seed[settings[0]], per_seed[s]) if s != settings[0] else None,
             "causes": {c: sum(r.cause == c for r in rows) for c in EVAL_CAUSES if any(r.cause == c for r in rows)},
             "where_accuracy": round(sum(r.where_correct for r in rows) / n, 3) if n else None,
             "holding_accuracy": round(sum(held) / len(held), 3) if held else None,
@@ -153,9 +169,9 @@ def markdown(summary: dict, meta: dict) -> str:
         f"{meta['tasks']} seeded tasks per setting (seeds {meta['seeds']}), camera {meta['camera']}, sim time scale "
         f"{meta['time_scale']}, on {meta['machine']}. Success = the named item lies on the conveyor (ground truth).",
         "",
-        "| setting | tokens kept | task success (95% CI) | failure causes | `where` accuracy | `holding` accuracy "
-        "| ask p50 s | inference p50 ms | task p50 s |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| setting | tokens kept | task success (95% CI) | vs first setting, points (paired 95% CI) "
+        "| failure causes | `where` accuracy | `holding` accuracy | ask p50 s | inference p50 ms | task p50 s |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for s, v in summary.items():
         lo, hi = v["success_ci95"]
@@ -163,8 +179,10 @@ def markdown(summary: dict, meta: dict) -> str:
         tokens = f"{v['tokens_kept'][0]} of {v['tokens_kept'][1]}" if v["tokens_kept"] else "-"
         rate = f"{v['success']}/{v['tasks']} ({lo:.2f}-{hi:.2f})"
         held = f"{v['holding_accuracy']} (n={v['holding_asked']})" if v["holding_asked"] else "-"
+        d = v.get("vs_first")
+        delta = f"{d['points']:+.1f} ({d['ci95'][0]:+.1f} to {d['ci95'][1]:+.1f})" if d else "-"
         lines.append(
-            f"| {s} | {tokens} | {rate} | {causes} | {v['where_accuracy']} | {held} | {v['ask_s_p50']} "
+            f"| {s} | {tokens} | {rate} | {delta} | {causes} | {v['where_accuracy']} | {held} | {v['ask_s_p50']} "
             f"| {v['inference_ms_p50']} | {v['task_s_p50']} |"
         )
     return "\n".join(lines) + "\n"

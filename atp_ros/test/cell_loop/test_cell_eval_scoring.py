@@ -11,6 +11,7 @@ from atp_ros.cell_loop import evaluate, picking
 from atp_ros.cell_loop.sim import CellSim
 
 TARGET = {"id": 7, "where": "top-two", "color": "red"}
+META = {"model": "m", "tasks": 5, "seeds": "0..4", "camera": "c", "time_scale": 4, "machine": "2 CPUs"}
 
 
 def report(**kw) -> dict:
@@ -72,9 +73,24 @@ def test_summary_table_and_plot(tmp_path) -> None:
     assert full["success_ci95"][0] < 0.6 < full["success_ci95"][1]
     assert full["causes"] == {"wrong_answer": 1, "other": 1} and full["where_accuracy"] == 0.8
     assert summary["random_0.25"]["tasks"] == 0
-    meta = {"model": "m", "tasks": 5, "seeds": "0..4", "camera": "c", "time_scale": 4, "machine": "2 CPUs"}
-    table = evaluate.markdown(summary, meta)
+    table = evaluate.markdown(summary, META)
     assert "| full | 64 of 256 | 3/5 (" in table
     evaluate.plot(summary, tmp_path / "success.png")
     assert (tmp_path / "success.png").stat().st_size > 0
     assert evaluate.wilson(0, 0) == (0.0, 1.0)
+
+
+def test_paired_difference_on_common_seeds() -> None:
+    full = {s: True for s in range(20)}
+    random = {s: s % 4 != 0 for s in range(20)} | {99: False}  # 5 of the 20 common seeds fail
+    d = evaluate.paired_difference(full, random)
+    assert d["n"] == 20 and d["points"] == -25.0 and d["ci95"][0] < -25.0 < d["ci95"][1] < 0
+    assert evaluate.paired_difference(full, full)["ci95"] == [0.0, 0.0]
+    assert evaluate.paired_difference(full, {}) is None
+    rows = [evaluate.score("full", s, "t", TARGET, report(delivered=True, answer_slot="top-two"), [7]) for s in (1, 2)]
+    rows += [evaluate.score("random_0.25", 1, "t", TARGET, report(answer_slot="x"), [])]
+    summary = evaluate.summarize(rows, ["full", "random_0.25"])
+    assert summary["full"]["vs_first"] is None and summary["random_0.25"]["vs_first"]["points"] == -100.0
+    assert "| random_0.25 | 64 of 256 | 0/1 (" in evaluate.markdown(summary, META) and "-100.0 (" in evaluate.markdown(
+        summary, META
+    )
