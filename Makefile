@@ -60,7 +60,7 @@ docs: setup
 # A warehouse test-split bag with ground truth, then the sweep, robustness and a live replay through the node.
 EVAL_BAG ?= out/eval/warehouse_test_bag
 eval: setup
-	@$(ENV) test -d $(EVAL_BAG) || python -m atp_ros.warehouse.cli bag --split test --count 150 --rate 10 --out $(EVAL_BAG)
+	@$(ENV) test -d $(EVAL_BAG) || python -m atp_ros.warehouse.cli bag --world flat --split test --count 150 --rate 10 --out $(EVAL_BAG)
 	@$(ENV) python -m atp_ros.evaluation.cli --bag $(EVAL_BAG) --out out/eval/report --alphas 1,0.5,0 --masses 0.5 \
 		--corruptions all --severities 1,3 --question-perturbations all --live --live-frames 60 $(EVAL_ARGS)
 
