@@ -1,11 +1,11 @@
 """``make model-card``: measure a warehouse VLM on a split, choose ATP's defaults on validation, report on test.
 
-    python -m atp_ros.warehouse.model_card --model warehouse-cell --world cell --out out/model_card [--images 600]
+    python -m atp_ros.warehouse.model_card --model warehouse-tiny --out out/model_card [--images 600] [--world cell]
 
-``--world cell`` (the default) asks the cell's questions of rendered 640x480 cell stills (validation
+``--world flat`` (the default) asks the 2D world's template questions of ``warehouse-tiny``'s square
+stills; ``--world cell`` asks the cell's questions of rendered 640x480 cell stills (validation
 frames: the trainer's validation seeds; test frames: test seeds its end-of-training report does not
-use; test questions worded only with phrasings training never saw); ``--world flat`` the 2D
-world's template questions of ``warehouse-tiny``'s square stills.
+use; test questions worded only with phrasings training never saw).
 
 1. **validation**: ATP (alpha x S_inter read-out x position mode) at keep 0.4 / 0.25 / 0.11;
    the defaults are the setting with the best mean accuracy over those budgets (evidence
@@ -276,7 +276,7 @@ def markdown(report: dict, val_rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot(report: dict, out: Path, model: str = "warehouse-cell") -> None:
+def plot(report: dict, out: Path, model: str = "warehouse-tiny") -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -310,8 +310,8 @@ def parse_size(text: str) -> tuple[int, int]:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="model_card", description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default="warehouse-cell")
-    ap.add_argument("--world", choices=("cell", "flat"), default="cell", help="which warehouse the questions are about")
+    ap.add_argument("--model", default="warehouse-tiny")
+    ap.add_argument("--world", choices=("cell", "flat"), default="flat", help="which warehouse the questions are about")
     ap.add_argument("--out", type=Path, default=Path("out/model_card"))
     ap.add_argument("--images", type=int, default=600, help="images per split (2 questions each)")
     ap.add_argument("--size", default="", help="HxW of the rendered frames (default: 480x640 cell, 336x336 flat)")
