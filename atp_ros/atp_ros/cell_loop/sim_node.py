@@ -38,7 +38,7 @@ from atp_ros.cell_loop.sim import JOINT_NAMES, CellSim
 
 RELIABLE = QoSProfile(depth=10, reliability=ReliabilityPolicy.RELIABLE)
 LATCHED = QoSProfile(depth=1, reliability=ReliabilityPolicy.RELIABLE, durability=DurabilityPolicy.TRANSIENT_LOCAL)
-MAX_STEP = 0.1  # simulated seconds per physics tick at most (a stalled process does not teleport the arm)
+MAX_STEP = 0.1  # wall seconds per physics tick at most (a stalled process does not teleport the arm)
 
 
 def stamp_of(header) -> float:
@@ -122,7 +122,7 @@ class CellSimNode(Node):
     # --- timers -------------------------------------------------------------------------------------------------
     def _physics(self) -> None:
         now = time.monotonic()
-        dt, self._last = min(MAX_STEP, (now - self._last) * self.time_scale), now
+        dt, self._last = min(MAX_STEP, now - self._last) * self.time_scale, now
         if self._pending_seed is not None:
             self.seed, self._pending_seed = self._pending_seed, None
             self.sim.reset(self.seed)

@@ -24,6 +24,8 @@ from atp_ros.cell_loop.evaluate import choose_task  # noqa: E402
 from atp_ros.cell_loop.planner_node import RESULTS, PickPlanner  # noqa: E402
 from atp_ros.cell_loop.sim_node import LATCHED  # noqa: E402
 from node_harness import new_namespace  # noqa: E402
+from rcl_interfaces.msg import Parameter, ParameterType, ParameterValue  # noqa: E402
+from rcl_interfaces.srv import SetParameters  # noqa: E402
 from rclpy.executors import MultiThreadedExecutor  # noqa: E402
 from std_msgs.msg import String  # noqa: E402
 from trajectory_msgs.msg import JointTrajectory, JointTrajectoryPoint  # noqa: E402
@@ -176,6 +178,24 @@ def test_planner_drives_the_arm_to_the_conveyor(rclpy_context, tmp_path) -> None
             lambda: (t := rec.latest(rec.truth)) and t["state"]["holding"] is None and t["state"], SLOW, "truth"
         )
         assert next(o for o in state["objects"] if o["id"] == target["id"])["place"] == "conveyor"
+
+        # a new episode through the seed parameter; the other parameters are read at start only
+        client = rec.node.create_client(SetParameters, "cell_sim/set_parameters")
+        wait(client.service_is_ready, SLOW, "cell_sim's parameter service", {tmp_path / "sim.log": sim})
+        for name, value, ok in (("width", 64, False), ("seed", 1001, True)):
+            future = client.call_async(
+                SetParameters.Request(
+                    parameters=[
+                        Parameter(
+                            name=name, value=ParameterValue(type=ParameterType.PARAMETER_INTEGER, integer_value=value)
+                        )
+                    ]
+                )
+            )
+            result = wait(lambda f=future: f.done() and f.result(), SLOW, f"set {name}").results[0]
+            assert result.successful == ok, result.reason
+        fresh = wait(lambda: (t := rec.latest(rec.truth)) and t["state"]["seed"] == 1001 and t, SLOW, "seed 1001")
+        assert fresh["state"]["holding"] is None and fresh["frame"]["width"] == SIM["width"]
     finally:
         executor.shutdown()
         thread.join(5)
