@@ -25,11 +25,13 @@ from atp_ros.backends.flops import decoder_prefill_flops, lm_dims, tower_flops
 from atp_ros.backends.idefics import IdeficsBackend, resampler_flops
 from atp_ros.backends.llava import LlavaBackend, llava_costs
 from atp_ros.backends.qwen2_5_vl import Qwen25VLBackend, qwen_costs, qwen_vision_flops
+from atp_ros.backends.smolvlm import SmolVLMBackend, smolvlm_costs
 from atp_ros.method import Selection
 from atp_ros.testing.tiny.blip2 import save_tiny_blip2
 from atp_ros.testing.tiny.idefics import save_tiny_idefics
 from atp_ros.testing.tiny.llava import save_tiny_llava
 from atp_ros.testing.tiny.qwen2_5_vl import save_tiny_qwen2_5_vl
+from atp_ros.testing.tiny.smolvlm import save_tiny_smolvlm
 from torch.utils.flop_counter import FlopCounterMode
 
 MAX_NEW = 5
@@ -157,6 +159,10 @@ class FamilyTester:
     def expected_grids(self, backend: VlmBackend, images: list[np.ndarray]) -> list[tuple[int, int]]:
         """Each image's token grid as the stock processor makes it (fixed-size families: 8 x 8 for every frame)."""
         return [(8, 8)] * len(images)
+
+    def always_fed(self, backend: VlmBackend, result: VlmResult, b: int) -> int:
+        """Visual tokens image ``b``'s consumer gets besides the K kept (CLS when fed: ``backend.prefix``)."""
+        return backend.prefix
 
     def check_grid(self, backend: VlmBackend) -> None:
         """What the loaded backend says about its grid (fixed-size families: one 8 x 8 grid, N = 64)."""
@@ -359,10 +365,66 @@ class Qwen25VLTester(FamilyTester):
         assert any("an approximation" in note for note in backend.load_notes)
 
 
+class SmolVLMTester(FamilyTester):
+    """SmolVLM2: pixel-shuffled tile tokens (2x2 patches each, 16 per 32-px tile), up to 2x2 tiles + a global
+    tile that always reaches the LLM, SigLIP probe and joint space from the given SigLIP tower, 1-D positions."""
+
+    name = family = "smolvlm"
+    requires = ("num2words",)  # SmolVLMProcessor needs it
+    positions_matter = True
+    default_intra = "probe"
+    intra_from_text_tower = True  # SmolVLM's tower has no head: the probe comes with the SigLIP text tower
+    shrinking = ("llm_prefill",)  # the connector projects every tile's tokens whatever K is
+    unpruned = ("llm_prefill_unpruned", "llm_prefill")
+
+    backend_cls = SmolVLMBackend
+    builder = staticmethod(save_tiny_smolvlm)
+
+    def expected_grids(self, backend, images):
+        # The stock processor's tile layout: every contract frame is resized to a 64-px long side -> 2x2 tiles.
+        from PIL import Image
+
+        info = backend.processor.image_processor(
+            images=[[Image.fromarray(i)] for i in images], return_row_col_info=True
+        )
+        return [(4 * r[0], 4 * c[0]) if r[0] else (4, 4) for r, c in zip(info["rows"], info["cols"], strict=True)]
+
+    def always_fed(self, backend, result, b):
+        return 16 if result.grid_of(b) != (4, 4) else 0  # the global tile, when the frame was split
+
+    def check_grid(self, backend):
+        assert backend.grid is None and backend.num_visual_tokens == 64  # at most 2x2 tiles of 4x4 tokens
+
+    def language_model(self, backend):
+        return backend.model.model.text_model
+
+    def vision_tower(self, backend):
+        return backend.tower
+
+    def llm_image_tokens(self, backend, result, b):
+        return result.consumer_tokens[b]  # kept local tokens + the global tile's
+
+    def flop_cases(self, backend):
+        cfg = backend.model.config
+        states = torch.randn(1, 64, cfg.vision_config.hidden_size)  # one tile's patches
+        embeds = torch.randn(1, 30, cfg.text_config.hidden_size)
+        costs = smolvlm_costs(cfg, [14], [16], [1])  # one tile: 16 tokens
+        assert costs["llm_tokens"] == 30
+        return {
+            "projector": (lambda: backend.connector(states), costs["projector"]),
+            "llm_prefill": (lambda: self.language_model(backend)(inputs_embeds=embeds), costs["llm_prefill"]),
+        }
+
+    def check_loaded(self, backend):
+        assert backend.joint.kind == "siglip" and backend.joint.has_probe
+        assert any("an approximation" in note for note in backend.load_notes)
+
+
 TESTERS: list[FamilyTester] = [
     LlavaTester("clip"),
     LlavaTester("siglip"),
     Blip2Tester(),
     IdeficsTester(),
     Qwen25VLTester(),
+    SmolVLMTester(),
 ]

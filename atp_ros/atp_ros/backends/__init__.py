@@ -21,6 +21,8 @@ FAMILIES: dict[str, tuple[str, str]] = {
     "blip-2": ("atp_ros.backends.blip2", "Blip2Backend"),
     "idefics": ("atp_ros.backends.idefics", "IdeficsBackend"),
     "qwen2_5_vl": ("atp_ros.backends.qwen2_5_vl", "Qwen25VLBackend"),
+    "smolvlm": ("atp_ros.backends.smolvlm", "SmolVLMBackend"),
+    "idefics3": ("atp_ros.backends.smolvlm", "Idefics3Backend"),
 }
 
 

@@ -38,6 +38,7 @@ class VisionStates:
     # grid for every image. With grids, ``tokens`` is (B, max N_b, D_c) zero padded after N_b and the
     # family says in its adapter how its tower states are laid out (Qwen2.5-VL: packed, (sum L_b, D_v)).
     grids: list[tuple[int, int]] | None = None
+    meta: dict[str, Any] = field(default_factory=dict)  # the family's own per-call data (SmolVLM: the tile layout)
 
 
 @dataclass(frozen=True)

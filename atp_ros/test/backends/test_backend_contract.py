@@ -150,7 +150,7 @@ def test_prefill_holds_text_plus_visual_tokens_and_the_kv_cache_that_many(tester
         result = backend.answer(images, QUESTIONS, atp, max_new_tokens=MAX_NEW)
     kept = result.visual_tokens_kept
     assert kept == result.selection.lengths.tolist()
-    assert result.consumer_tokens == [backend.prefix + k for k in kept]
+    assert result.consumer_tokens == [tester.always_fed(backend, result, b) + k for b, k in enumerate(kept)]
     assert result.text_tokens[0] != result.text_tokens[1]  # the questions differ in length: padding was exercised
     lengths = [t + tester.llm_image_tokens(backend, result, b) for b, t in enumerate(result.text_tokens)]
     mask, positions = lm.prefill["attention_mask"], lm.prefill["position_ids"]
