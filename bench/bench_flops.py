@@ -1,9 +1,9 @@
 """FLOPs and KV cache of the real architectures, without weights: what ATP saves on a 7B LLaVA.
 
 The configs of llava-1.5-7b/-13b, llava-interleave-qwen-0.5b, blip2-opt-2.7b, idefics-9b and
-qwen2.5-vl-3b/-7b are written down in ``bench/archs/`` (nothing can be downloaded here). Per keep
+qwen2.5-vl-3b/-7b, smolvlm2-2.2b/-500m are written down in ``bench/archs/`` (nothing can be downloaded). Per keep
 ratio the same analytic cost model the backends report (``llava_costs``/``blip2_costs``/``idefics_costs``/
-``qwen_costs``, ``tower_flops``/``qwen_vision_flops``,
+``qwen_costs``/``smolvlm_costs``, ``tower_flops``/``qwen_vision_flops``,
 ``scoring_flops``; checked equal to torch's FlopCounterMode on tiny models in ``test_flops.py``)
 gives the LLM prefill FLOPs, the whole pipeline's FLOPs (ViT + ATP scoring + projector/Q-Former/
 resampler + prefill) and the fp16 KV cache per frame. A prompt of 40 text tokens is assumed.
@@ -25,6 +25,7 @@ from atp_ros.backends.flops import kv_cache_bytes, scoring_flops, tower_flops
 from atp_ros.backends.idefics import idefics_costs
 from atp_ros.backends.llava import llava_costs
 from atp_ros.backends.qwen2_5_vl import qwen_costs, qwen_vision_flops
+from atp_ros.backends.smolvlm import smolvlm_costs
 from common import RESULTS, stamp
 from rich.console import Console
 from rich.table import Table
@@ -43,12 +44,18 @@ def load(path: Path) -> PretrainedConfig:
     """An architecture's config from its bench/archs JSON (dimensions only, no weights)."""
     spec = json.loads(path.read_text())
     spec.pop("_source", None)
-    return AutoConfig.for_model(spec.pop("model_type"), **spec)
+    longest = spec.pop("atp_longest_edge", None)  # SmolVLM: its image processor's resize (not a model setting)
+    cfg = AutoConfig.for_model(spec.pop("model_type"), **spec)
+    if longest:
+        cfg.atp_longest_edge = longest
+    return cfg
 
 
 def rows_for(name: str, cfg: PretrainedConfig) -> list[dict]:
     if cfg.model_type == "qwen2_5_vl":
         return qwen_rows(name, cfg)
+    if cfg.model_type == "smolvlm":
+        return smolvlm_rows(name, cfg)
     v = cfg.vision_config
     side = int(v.image_size) // int(v.patch_size)
     n = side * side
@@ -89,6 +96,32 @@ def qwen_rows(name: str, cfg: PretrainedConfig) -> list[dict]:
         costs = qwen_costs(cfg, [TEXT_TOKENS], [k], [n])
         rows.append(_row(name, ratio, k, k, vision, scoring, costs, cfg.text_config))
     return _relative(rows)
+
+
+def smolvlm_rows(name: str, cfg: PretrainedConfig) -> list[dict]:
+    """SmolVLM2 on a 640x480 frame: resized to the processor's longest edge and split into rows x cols tiles +
+    the global tile; K counts the local tiles' LLM tokens (one budget per frame), the global tile always reaches
+    the LLM. Scoring: the SigLIP probe per tile + the SigLIP joint read-out (its head's value path and MLP)."""
+    v = cfg.vision_config
+    tile = int(v.image_size)
+    longest = int(cfg.atp_longest_edge)
+    width, height = longest, int(longest * 480 / 640)
+    cols, rows = math.ceil(width / tile), math.ceil(height / tile)
+    tiles = rows * cols + 1
+    patches = (tile // int(v.patch_size)) ** 2
+    g2 = patches // int(cfg.scale_factor) ** 2
+    n = rows * cols * g2
+    d, ff = int(v.hidden_size), int(v.intermediate_size)
+    vision = tiles * tower_flops(v, False)
+    text = TEXT_TOKENS + 2 * rows * cols + rows + 4  # <fake_token_around_image><row_i_col_j> per tile, newlines, global
+    rows_out = []
+    for ratio in KEEP_RATIOS:
+        k = min(n, max(1, math.ceil(ratio * n - 1e-9)))
+        joint = 2.0 * tiles * g2 * (2 * d * d + 2 * d * ff) + 2.0 * n * d
+        scoring = 0.0 if ratio == 1.0 else tiles * scoring_flops(patches, False, d, "probe") + joint
+        costs = smolvlm_costs(cfg, [text], [k + g2], [tiles])
+        rows_out.append(_row(name, ratio, k, k + g2, vision, scoring, costs, cfg.text_config))
+    return _relative(rows_out)
 
 
 def _row(name, ratio, k, consumer, vision, scoring, costs, text_cfg) -> dict:
