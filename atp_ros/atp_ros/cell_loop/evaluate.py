@@ -39,7 +39,7 @@ SETTINGS: dict[str, dict[str, Any]] = {
 DEFAULT_SETTINGS = tuple(SETTINGS)
 # Why a task failed, as the evaluation names it (ground truth decides between the first two).
 EVAL_CAUSES = (
-    "wrong_answer",  # the `where` answer named another slot, or none
+    "wrong_answer",  # the slot the planner acted on (from the answer, or the relevant box) was another, or none
     "wrong_box_grasped",  # the gripper closed on another item
     "wrong_confirmation",  # the right item was held but the node said otherwise, so the planner gave up
     "ik_failure",
@@ -95,7 +95,7 @@ def score(setting: str, seed: int, task: str, target: dict, report: dict, graspe
         planner = report.get("cause")
         if planner in ("no_answer", "timeout", "ik_failure"):
             cause = planner
-        elif not where_correct:
+        elif report.get("target") != target["where"]:  # the slot acted on (the answer's or the evidence's), or none
             cause = "wrong_answer"
         elif grasped and grasped[0] != target["id"]:
             cause = "wrong_box_grasped"
@@ -365,6 +365,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--time-scale", type=float, default=4.0, help="simulated seconds per wall second")
     ap.add_argument("--max-new-tokens", type=int, default=4)
     ap.add_argument("--frames", action="store_true", help="save a frame strip per task (frames/)")
+    ap.add_argument(
+        "--target-from",
+        default="answer",
+        choices=("answer", "relevant_box"),
+        help="the planner's target: the slot the answer names, or the relevant box back-projected with depth",
+    )
     ap.add_argument("--device", default="auto")
     args = ap.parse_args(argv)
     if args.tasks < 1:
@@ -392,7 +398,8 @@ def main(argv: list[str] | None = None) -> int:
     results: list[Scored] = []
     interrupted = False
     try:
-        loop = Loop(ns, {"speed_scale": 1.0, "max_age_s": 2.0 / args.camera_rate + 0.5})
+        planner = {"speed_scale": 1.0, "max_age_s": 2.0 / args.camera_rate + 0.5, "target_from": args.target_from}
+        loop = Loop(ns, planner)
         loop.wait(lambda: loop.planner.ask.server_is_ready() or vlm.poll() is not None, 900, "the perception node")
         if vlm.poll() is not None:
             raise RuntimeError(f"vlm_node exited:\n{processes.log_tail(out / 'logs' / 'vlm_node.log')}")
@@ -451,6 +458,7 @@ def main(argv: list[str] | None = None) -> int:
         "camera": f"{args.width}x{args.height} at {args.camera_rate:g} Hz",
         "time_scale": args.time_scale,
         "machine": f"{os.cpu_count()} CPUs",
+        "target_from": args.target_from,
         "interrupted": interrupted,
     }
     (out / "report.json").write_text(

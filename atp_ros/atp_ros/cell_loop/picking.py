@@ -30,7 +30,7 @@ CAUSES = (
     "no_evidence",  # target_from relevant_box: the relevant box is empty or off the racking
     "ik_failure",  # no joint solution within tolerance for a grasp or place pose
     "trajectory_rejected",  # the simulator refused a trajectory
-    "grasp_not_confirmed",  # after the grasp the node says the gripper holds nothing
+    "grasp_not_confirmed",  # after the grasp the node says the gripper holds nothing (or names no color)
     "wrong_box_grasped",  # after the grasp the node names another color
     "timeout",  # a motion or the confirmation did not complete in time
 )

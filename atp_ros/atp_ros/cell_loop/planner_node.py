@@ -326,6 +326,8 @@ class PickPlanner(Node):
         held = picking.parse_holding(answer.answer)
         if held == "nothing":
             raise GaveUp("grasp_not_confirmed", f"the node says the gripper holds nothing ({answer.answer!r})")
+        if held is None:
+            raise GaveUp("grasp_not_confirmed", f"the answer {answer.answer!r} names neither a color nor nothing")
         if held != task.color:
             raise GaveUp(
                 "wrong_box_grasped", f"the node says the gripper holds {answer.answer!r}, expected {task.color}"

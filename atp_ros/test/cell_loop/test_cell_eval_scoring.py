@@ -15,6 +15,8 @@ META = {"model": "m", "tasks": 5, "seeds": "0..4", "camera": "c", "time_scale": 
 
 
 def report(**kw) -> dict:
+    if kw.get("answer_slot") and "target" not in kw:  # the planner acts on the answered slot (target_from answer)
+        kw["target"] = kw["answer_slot"]
     return {"timings": {"ask_s": 0.5, "total_s": 9.0, "inference_ms": 40.0}, "tokens": [64, 256]} | kw
 
 
@@ -48,6 +50,13 @@ def test_choose_task_names_a_unique_visible_item() -> None:
         (report(cause="ik_failure", answer_slot="top-two"), [], "ik_failure"),
         (report(cause="timeout", answer_slot="top-two"), [7], "timeout"),
         (report(cause="no_answer"), [], "no_answer"),
+        # target_from relevant_box: the evidence named the right slot though the answer did not
+        (
+            report(cause="grasp_not_confirmed", answer_slot=None, target="top-two", confirm_answer=""),
+            [7],
+            "wrong_confirmation",
+        ),
+        (report(cause="no_evidence", answer_slot=None), [], "wrong_answer"),
     ],
 )
 def test_ground_truth_names_the_cause(rep, grasped, cause) -> None:
