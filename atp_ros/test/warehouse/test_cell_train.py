@@ -54,3 +54,14 @@ def test_quick_train_loads_answers_and_resumes(tmp_path) -> None:
     assert main(["--out", str(out), "--work", str(work), "--quick"]) == 0
     assert (work / "train_log.jsonl").read_text() == log
     assert (out / "metrics.json").is_file()
+
+
+def test_recipe_overrides_are_typed_and_a_bad_one_is_one_message(capsys) -> None:
+    from atp_ros.warehouse.cell.model.__main__ import recipe_overrides
+
+    got = recipe_overrides(["bf16=false", "llava_turns=6", "hard_kinds=where,count", "llava_lr=5e-4"])
+    assert got == {"bf16": False, "llava_turns": 6, "hard_kinds": ("where", "count"), "llava_lr": 5e-4}
+    for bad, says in ((["--set", "nope=1"], "FIELD=VALUE"), (["--set", "bf16=maybe"], "is not a bool")):
+        with pytest.raises(SystemExit) as exit_info:
+            main(["--quick", *bad])
+        assert exit_info.value.code == 2 and says in capsys.readouterr().err

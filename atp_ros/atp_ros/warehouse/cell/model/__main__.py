@@ -1,9 +1,10 @@
-"""``python -m atp_ros.warehouse.cell.model --out DIR --work DIR [--quick] [--fresh]``."""
+"""``python -m atp_ros.warehouse.cell.model --out DIR --work DIR [--quick] [--fresh] [--set FIELD=VALUE ...]``."""
 
 from __future__ import annotations
 
 import argparse
 import sys
+from dataclasses import fields
 from pathlib import Path
 
 from atp_ros.warehouse.cell.model import QUICK, Recipe
@@ -19,12 +20,42 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--quick", action="store_true", help="a seconds-long smoke run (tiny counts), not the model")
     ap.add_argument("--checkpoint-every", type=float, default=180.0, help="seconds between saved states")
+    ap.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                    help="override a Recipe field (e.g. --set bf16=false --set llava_turns=6); a change after "
+                         "the CLIP phase keeps the saved CLIP and restarts the LLaVA phase")  # fmt: skip
     args = ap.parse_args(argv)
-    recipe = Recipe(seed=args.seed, **(QUICK if args.quick else {}))
+    try:
+        overrides = recipe_overrides(args.set)
+    except ValueError as err:
+        ap.error(str(err))
+    recipe = Recipe(**{"seed": args.seed, **(QUICK if args.quick else {}), **overrides})
     from atp_ros.warehouse.cell.model.run import CellTrainer
 
     CellTrainer(Path(args.work), recipe, args.fresh).run(Path(args.out), args.checkpoint_every)
     return 0
+
+
+def recipe_overrides(items: list[str]) -> dict:
+    """``["bf16=false", "llava_turns=6"]`` -> typed ``Recipe`` fields; ValueError naming a bad item."""
+    types = {f.name: type(f.default) for f in fields(Recipe)}
+    out: dict = {}
+    for item in items:
+        name, sep, text = item.partition("=")
+        if not sep or name not in types:
+            raise ValueError(f"--set {item!r}: expected FIELD=VALUE with FIELD one of {', '.join(types)}")
+        kind = types[name]
+        try:
+            if kind is bool:
+                if text.lower() not in ("true", "false", "1", "0"):
+                    raise ValueError(text)
+                out[name] = text.lower() in ("true", "1")
+            elif kind is tuple:
+                out[name] = tuple(v for v in text.split(",") if v)
+            else:
+                out[name] = kind(text)
+        except ValueError:
+            raise ValueError(f"--set {item!r}: {text!r} is not a {kind.__name__}") from None
+    return out
 
 
 if __name__ == "__main__":
