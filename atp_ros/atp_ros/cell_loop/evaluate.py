@@ -7,7 +7,7 @@ through its run-time parameters) and each seed: resets the cell to the seed, pic
 <kind> to the conveyor" for an item a `where` question can name), runs it and scores it with the simulator's
 ground truth. Writes ``report.json``, ``report.md`` (task success with Wilson 95% intervals, failure causes,
 perception accuracy on the task's two questions, latencies) and ``success.png``; ``--frames`` also saves a frame
-strip per task (``make cell-demo``).
+strip and an animated GIF per task (``make cell-demo``).
 """
 
 from __future__ import annotations
@@ -350,6 +350,18 @@ def frame_strip(frames: list[np.ndarray], caption: list[str], path: Path, count:
     cv2.imwrite(str(path), cv2.cvtColor(np.concatenate([strip, band]), cv2.COLOR_RGB2BGR))
 
 
+def task_clip(frames: list[np.ndarray], path: Path, fps: float, max_frames: int = 150) -> None:
+    """Every camera frame of a task (at most ``max_frames``, evenly thinned) as an animated GIF at ``fps``."""
+    from PIL import Image as PilImage
+
+    if not frames:
+        return
+    picks = [frames[round(i)] for i in np.linspace(0, len(frames) - 1, min(max_frames, len(frames)))]
+    images = [PilImage.fromarray(f) for f in picks]
+    duration = round(1000 / fps * len(frames) / len(picks))  # ms per shown frame: the task's own pace
+    images[0].save(path, save_all=True, append_images=images[1:], duration=duration, loop=0)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m atp_ros.cell_loop.evaluate", description=__doc__.splitlines()[0])
     ap.add_argument(
@@ -440,6 +452,7 @@ def main(argv: list[str] | None = None) -> int:
                         f"{'SUCCESS' if scored.success else 'FAILED: ' + str(scored.cause)} ({report.get('message')})",
                     ]
                     frame_strip(frames, caption, out / "frames" / f"{setting}_seed{seed}.png")
+                    task_clip(frames, out / "frames" / f"{setting}_seed{seed}.gif", args.camera_rate)
     except (RuntimeError, TimeoutError) as err:
         print(f"cell_eval: {err}", file=sys.stderr)
         return 1

@@ -3,6 +3,7 @@ the per-setting summary (success, Wilson interval, perception accuracy) and its 
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 pytest.importorskip("atp_ros.warehouse.cell.scene")  # sets MUJOCO_GL (egl) before MuJoCo loads
@@ -103,3 +104,16 @@ def test_paired_difference_on_common_seeds() -> None:
     assert "| random_0.25 | 64 of 256 | 0/1 (" in evaluate.markdown(summary, META) and "-100.0 (" in evaluate.markdown(
         summary, META
     )
+
+
+def test_frame_strip_and_clip(tmp_path) -> None:
+    from PIL import Image
+
+    frames = [np.full((24, 32, 3), 10 * i, np.uint8) for i in range(9)]
+    evaluate.frame_strip(frames, ["a task", "its answers"], tmp_path / "strip.png", count=3)
+    evaluate.task_clip(frames, tmp_path / "clip.gif", fps=4.0, max_frames=5)
+    assert Image.open(tmp_path / "strip.png").size == (3 * 32, 24 + 18 * 2 + 8)
+    clip = Image.open(tmp_path / "clip.gif")
+    assert clip.n_frames == 5 and clip.info["duration"] == round(250 * 9 / 5)
+    evaluate.frame_strip([], ["nothing"], tmp_path / "none.png")
+    assert not (tmp_path / "none.png").exists()
