@@ -5,7 +5,12 @@ kept in ``out/bench/ckpt/``:
 
 * ``clip-l336-qwen2-0.5b``: CLIP ViT-L/14 at 336 px (576 patches, llava-1.5's tower) + a
   Qwen2-0.5B-shaped LLM (24 layers, 896 wide, 14 heads / 2 KV heads, 151,936-token vocabulary);
-* ``clip-b224-qwen2-0.5b``: CLIP ViT-B/16 at 224 px (196 patches) + the same LLM.
+* ``clip-b224-qwen2-0.5b``: CLIP ViT-B/16 at 224 px (196 patches) + the same LLM;
+* ``qwen2.5-vl-vit-qwen2-0.5b``: Qwen2.5-VL's tower at its real shape (32 blocks of 1280, window
+  attention, 2x2 merger; the 3B/7B models share it) + the same LLM, as a Qwen2.5-VL checkpoint: the
+  640x480 frame is smart_resize'd to 224x308 px (``max_pixels`` 320x240) = 16x22 patches = 88 LLM
+  tokens; no text tower (intra-only, as the real family). ``--only NAME`` measures one checkpoint
+  (1 new token) and puts its runs into the existing ``realistic.json``.
 
 Unpruned, ATP (alpha 0.5) at keep 0.6 / 0.4 / 0.25 / 0.11 and the random and DivPrune baselines at
 0.25 run round-robin, frame by frame (one warm-up round, then ``--rounds``), with
@@ -32,6 +37,7 @@ from pathlib import Path
 import torch
 from atp_ros.backends import STAGES, AtpConfig, load_backend
 from atp_ros.testing.tiny.llava import save_tiny_llava
+from atp_ros.testing.tiny.qwen2_5_vl import save_tiny_qwen2_5_vl
 from atp_ros.warehouse.scenes import render_scene
 from common import RESULTS, stamp
 from rich.console import Console
@@ -52,6 +58,12 @@ CHECKPOINTS = {
     "clip-b224-qwen2-0.5b": {"image_size": 224, "patch_size": 16, "vision_hidden": 768, "vision_layers": 12,
                              "vision_overrides": {"intermediate_size": 3072, "num_attention_heads": 12}},
 }  # fmt: skip
+QWEN_CHECKPOINTS = {  # Qwen2.5-VL-3B/7B's tower (real shape) + the Qwen2-0.5B-shaped LLM
+    "qwen2.5-vl-vit-qwen2-0.5b": {"patch_size": 14, "vision_hidden": 1280, "vision_layers": 32,
+                                  "fullatt_blocks": (7, 15, 23, 31), "window_size": 112, "min_pixels": 56 * 56,
+                                  "max_pixels": 320 * 240,
+                                  "vision_overrides": {"intermediate_size": 3420, "num_heads": 16}},
+}  # fmt: skip
 VARIANTS = {
     "full": AtpConfig(enabled=False),
     "atp 0.6": AtpConfig(keep_ratio=0.6),
@@ -67,6 +79,12 @@ QUESTION = "how many boxes are on the top shelf?"
 def checkpoint(name: str) -> Path:
     """The random realistic-width checkpoint ``name`` (built on first use, with its CLIP text tower)."""
     path = CKPT_ROOT / name
+    if name in QWEN_CHECKPOINTS and not (path / "config.json").is_file():
+        print(f"building {name} (random weights, real widths) in {path} ...", flush=True)
+        save_tiny_qwen2_5_vl(
+            path, text_hidden=896, text_layers=24, with_text_tower=False, text_overrides=QWEN2_05B,
+            **QWEN_CHECKPOINTS[name],
+        )  # fmt: skip
     if not (path / "config.json").is_file():
         print(f"building {name} (random weights, real widths) in {path} ...", flush=True)
         save_tiny_llava(
@@ -101,7 +119,7 @@ def measure(name: str, device: str, rounds: int, max_new_tokens: int) -> list[di
                 "max_new_tokens": max_new_tokens,
                 "variant": variant,
                 "kept": first.visual_tokens_kept[0],
-                "total": first.visual_tokens_total,
+                "total": first.visual_tokens_total[0],
                 "stage_ms": {s: statistics.median(getattr(r.timings, s) for r in results) for s in STAGES},
                 "frame_ms": statistics.median(r.timings.total for r in results),
                 "llm_prefill_flops": first.flops["llm_prefill"],
@@ -237,6 +255,7 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=5, help="measured rounds after the warm-up round")
     ap.add_argument("--quick", action="store_true", help="only the ViT-B/16 checkpoint, 2 rounds, 1 new token")
     ap.add_argument("--memory-probe", type=float, default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--only", choices=[*CHECKPOINTS, *QWEN_CHECKPOINTS], help="one checkpoint, merged into the json")
     ap.add_argument("--checkpoint", default="clip-l336-qwen2-0.5b", help=argparse.SUPPRESS)
     ap.add_argument("--device", default="cpu", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -246,7 +265,9 @@ def main() -> int:
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     if not torch.cuda.is_available():
         print("no CUDA device here: the GPU part is skipped (it runs the same script on CUDA, fp16)")
-    names = ["clip-b224-qwen2-0.5b"] if args.quick else list(CHECKPOINTS)
+    if args.only:
+        return merge_one(args.only, devices, args.rounds)
+    names = ["clip-b224-qwen2-0.5b"] if args.quick else [*CHECKPOINTS, *QWEN_CHECKPOINTS]
     rounds = 2 if args.quick else args.rounds
     new_tokens = (1,) if args.quick else (1, 16)
     results = []
@@ -265,6 +286,22 @@ def main() -> int:
     out = {"meta": stamp() | {"quick": args.quick, "rounds": rounds}, "runs": results, "memory": mem}
     (RESULTS / f"realistic{suffix}.json").write_text(json.dumps(out, indent=1))
     print(f"wrote {RESULTS / f'realistic{suffix}.json'}")
+    return 0
+
+
+def merge_one(name: str, devices: list[str], rounds: int) -> int:
+    """Measure ``name`` alone (1 new token) and replace its runs in ``realistic.json`` (the rest stays as measured)."""
+    path = RESULTS / "realistic.json"
+    out = json.loads(path.read_text()) if path.is_file() else {"meta": stamp(), "runs": [], "memory": {}}
+    runs = [rows for rows in out["runs"] if rows[0]["checkpoint"] != name]
+    for device in devices:
+        rows = measure(name, device, rounds, 1)
+        table(rows)
+        runs.append(rows)
+    out["runs"] = runs
+    out["meta"].setdefault("merged", {})[name] = stamp() | {"rounds": rounds}
+    path.write_text(json.dumps(out, indent=1))
+    print(f"wrote {path}")
     return 0
 
 
