@@ -28,6 +28,7 @@ checkpoint it started from, an approximation (said in the load notes).
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 
@@ -110,11 +111,12 @@ class SmolVLMBackend(VlmBackend):
         return load_joint_space, int(model.config.vision_config.hidden_size), "siglip"
 
     def questions(self, images: Sequence[np.ndarray], questions: Sequence[str] | str) -> list[str]:
+        # Literal image or layout tokens in a question would add placeholders or fake a tile layout.
         cleaned = []
         for q in super().questions(images, questions):
             for token in IMAGE_TEXT:
                 q = q.replace(token, " ")
-            cleaned.append(q.strip())
+            cleaned.append(re.sub(r"<row_\d+_col_\d+>", " ", q).strip())
         return cleaned
 
     def _prompt(self, question: str) -> str:
