@@ -24,12 +24,14 @@ from atp_ros.backends.blip2 import Blip2Backend, qformer_flops
 from atp_ros.backends.flops import decoder_prefill_flops, lm_dims, tower_flops
 from atp_ros.backends.idefics import IdeficsBackend, resampler_flops
 from atp_ros.backends.llava import LlavaBackend, llava_costs
+from atp_ros.backends.llava_onevision import LlavaOnevisionBackend, onevision_costs
 from atp_ros.backends.qwen2_5_vl import Qwen25VLBackend, qwen_costs, qwen_vision_flops
 from atp_ros.backends.smolvlm import SmolVLMBackend, smolvlm_costs
 from atp_ros.method import Selection
 from atp_ros.testing.tiny.blip2 import save_tiny_blip2
 from atp_ros.testing.tiny.idefics import save_tiny_idefics
 from atp_ros.testing.tiny.llava import save_tiny_llava
+from atp_ros.testing.tiny.llava_onevision import save_tiny_llava_onevision
 from atp_ros.testing.tiny.qwen2_5_vl import save_tiny_qwen2_5_vl
 from atp_ros.testing.tiny.smolvlm import save_tiny_smolvlm
 from torch.utils.flop_counter import FlopCounterMode
@@ -420,6 +422,64 @@ class SmolVLMTester(FamilyTester):
         assert any("an approximation" in note for note in backend.load_notes)
 
 
+class LlavaOnevisionTester(FamilyTester):
+    """LLaVA-OneVision: a base crop + an anyres grid (unpadded, pooled) with a newline per grid row; K counts the
+    grid's tokens, the base crop and newlines always fed; SigLIP probe and joint space from the given tower."""
+
+    name = family = "llava_onevision"
+    positions_matter = True
+    default_intra = "probe"
+    intra_from_text_tower = True  # the tower is saved without SigLIP's head: the probe comes with the text tower
+    shrinking = ("llm_prefill",)  # the projector runs on every crop's patches before packing
+    unpruned = ("llm_prefill_unpruned", "llm_prefill")
+
+    backend_cls = LlavaOnevisionBackend
+    builder = staticmethod(save_tiny_llava_onevision)
+
+    def expected_grids(self, backend, images):
+        # The stock packed features: the rows equal to the model's newline embedding end each grid row.
+        from PIL import Image
+
+        enc = backend.processor.image_processor(images=[Image.fromarray(i) for i in images], return_tensors="pt")
+        packed = backend.model.model.get_image_features(
+            enc["pixel_values"], enc["image_sizes"], vision_feature_layer=-1, vision_feature_select_strategy="full"
+        ).pooler_output
+        grids = []
+        for x in packed:
+            rows = int((x == backend.model.model.image_newline).all(dim=-1).sum())
+            grids.append((rows, (len(x) - 64 - rows) // rows))
+        return grids
+
+    def always_fed(self, backend, result, b):
+        return 64 + result.grid_of(b)[0]  # the base crop and one newline per grid row
+
+    def check_grid(self, backend):
+        assert backend.grid is None and backend.num_visual_tokens == 9 * 64
+
+    def language_model(self, backend):
+        return backend.model.model.language_model
+
+    def vision_tower(self, backend):
+        return backend.tower
+
+    def llm_image_tokens(self, backend, result, b):
+        return result.consumer_tokens[b]
+
+    def flop_cases(self, backend):
+        cfg = backend.model.config
+        states = torch.randn(1, 64, cfg.vision_config.hidden_size)
+        embeds = torch.randn(1, 30, cfg.text_config.hidden_size)
+        costs = onevision_costs(cfg, [20], [10], [1], [64])
+        assert costs["llm_tokens"] == 30
+        return {
+            "projector": (lambda: backend.model.model.multi_modal_projector(states), costs["projector"]),
+            "llm_prefill": (lambda: self.language_model(backend)(inputs_embeds=embeds), costs["llm_prefill"]),
+        }
+
+    def check_loaded(self, backend):
+        assert backend.joint.kind == "siglip" and backend.joint.has_probe
+
+
 TESTERS: list[FamilyTester] = [
     LlavaTester("clip"),
     LlavaTester("siglip"),
@@ -427,4 +487,5 @@ TESTERS: list[FamilyTester] = [
     IdeficsTester(),
     Qwen25VLTester(),
     SmolVLMTester(),
+    LlavaOnevisionTester(),
 ]

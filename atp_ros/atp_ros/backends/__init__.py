@@ -23,6 +23,7 @@ FAMILIES: dict[str, tuple[str, str]] = {
     "qwen2_5_vl": ("atp_ros.backends.qwen2_5_vl", "Qwen25VLBackend"),
     "smolvlm": ("atp_ros.backends.smolvlm", "SmolVLMBackend"),
     "idefics3": ("atp_ros.backends.smolvlm", "Idefics3Backend"),
+    "llava_onevision": ("atp_ros.backends.llava_onevision", "LlavaOnevisionBackend"),
 }
 
 

@@ -17,7 +17,7 @@ import pytest
 import torch
 from atp_ros.backends import STAGES, AtpConfig, GenerationStopped, ModelLoadError, VlmBackend, VlmResult, load_backend
 from atp_ros.backends.loading import TEXT_TOWER_SUBDIR
-from backend_checks import MAX_NEW, QUESTIONS, TESTERS, FamilyTester, LmCalls, N, counted, outputs_of
+from backend_checks import MAX_NEW, QUESTIONS, TESTERS, FamilyTester, LmCalls, counted, outputs_of
 
 B = len(QUESTIONS)
 
@@ -92,7 +92,7 @@ KEEP_ALL = {
     "disabled": AtpConfig(enabled=False),
     "k_eq_n": AtpConfig(keep_ratio=1.0),
     "k_eq_n_compact": AtpConfig(keep_ratio=1.0, positions="compact"),
-    "k_eq_n_received": AtpConfig(keep_tokens=N, intra_signal="received"),
+    "k_eq_n_received": AtpConfig(keep_tokens=4096, intra_signal="received"),  # K = min(4096, N_b) = N_b
 }
 
 
