@@ -1,12 +1,13 @@
 """FLOPs and KV cache of the real architectures, without weights: what ATP saves on a 7B LLaVA.
 
-The configs of llava-1.5-7b/-13b, llava-interleave-qwen-0.5b, blip2-opt-2.7b, idefics-9b and
-qwen2.5-vl-3b/-7b, smolvlm2-2.2b/-500m are written down in ``bench/archs/`` (nothing can be downloaded). Per keep
-ratio the same analytic cost model the backends report (``llava_costs``/``blip2_costs``/``idefics_costs``/
-``qwen_costs``/``smolvlm_costs``, ``tower_flops``/``qwen_vision_flops``,
-``scoring_flops``; checked equal to torch's FlopCounterMode on tiny models in ``test_flops.py``)
-gives the LLM prefill FLOPs, the whole pipeline's FLOPs (ViT + ATP scoring + projector/Q-Former/
-resampler + prefill) and the fp16 KV cache per frame. A prompt of 40 text tokens is assumed.
+The configs of llava-1.5-7b/-13b, llava-interleave-qwen-0.5b, blip2-opt-2.7b, idefics-9b,
+qwen2.5-vl-3b/-7b, smolvlm2-2.2b/-500m and llava-onevision-qwen2-7b are written down in
+``bench/archs/`` (nothing can be downloaded here). Per keep ratio the same analytic cost model the
+backends report (``llava_costs``, ``blip2_costs``, ``idefics_costs``, ``qwen_costs``,
+``smolvlm_costs``, ``onevision_costs``, ``tower_flops``, ``qwen_vision_flops``, ``scoring_flops``;
+checked equal to torch's FlopCounterMode on tiny models by the backend contract tests) gives the
+LLM prefill FLOPs, the whole pipeline's FLOPs (ViT + ATP scoring + projector/Q-Former/resampler +
+prefill) and the fp16 KV cache per frame. A prompt of 40 text tokens is assumed.
 Writes ``bench/results/flops.json``.
 
     PYTHONPATH=atp_ros python bench/bench_flops.py
@@ -24,6 +25,7 @@ from atp_ros.backends.blip2 import blip2_costs
 from atp_ros.backends.flops import kv_cache_bytes, scoring_flops, tower_flops
 from atp_ros.backends.idefics import idefics_costs
 from atp_ros.backends.llava import llava_costs
+from atp_ros.backends.llava_onevision import onevision_costs
 from atp_ros.backends.qwen2_5_vl import qwen_costs, qwen_vision_flops
 from atp_ros.backends.smolvlm import smolvlm_costs
 from common import RESULTS, stamp
@@ -56,6 +58,8 @@ def rows_for(name: str, cfg: PretrainedConfig) -> list[dict]:
         return qwen_rows(name, cfg)
     if cfg.model_type == "smolvlm":
         return smolvlm_rows(name, cfg)
+    if cfg.model_type == "llava_onevision":
+        return onevision_rows(name, cfg)
     v = cfg.vision_config
     side = int(v.image_size) // int(v.patch_size)
     n = side * side
@@ -122,6 +126,33 @@ def smolvlm_rows(name: str, cfg: PretrainedConfig) -> list[dict]:
         costs = smolvlm_costs(cfg, [text], [k + g2], [tiles])
         rows_out.append(_row(name, ratio, k, k + g2, vision, scoring, costs, cfg.text_config))
     return _relative(rows_out)
+
+
+def onevision_rows(name: str, cfg: PretrainedConfig) -> list[dict]:
+    """LLaVA-OneVision on a 640x480 frame: the base crop + the anyres grid the model picks, unpadded (and pooled
+    beyond anyres_max_9) with transformers' own functions; K counts the grid's tokens, the base crop and the
+    newline of every grid row always reach the LLM. Scoring: SigLIP probe per crop + the joint read-out."""
+    import torch
+    from transformers.models.llava_onevision.modeling_llava_onevision import get_anyres_image_grid_shape, unpad_image
+
+    v = cfg.vision_config
+    side = int(v.image_size) // int(v.patch_size)
+    rows, cols = get_anyres_image_grid_shape((480, 640), cfg.image_grid_pinpoints, int(v.image_size))
+    h, w = unpad_image(torch.zeros(1, rows * side, cols * side), (480, 640)).shape[1:]
+    ratio_pool = math.sqrt(h * w / (int(cfg.vision_aspect_ratio.removeprefix("anyres_max_")) * side * side))
+    if ratio_pool > 1.1:
+        h, w = int(h // ratio_pool), int(w // ratio_pool)
+    crops, p, n = rows * cols + 1, side * side, h * w
+    d, ff = int(v.hidden_size), int(v.intermediate_size)
+    vision = crops * tower_flops(v, False)
+    out = []
+    for ratio in KEEP_RATIOS:
+        k = min(n, max(1, math.ceil(ratio * n - 1e-9)))
+        joint = 2.0 * n * (2 * d * d + 2 * d * ff) + 2.0 * n * d
+        scoring = 0.0 if ratio == 1.0 else crops * scoring_flops(p, False, d, "probe") + joint
+        costs = onevision_costs(cfg, [TEXT_TOKENS], [k + p + h], [crops], [n + p + h])
+        out.append(_row(name, ratio, k, k + p + h, vision, scoring, costs, cfg.text_config))
+    return _relative(out)
 
 
 def _row(name, ratio, k, consumer, vision, scoring, costs, text_cfg) -> dict:
