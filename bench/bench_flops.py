@@ -1,7 +1,7 @@
 """FLOPs and KV cache of the real architectures, without weights: what ATP saves on a 7B LLaVA.
 
 The configs of llava-1.5-7b/-13b, llava-interleave-qwen-0.5b, blip2-opt-2.7b, idefics-9b,
-qwen2.5-vl-3b/-7b, smolvlm2-2.2b/-500m and llava-onevision-qwen2-7b are written down in
+qwen2.5-vl-3b/-7b, smolvlm2-2.2b/-500m, llava-onevision-qwen2-7b and llava-next-vicuna-7b are in
 ``bench/archs/`` (nothing can be downloaded here). Per keep ratio the same analytic cost model the
 backends report (``llava_costs``, ``blip2_costs``, ``idefics_costs``, ``qwen_costs``,
 ``smolvlm_costs``, ``onevision_costs``, ``tower_flops``, ``qwen_vision_flops``, ``scoring_flops``;
@@ -58,7 +58,7 @@ def rows_for(name: str, cfg: PretrainedConfig) -> list[dict]:
         return qwen_rows(name, cfg)
     if cfg.model_type == "smolvlm":
         return smolvlm_rows(name, cfg)
-    if cfg.model_type == "llava_onevision":
+    if cfg.model_type in ("llava_onevision", "llava_next"):
         return onevision_rows(name, cfg)
     v = cfg.vision_config
     side = int(v.image_size) // int(v.patch_size)
@@ -139,17 +139,23 @@ def onevision_rows(name: str, cfg: PretrainedConfig) -> list[dict]:
     side = int(v.image_size) // int(v.patch_size)
     rows, cols = get_anyres_image_grid_shape((480, 640), cfg.image_grid_pinpoints, int(v.image_size))
     h, w = unpad_image(torch.zeros(1, rows * side, cols * side), (480, 640)).shape[1:]
-    ratio_pool = math.sqrt(h * w / (int(cfg.vision_aspect_ratio.removeprefix("anyres_max_")) * side * side))
-    if ratio_pool > 1.1:
-        h, w = int(h // ratio_pool), int(w // ratio_pool)
+    if cfg.model_type == "llava_onevision":  # anyres_max_9: bilinear pooling of large grids (NeXT has none)
+        ratio_pool = math.sqrt(h * w / (int(cfg.vision_aspect_ratio.removeprefix("anyres_max_")) * side * side))
+        if ratio_pool > 1.1:
+            h, w = int(h // ratio_pool), int(w // ratio_pool)
     crops, p, n = rows * cols + 1, side * side, h * w
     d, ff = int(v.hidden_size), int(v.intermediate_size)
-    vision = crops * tower_flops(v, False)
+    has_cls = v.model_type == "clip_vision_model"  # NeXT: a CLS per crop (CLS attention; CLIP's projection)
+    vision = crops * tower_flops(v, has_cls)
     out = []
     for ratio in KEEP_RATIOS:
         k = min(n, max(1, math.ceil(ratio * n - 1e-9)))
-        joint = 2.0 * n * (2 * d * d + 2 * d * ff) + 2.0 * n * d
-        scoring = 0.0 if ratio == 1.0 else crops * scoring_flops(p, False, d, "probe") + joint
+        if has_cls:
+            e = int(v.projection_dim)
+            intra, joint = scoring_flops(p, True, d, "cls"), 2.0 * n * d * e + 2.0 * n * e
+        else:
+            intra, joint = scoring_flops(p, False, d, "probe"), 2.0 * n * (2 * d * d + 2 * d * ff) + 2.0 * n * d
+        scoring = 0.0 if ratio == 1.0 else crops * intra + joint
         costs = onevision_costs(cfg, [TEXT_TOKENS], [k + p + h], [crops], [n + p + h])
         out.append(_row(name, ratio, k, k + p + h, vision, scoring, costs, cfg.text_config))
     return _relative(out)

@@ -24,13 +24,14 @@ from atp_ros.backends.blip2 import Blip2Backend, qformer_flops
 from atp_ros.backends.flops import decoder_prefill_flops, lm_dims, tower_flops
 from atp_ros.backends.idefics import IdeficsBackend, resampler_flops
 from atp_ros.backends.llava import LlavaBackend, llava_costs
-from atp_ros.backends.llava_onevision import LlavaOnevisionBackend, onevision_costs
+from atp_ros.backends.llava_onevision import LlavaNextBackend, LlavaOnevisionBackend, onevision_costs
 from atp_ros.backends.qwen2_5_vl import Qwen25VLBackend, qwen_costs, qwen_vision_flops
 from atp_ros.backends.smolvlm import SmolVLMBackend, smolvlm_costs
 from atp_ros.method import Selection
 from atp_ros.testing.tiny.blip2 import save_tiny_blip2
 from atp_ros.testing.tiny.idefics import save_tiny_idefics
 from atp_ros.testing.tiny.llava import save_tiny_llava
+from atp_ros.testing.tiny.llava_next import save_tiny_llava_next
 from atp_ros.testing.tiny.llava_onevision import save_tiny_llava_onevision
 from atp_ros.testing.tiny.qwen2_5_vl import save_tiny_qwen2_5_vl
 from atp_ros.testing.tiny.smolvlm import save_tiny_smolvlm
@@ -441,8 +442,12 @@ class LlavaOnevisionTester(FamilyTester):
         from PIL import Image
 
         enc = backend.processor.image_processor(images=[Image.fromarray(i) for i in images], return_tensors="pt")
+        cfg = backend.model.config
         packed = backend.model.model.get_image_features(
-            enc["pixel_values"], enc["image_sizes"], vision_feature_layer=-1, vision_feature_select_strategy="full"
+            enc["pixel_values"],
+            enc["image_sizes"],
+            vision_feature_layer=cfg.vision_feature_layer,
+            vision_feature_select_strategy=cfg.vision_feature_select_strategy,
         ).pooler_output
         grids = []
         for x in packed:
@@ -480,6 +485,24 @@ class LlavaOnevisionTester(FamilyTester):
         assert backend.joint.kind == "siglip" and backend.joint.has_probe
 
 
+class LlavaNextTester(LlavaOnevisionTester):
+    """LLaVA-NeXT: OneVision's layout with CLIP crops (a CLS each, dropped before the projector): per-crop CLS
+    attention, the CLIP joint space the tower came from."""
+
+    name = family = "llava_next"
+    default_intra = "cls"
+    intra_from_text_tower = False
+
+    backend_cls = LlavaNextBackend
+    builder = staticmethod(save_tiny_llava_next)
+
+    def check_grid(self, backend):
+        assert backend.grid is None and backend.num_visual_tokens == 4 * 64  # the 2x2-crop pinpoint
+
+    def check_loaded(self, backend):
+        assert backend.joint.kind == "clip" and backend.has_cls and backend.score_layer == 1  # feature layer -2
+
+
 TESTERS: list[FamilyTester] = [
     LlavaTester("clip"),
     LlavaTester("siglip"),
@@ -488,4 +511,5 @@ TESTERS: list[FamilyTester] = [
     Qwen25VLTester(),
     SmolVLMTester(),
     LlavaOnevisionTester(),
+    LlavaNextTester(),
 ]

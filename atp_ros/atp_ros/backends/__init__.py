@@ -24,6 +24,7 @@ FAMILIES: dict[str, tuple[str, str]] = {
     "smolvlm": ("atp_ros.backends.smolvlm", "SmolVLMBackend"),
     "idefics3": ("atp_ros.backends.smolvlm", "Idefics3Backend"),
     "llava_onevision": ("atp_ros.backends.llava_onevision", "LlavaOnevisionBackend"),
+    "llava_next": ("atp_ros.backends.llava_onevision", "LlavaNextBackend"),
 }
 
 

@@ -19,7 +19,10 @@ The LLaVA-OneVision adapter of :class:`atp_ros.backends.pipeline.VlmBackend`::
 The base crop is the model's view of the whole frame at crop resolution; like SmolVLM's global tile it
 always reaches the LLM and is not counted in N or K (``consumer_tokens`` has it and the newlines). The
 SigLIP tower was trained inside LLaVA-OneVision: the SigLIP text tower and probe are the checkpoint's it
-started from, an approximation (load note). LLaVA-NeXT (CLIP crops with a CLS each) is not covered here.
+started from, an approximation (load note).
+
+:class:`LlavaNextBackend` (LLaVA-NeXT / 1.6) is the same adapter on CLIP crops: each crop has its own CLS, so
+S_intra is each crop's CLS attention at the feature layer's block, and the CLIP it came from is its joint space.
 """
 
 from __future__ import annotations
@@ -55,6 +58,7 @@ class LlavaOnevisionBackend(VlmBackend):
     family = "llava_onevision"
     hf_class = "LlavaOnevisionForConditionalGeneration"
     intra_only = "intra-only (S_intra alone)"
+    tower_kind, strategy = "siglip", "full"  # LLaVA-NeXT: CLIP crops with a CLS each, "default" (CLS dropped)
 
     def __init__(self, model, processor, model_id: str, text_tower, score_layer: int | None = None) -> None:
         cfg = model.config
@@ -63,24 +67,27 @@ class LlavaOnevisionBackend(VlmBackend):
         self.vlm = model.model
         self.tower = model.model.vision_tower
         self.feature_layer = cfg.vision_feature_layer
-        if cfg.vision_feature_select_strategy != "full":
-            raise ValueError("only the 'full' feature strategy (SigLIP, no CLS) is supported")
-        layers = self.tower.encoder.layers
-        index = len(layers) - 1 if score_layer is None else int(score_layer)
+        if cfg.vision_feature_select_strategy != self.strategy:
+            raise ValueError(f"only the {self.strategy!r} feature strategy is supported for {self.family}")
+        layers = getattr(self.tower, "vision_model", self.tower).encoder.layers
+        last = self.feature_layer if isinstance(self.feature_layer, int) else self.feature_layer[-1]
+        # The encoder layer whose output is the feature layer (as llava.py): its attention formed the features.
+        index = max(last % (len(layers) + 1) - 1, 0) if score_layer is None else int(score_layer)
         if not 0 <= index < len(layers):
             raise ValueError(f"score_layer {index} out of range for a {len(layers)}-layer tower")
         notes = [
-            "llava_onevision: K counts the anyres grid's LLM tokens after unpadding and pooling; the base crop "
+            f"{self.family}: K counts the anyres grid's LLM tokens after unpadding (and pooling); the base crop "
             "and the newline of every grid row always reach the LLM",
         ]
-        if text_tower.joint is not None:
+        if text_tower.joint is not None and self.tower_kind == "siglip":
             notes.append(
-                f"llava_onevision: S_inter and the probe come from {text_tower.source}, the SigLIP the tower was "
+                f"{self.family}: S_inter and the probe come from {text_tower.source}, the SigLIP the tower was "
                 "trained from: an approximation"
             )
+        has_cls = hasattr(getattr(self.tower, "vision_model", self.tower).embeddings, "class_embedding")
         super().__init__(
             model.eval(), processor, model_id, model.device, model.dtype, vcfg, layers[index], index, text_tower,
-            has_cls=False, prefix=0, load_notes=notes,
+            has_cls=has_cls, prefix=0, load_notes=notes,
         )  # fmt: skip
         self.side = int(vcfg.image_size) // int(vcfg.patch_size)
         self.grid = None  # the grid follows the frame
@@ -94,9 +101,9 @@ class LlavaOnevisionBackend(VlmBackend):
     @classmethod
     def joint_space_of(cls, model):
         vcfg = model.config.vision_config
-        if vcfg.model_type != "siglip_vision_model":
-            raise ValueError(f"vision tower {vcfg.model_type!r} is not supported (LLaVA-OneVision: SigLIP)")
-        return load_joint_space, int(vcfg.hidden_size), "siglip"
+        if vcfg.model_type != f"{cls.tower_kind}_vision_model":
+            raise ValueError(f"vision tower {vcfg.model_type!r} is not supported ({cls.family}: {cls.tower_kind})")
+        return load_joint_space, int(vcfg.hidden_size), cls.tower_kind
 
     def questions(self, images: Sequence[np.ndarray], questions: Sequence[str] | str) -> list[str]:
         return [q.replace("<image>", " ").replace("<video>", " ").strip() for q in super().questions(images, questions)]
@@ -135,11 +142,13 @@ class LlavaOnevisionBackend(VlmBackend):
         out = self.tower(tiles, output_hidden_states=True, return_dict=True)
         hs = out.hidden_states
         layers = [self.feature_layer] if isinstance(self.feature_layer, int) else list(self.feature_layer)
-        selected = torch.cat([hs[i] for i in layers], dim=-1)  # "full": no CLS to drop
+        selected = torch.cat([hs[i] for i in layers], dim=-1)
+        if self.strategy == "default":
+            selected = selected[:, 1:]  # CLS dropped, as the model's get_image_features does
         features = list(self.vlm.multi_modal_projector(selected).split(crops))
         packed = self._pack(features, sizes, self.vlm.image_newline)  # the stock packed sequence per image
         p = self.side * self.side
-        marks = self._pack([torch.zeros(n, p, 1, device=tiles.device) for n in crops], sizes, tiles.new_ones(1))
+        marks = self._pack([torch.zeros(n, p, 1, device=tiles.device) for n in crops], sizes, torch.ones(1).to(tiles))
         layouts = []  # per image: (prunable offsets in the packed sequence, grid (h, w))
         for mark in marks:
             newline = mark[:, 0] > 0.5
@@ -165,6 +174,9 @@ class LlavaOnevisionBackend(VlmBackend):
         return _pad_rows([x if len(x) == p else x[p:] for x in packed])  # one crop: the base is the grid
 
     def intra_scores(self, vision: VisionStates, signal: str, notes: list[str]) -> tuple[Tensor, str]:
+        if self.has_cls:  # LLaVA-NeXT: every crop has its own CLS (per-crop CLS or received attention)
+            per_patch, used = super().intra_scores(vision, signal, notes)
+            return self._on_grid(per_patch.float()[..., None], vision.meta)[..., 0], used
         if signal == "cls" and self.joint is not None and self.joint.has_probe:
             per_patch, used = self.joint.probe_attention(vision.last), "probe"  # (crops, P)
         else:
@@ -176,7 +188,7 @@ class LlavaOnevisionBackend(VlmBackend):
     def joint_patches(self, vision: VisionStates, readout: str, notes: list[str]) -> tuple[Tensor, str]:
         if readout != "naive":
             notes.append(f"inter_readout {readout!r} is implemented for LLaVA towers only: naive used")
-        return self._on_grid(vision.last, vision.meta), "naive"
+        return self._on_grid(vision.last[:, int(self.has_cls) :], vision.meta), "naive"
 
     def feed(self, vision: VisionStates, selection: Selection, batch: Batch, atp: AtpConfig) -> LmPrompt:
         ids, mask = batch.inputs["input_ids"].cpu(), batch.inputs["attention_mask"].cpu()
@@ -274,4 +286,23 @@ def onevision_costs(
     }
 
 
-__all__ = ["LlavaOnevisionBackend", "onevision_costs"]
+class LlavaNextBackend(LlavaOnevisionBackend):
+    """ATP-gated ``LlavaNextForConditionalGeneration`` (LLaVA-NeXT / 1.6): CLIP crops with a CLS each, the
+    ``default`` strategy (CLS dropped), the same base + unpadded grid + newline layout (no pooling)."""
+
+    family = "llava_next"
+    hf_class = "LlavaNextForConditionalGeneration"
+    tower_kind, strategy = "clip", "default"
+
+    def __init__(self, model, processor, model_id: str, text_tower, score_layer: int | None = None) -> None:
+        super().__init__(model, processor, model_id, text_tower, score_layer)
+        size = int(model.config.vision_config.image_size)
+        crops = max(h * w for h, w in model.config.image_grid_pinpoints) // (size * size)
+        self.num_visual_tokens = crops * self.side * self.side  # at most: the largest grid, no pooling
+
+    def _pack(self, per_crop: list[Tensor], sizes: Tensor, newline: Tensor | None) -> list[Tensor]:
+        packed, _ = self.vlm.pack_image_features(per_crop, sizes, self.strategy, image_newline=newline)
+        return list(packed)
+
+
+__all__ = ["LlavaNextBackend", "LlavaOnevisionBackend", "onevision_costs"]
