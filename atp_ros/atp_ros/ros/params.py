@@ -49,7 +49,7 @@ PARAMS: tuple[Param, ...] = (
     Param(
         "model_id",
         "warehouse-tiny",
-        "VLM checkpoint: warehouse-tiny (bundled), hub id or local directory (LLaVA, BLIP-2, IDEFICS)",
+        "VLM checkpoint: warehouse-tiny (bundled), hub id or local directory (families: README, Supported models)",
     ),
     Param("text_encoder_id", "", "CLIP/SigLIP text tower for S_inter; empty = derived from the model"),
     Param("device", "auto", "auto (CUDA if present, else CPU), cpu, cuda, cuda:N"),
