@@ -253,9 +253,12 @@ def test_atp_serve_serves_until_ctrl_c_and_the_client_sees_it_go(tmp_path, local
         "deployment:\n  ray_actor_options:\n    num_cpus: 2\n"
     )
     with open(tmp_path / "stderr.txt", "w") as err:
+        # SIGINT at its default: run as a background job (a detached CI run), this test's children would
+        # inherit it ignored, and Python installs its Ctrl-C handler only where SIGINT is not ignored.
         server = subprocess.Popen(
-            [str(_atp_serve()), "--config", str(config)], stdout=subprocess.PIPE, stderr=err, text=True
-        )
+            [str(_atp_serve()), "--config", str(config)], stdout=subprocess.PIPE, stderr=err, text=True,
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+        )  # fmt: skip
     remote = None
     try:
         ready = _ready_line(server, 240)

@@ -38,7 +38,7 @@ def test_quick_train_loads_answers_and_resumes(tmp_path) -> None:
         AtpConfig(keep_ratio=0.25),
         max_new_tokens=3,
     )
-    assert result.visual_tokens_total == NUM_PATCHES
+    assert result.visual_tokens_total == [NUM_PATCHES]
     assert result.visual_tokens_kept == [round(0.25 * NUM_PATCHES)]
     assert isinstance(result.answers[0], str)
 
