@@ -431,6 +431,11 @@ def run(args: list[str] | None = None) -> int:
         spin(node, executor)
     except (KeyboardInterrupt, ExternalShutdownException):
         pass
+    except Exception:
+        if rclpy.ok():
+            raise
+        # A SIGINT/SIGTERM shut the context down while the node was still being built (rclpy then
+        # fails to publish on the dead context): a normal stop, not a crash.
     finally:
         shutdown(node, executor)
     return 0

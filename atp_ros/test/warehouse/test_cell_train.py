@@ -65,3 +65,30 @@ def test_recipe_overrides_are_typed_and_a_bad_one_is_one_message(capsys) -> None
         with pytest.raises(SystemExit) as exit_info:
             main(["--quick", *bad])
         assert exit_info.value.code == 2 and says in capsys.readouterr().err
+
+
+def test_grounding_targets_name_each_visible_shelf_objects_slot_and_letter() -> None:
+    import numpy as np
+
+    from atp_ros.warehouse.cell.model.ground_phase import IGNORE, NO_LABEL, NO_SLOT, patch_targets
+    from atp_ros.warehouse.cell.model.recipe import GRID
+    from atp_ros.warehouse.cell.truth import LABELS, LEVELS, SLOTS
+
+    checked = 0
+    for seed in range(6):
+        truth = random_still(seed, width=640, height=480).truth
+        slot, label = patch_targets(truth)
+        assert slot.shape == label.shape == (NUM_PATCHES,)
+        assert (slot == NO_SLOT).any(), "walls and floor are no slot"
+        for o in truth.objects:
+            if o.place != "shelf" or o.box is None or o.visible_fraction < 0.6:
+                continue
+            x0, y0, x1, y1 = o.box
+            cx, cy = (x0 + x1) / 2 / truth.width, (y0 + y1) / 2 / truth.height
+            center = int(cy * GRID) * GRID + int(cx * GRID)
+            if slot[center] == LEVELS.index(o.level) * len(SLOTS) + SLOTS.index(o.slot):
+                want = LABELS.index(o.label) if o.label else NO_LABEL
+                assert label[center] == want
+                checked += 1
+        assert set(np.unique(label)) <= {IGNORE, NO_LABEL, *range(len(LABELS))}
+    assert checked >= 10, "most visible shelf objects own their center patch"

@@ -36,9 +36,13 @@ class Recipe:
     clip_steps: int = 1_200
     clip_batch: int = 40
     clip_lr: float = 1e-3
-    llava_steps: int = 1_700
-    llava_batch: int = 20
-    llava_turns: int = 12  # question/answer turns per image in one sequence (image tokens dominate the cost)
+    # Phase 1b (ground_phase): the CLIP goes on with read-outs of each patch's place and letter.
+    ground_steps: int = 300
+    ground_lr: float = 3e-4
+    ground_weight: float = 1.0
+    llava_steps: int = 1_200
+    llava_batch: int = 32
+    llava_turns: int = 6  # question/answer turns per image in one sequence (image tokens dominate the cost)
     llava_lr: float = 1e-3
     drop_share: float = 0.3  # sequences trained on a random 10-100% subset of image tokens
     # Attention supervision: in this LM layer, these heads of the answer-predicting position are
@@ -46,7 +50,7 @@ class Recipe:
     sup_layer: int = 2
     sup_heads: int = 2
     sup_weight: float = 1.0
-    sup_turns: int = 4  # turns per sequence whose attention is supervised (the loss is a per-turn loop)
+    sup_turns: int = 6  # turns per sequence whose attention is supervised (the loss is a per-turn loop)
     feature_layer: int = -1  # the layer the region loss aligned with the questions' words
     # Kinds drawn twice for the LLM: the slot- and object-bound lookups are the hard part.
     hard_kinds: tuple[str, ...] = ("color_at", "label_at", "where", "left_right", "which_level")
@@ -72,6 +76,7 @@ QUICK = {
     "chunk": 12,
     "clip_steps": 3,
     "clip_batch": 8,
+    "ground_steps": 2,
     "llava_steps": 3,
     "llava_batch": 4,
     "llava_turns": 3,
@@ -86,11 +91,17 @@ QUICK = {
 }
 
 _CELL_CLIP_FIELDS = (*CLIP_FIELDS, "vision_heads", "chunk")
+_GROUND_FIELDS = ("ground_steps", "ground_lr", "ground_weight", "feature_layer")
 
 
 def clip_part(recipe: dict) -> dict:
     """The recipe fields that decide the frames and the CLIP phase (kept while they are unchanged)."""
     return {k: recipe.get(k) for k in _CELL_CLIP_FIELDS}
+
+
+def ground_part(recipe: dict) -> dict:
+    """The recipe fields that decide the grounding phase (1b)."""
+    return {k: recipe.get(k) for k in _GROUND_FIELDS}
 
 
 def pixels(rgb: np.ndarray) -> np.ndarray:

@@ -13,11 +13,13 @@ from rich.progress import Progress, TextColumn, TimeElapsedColumn
 from atp_ros.warehouse.cell.model.clip_phase import features, train_clip
 from atp_ros.warehouse.cell.model.data import render_frames
 from atp_ros.warehouse.cell.model.evaluate import evaluate
+from atp_ros.warehouse.cell.model.ground_phase import ground_clip
 from atp_ros.warehouse.cell.model.llava_phase import train_llava
-from atp_ros.warehouse.cell.model.recipe import IMAGE_SIZE, Recipe, clip_part, make_tokenizer
+from atp_ros.warehouse.cell.model.recipe import IMAGE_SIZE, Recipe, clip_part, ground_part, make_tokenizer
 from atp_ros.warehouse.train import Trainer, plot_learning_curve, save_checkpoint
 
 LLAVA_KEYS = ("llava", "llava_opt", "llava_step", "done")
+GROUND_KEYS = ("ground", "ground_opt", "ground_step")
 
 
 class CellTrainer(Trainer):
@@ -37,6 +39,10 @@ class CellTrainer(Trainer):
         saved = self.state.get("recipe", {})
         if self.state and clip_part(saved) != clip_part(asdict(recipe)):
             raise SystemExit(f"{self.state_path} was trained with another recipe; rerun with --fresh")
+        if self.state and ground_part(saved) != ground_part(asdict(recipe)) and "ground" in self.state:
+            console_print("grounding recipe changed: keeping CLIP, restarting the grounding and LLaVA phases")
+            for key in (*GROUND_KEYS, *LLAVA_KEYS):
+                self.state.pop(key, None)
         if self.state and saved != recipe.__dict__ and "llava" in self.state:
             console_print("recipe changed after the CLIP phase: keeping CLIP, restarting the LLaVA phase")
             for key in LLAVA_KEYS:
@@ -66,6 +72,7 @@ class CellTrainer(Trainer):
             frames = timed("render", render_frames, self.work, "train", r.train_images, r, progress)
             val = timed("render", render_frames, self.work, "val", r.val_images, r, progress)
             clip = timed("clip", train_clip, self, frames, progress, checkpoint_every_s)
+            clip = timed("ground", ground_clip, self, clip, frames, progress, checkpoint_every_s)
             feats = timed("features", features, clip, frames, r, progress, "features train")
             val_feats = timed("features", features, clip, val, r, progress, "features val")
             model = timed(

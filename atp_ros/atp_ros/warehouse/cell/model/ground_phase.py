@@ -1,0 +1,118 @@
+"""Phase 1b of the cell model: grounding the CLIP's patch features in the cell's geometry.
+
+After phase 1 the patch features know *what* is in a patch (a linear probe reads an object's
+color from them at 0.99) but hardly *where* (its shelf level and slot at 0.50 of 12, the patch's
+row at 0.34 of 16). The LLM finds the patch a question names ("the box in slot three of the top
+level") by matching its query to the patches' keys, so that place has to be in the features.
+This phase goes on training the CLIP with its two losses plus linear read-outs, from the
+feature layer the LLaVA consumes, of each patch's row and column, of the shelf slot its object
+stands in and of the letter on it. The read-outs are discarded afterwards: the checkpoint keeps
+the stock ``CLIPModel``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from rich.progress import Progress
+from torch import Tensor
+
+from atp_ros.warehouse.cell.model.clip_phase import clip_step
+from atp_ros.warehouse.cell.model.data import Frames
+from atp_ros.warehouse.cell.model.loop import Phase, run_phase
+from atp_ros.warehouse.cell.model.recipe import GRID, NUM_PATCHES, Recipe, bf16_forward, normalize, plain_forward
+from atp_ros.warehouse.cell.truth import LABELS, LEVELS, SLOTS, CellTruth
+from atp_ros.warehouse.scenes import evidence_mask
+
+NO_SLOT = len(LEVELS) * len(SLOTS)  # a patch showing no shelf object
+NO_LABEL = len(LABELS)  # a shelf object without a readable letter
+IGNORE = -100  # cross-entropy's ignore index
+LABEL_MIN_VISIBLE = 0.6
+SLOT_MIN_VISIBLE = 0.3
+
+
+class GroundHeads(torch.nn.Module):
+    """Linear read-outs of a patch feature ``(..., D)``: row and column (``GRID`` each), slot (12 + none)
+    and letter (6 + none)."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.row = torch.nn.Linear(dim, GRID)
+        self.col = torch.nn.Linear(dim, GRID)
+        self.slot = torch.nn.Linear(dim, NO_SLOT + 1)
+        self.label = torch.nn.Linear(dim, NO_LABEL + 1)
+
+
+def patch_targets(truth: CellTruth) -> tuple[np.ndarray, np.ndarray]:
+    """Per-patch slot class (``level * 4 + slot``, ``NO_SLOT`` elsewhere) and letter class (``IGNORE`` off
+    shelf objects, ``NO_LABEL`` on one without a readable letter), int64 ``(NUM_PATCHES,)`` each."""
+    slot = np.full(NUM_PATCHES, NO_SLOT, dtype=np.int64)
+    label = np.full(NUM_PATCHES, IGNORE, dtype=np.int64)
+    # Larger boxes first, so a small object in front keeps its patches.
+    shelf = [o for o in truth.objects if o.place == "shelf" and o.box and o.visible_fraction >= SLOT_MIN_VISIBLE]
+    for o in sorted(shelf, key=lambda o: -(o.box[2] - o.box[0]) * (o.box[3] - o.box[1])):
+        mask = evidence_mask((o.box,), (truth.height, truth.width), (GRID, GRID)).reshape(-1)
+        slot[mask] = LEVELS.index(o.level) * len(SLOTS) + SLOTS.index(o.slot)
+        readable = o.label is not None and o.visible_fraction >= LABEL_MIN_VISIBLE
+        label[mask] = LABELS.index(o.label) if readable else (NO_LABEL if o.label is None else IGNORE)
+    return slot, label
+
+
+def ground_losses(clip, heads: GroundHeads, px: Tensor, truths: list[CellTruth], r: Recipe) -> dict[str, Tensor]:
+    """The read-out cross-entropies of one batch of frames (``px``: normalized ``(B, 3, S, S)``)."""
+    hs = clip.vision_model(pixel_values=px, output_hidden_states=True).hidden_states
+    feats = hs[r.feature_layer][:, 1:]  # (B, N, D): what the LLaVA projector reads
+    grid = torch.arange(NUM_PATCHES)
+    targets = [patch_targets(t) for t in truths]
+    slot = torch.as_tensor(np.stack([s for s, _ in targets]))
+    label = torch.as_tensor(np.stack([lab for _, lab in targets]))
+    flat = feats.reshape(-1, feats.shape[-1])
+    out = {
+        "row": F.cross_entropy(heads.row(feats).flatten(0, 1), (grid // GRID).repeat(len(truths))),
+        "col": F.cross_entropy(heads.col(feats).flatten(0, 1), (grid % GRID).repeat(len(truths))),
+        "slot": F.cross_entropy(heads.slot(flat), slot.reshape(-1)),
+    }
+    if (label != IGNORE).any():
+        out["label"] = F.cross_entropy(heads.label(flat), label.reshape(-1), ignore_index=IGNORE)
+    return out
+
+
+class _Grounding(torch.nn.Module):
+    """The CLIP, the read-outs and the region loss's scale, saved and resumed as one state dict."""
+
+    def __init__(self, clip, heads: GroundHeads, dense_scale: torch.nn.Parameter) -> None:
+        super().__init__()
+        self.clip, self.heads, self.dense_scale = clip, heads, dense_scale
+
+
+def ground_clip(trainer, clip, frames: Frames, progress: Progress, checkpoint_every_s: float):
+    """Phase 1b, resumed from ``trainer.state`` and checkpointed into it; returns the frozen, grounded CLIP."""
+    r = trainer.r
+    if r.ground_steps <= 0:
+        return clip
+    torch.manual_seed(r.seed + 1)
+    clip.requires_grad_(True)
+    dense_scale = torch.nn.Parameter(torch.tensor(float(trainer.state.get("dense_scale", np.log(10.0)))))
+    module = _Grounding(clip, GroundHeads(clip.config.vision_config.hidden_size), dense_scale)
+    opt = torch.optim.AdamW(module.parameters(), lr=r.ground_lr, weight_decay=0.05)
+    bf16_forward(clip.vision_model, r)
+    bf16_forward(clip.text_model, r)
+
+    def one_step(rng: np.random.Generator):
+        g_loss, r_loss = clip_step(clip, trainer.tok, frames, rng, r, dense_scale)
+        idx = np.sort(rng.choice(len(frames), size=min(max(r.clip_batch // 2, 1), len(frames)), replace=False))
+        parts = ground_losses(clip, module.heads, normalize(frames.rgb[idx]), [frames.truths[int(i)] for i in idx], r)
+        aux = sum(parts.values())
+        logged = {"global_loss": g_loss.item(), "region_loss": r_loss.item()} | {k: v.item() for k, v in parts.items()}
+        text = f"region {r_loss.item():.3f} " + " ".join(f"{k} {v.item():.2f}" for k, v in parts.items())
+        return g_loss + r_loss + r.ground_weight * aux, logged, text
+
+    run_phase(trainer, Phase("ground", r.ground_steps, r.ground_lr, stream=2), module, opt, one_step, progress,
+              checkpoint_every_s)  # fmt: skip
+    plain_forward(clip.vision_model)
+    plain_forward(clip.text_model)
+    return clip.requires_grad_(False)
+
+
+__all__ = ["GroundHeads", "ground_clip", "ground_losses", "patch_targets"]
