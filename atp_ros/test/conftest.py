@@ -19,6 +19,12 @@ os.environ.setdefault("ROS_DOMAIN_ID", str(random.Random(os.getpid()).randint(1,
 os.environ.setdefault("ROS_AUTOMATIC_DISCOVERY_RANGE", "LOCALHOST")
 # The shipped Fast DDS profile for large frames, as the tools use it; set before this process creates its
 # first DDS participant (Fast DDS reads profiles once). ATP_ROS_DDS_PROFILE=0 runs the suite on the defaults.
+# torch._dynamo (it loads triton) segfaults when first imported after a MuJoCo EGL context exists, so a
+# run that renders the warehouse cell before the first model test would crash: import it up front.
+try:
+    import torch._dynamo  # noqa: F401
+except ImportError:
+    pass
 try:
     from atp_ros.ros.process import use_dds_profile
 

@@ -55,7 +55,14 @@ def answer_msg(
     view = result.views[0]
     msg.view_box = [float(v) for v in view.as_tuple()]
     msg.relevant_box = [float(v) for v in overlay.relevant_region(scores, view)]
-    msg.inference_ms = float(result.timings.total)
+    reuse = getattr(outcome, "reuse", None)
+    if reuse is None:
+        msg.inference_ms = float(result.timings.total)
+    else:  # the model did not run: the time is the change check's
+        msg.inference_ms = float((time.monotonic() - outcome.started) * 1e3)
+        msg.reused = True
+        msg.frames_since_full_run = int(reuse.frames_since_full)
+        msg.full_run_age_ms = float(reuse.age_s * 1e3)
     msg.latency_ms = float((time.monotonic() - outcome.frame.received) * 1e3)
     return msg
 

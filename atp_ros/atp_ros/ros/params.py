@@ -2,7 +2,7 @@
 
 No ROS imports: the node turns each :class:`Param` into a ``ParameterDescriptor``;
 tests and the launch file read the same table. ``RUNTIME`` parameters (``atp.*``,
-``processing.*``) may change while the node runs; the others are read-only.
+``processing.*``, ``reuse.*``) may change while the node runs; the others are read-only.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from typing import Any
 
 from atp_ros.method import INTER_READOUTS, INTRA_SIGNALS, NORMALIZATIONS, POSITION_MODES, SELECTORS, AtpConfig
 from atp_ros.ros.worker import RuntimeConfig
+from atp_ros.stream import REUSE_MODES, ReuseConfig
 
 
 @dataclass(frozen=True)
@@ -132,6 +133,39 @@ PARAMS: tuple[Param, ...] = (
         1000.0,
         runtime=True,
     ),
+    Param(
+        "reuse.mode",
+        "off",
+        "off: every frame runs the model; answer: a frame whose question and watched patches (ATP's kept set "
+        "of the last full run, plus reuse.margin) did not change gets that run's answer, marked reused",
+        choices=REUSE_MODES,
+        runtime=True,
+    ),
+    Param(
+        "reuse.threshold",
+        ReuseConfig.threshold,
+        "gray levels (0-255, plus 8% of the level) a cell of a watched patch may move before it counts as changed",
+        0.5,
+        255.0,
+        runtime=True,
+    ),
+    Param("reuse.margin", ReuseConfig.margin, "patches around the kept set that are watched too", 0, 64, runtime=True),
+    Param(
+        "reuse.refresh_frames",
+        ReuseConfig.refresh_frames,
+        "a full run at least every this many frames of a camera",
+        1,
+        100000,
+        runtime=True,
+    ),
+    Param(
+        "reuse.refresh_s",
+        ReuseConfig.refresh_s,
+        "a full run at least every this many seconds",
+        0.01,
+        3600.0,
+        runtime=True,
+    ),
     Param("limits.max_image_pixels", 4096 * 4096, "frames with more pixels are rejected", 1, 1 << 30),
     Param("limits.max_query_chars", 512, "longer questions are rejected", 1, 100000),
     Param(
@@ -191,4 +225,11 @@ def atp_config(values: dict[str, Any]) -> AtpConfig:
 
 def runtime_config(values: dict[str, Any]) -> RuntimeConfig:
     """The worker's :class:`RuntimeConfig` of a parameter snapshot ``{name: value}``."""
-    return RuntimeConfig(atp=atp_config(values), max_rate_hz=float(values["processing.max_rate_hz"]))
+    reuse = ReuseConfig(
+        mode=str(values["reuse.mode"]),
+        threshold=float(values["reuse.threshold"]),
+        margin=int(values["reuse.margin"]),
+        refresh_frames=int(values["reuse.refresh_frames"]),
+        refresh_s=float(values["reuse.refresh_s"]),
+    )
+    return RuntimeConfig(atp=atp_config(values), max_rate_hz=float(values["processing.max_rate_hz"]), reuse=reuse)

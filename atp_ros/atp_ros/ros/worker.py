@@ -34,6 +34,7 @@ from atp_ros.backends.results import VlmResult
 from atp_ros.method import AtpConfig
 from atp_ros.problems import ERROR, OK, WARN, Problem, Problems  # noqa: F401  (re-exported for the node)
 from atp_ros.ros.stats import Counters, LatencyWindow
+from atp_ros.stream import ReuseConfig, ReuseDecision, StreamCache
 
 
 class Answerer(Protocol):
@@ -57,6 +58,7 @@ class RuntimeConfig:
 
     atp: AtpConfig = field(default_factory=AtpConfig)
     max_rate_hz: float = 0.0  # frames per second at most; 0 = as fast as frames and the model allow
+    reuse: ReuseConfig = field(default_factory=ReuseConfig)  # answer reuse across a camera's frames
 
 
 @dataclass(frozen=True)
@@ -75,8 +77,9 @@ class Outcome:
     frame: Frame
     question: str
     rgb: np.ndarray  # (H, W, 3) uint8, the decoded frame
-    result: VlmResult
+    result: VlmResult  # of the full run whose answer this is (an earlier frame's when ``reuse`` says so)
     started: float  # time.monotonic() when inference began
+    reuse: ReuseDecision | None = None  # set when the answer was reused without running the model
 
 
 @dataclass
@@ -183,6 +186,7 @@ class InferenceWorker:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._next_camera = 0
+        self._caches = {c: StreamCache(config.reuse) for c in self.cameras}
 
     # ------------------------------------------------------------------ configuration and inputs
 
@@ -193,7 +197,10 @@ class InferenceWorker:
     def set_config(self, config: RuntimeConfig) -> None:
         """Replace the run-time configuration whole; the next inference uses it."""
         config.atp.check()
-        self._config = config
+        config.reuse.check()
+        with self._lock:  # an answer of the old settings is no answer of the new ones
+            self._caches = {c: StreamCache(config.reuse) for c in self.cameras}
+            self._config = config
 
     def set_query(self, text: str, camera: str | None = None) -> bool:
         """Set the standing question of ``camera`` (None: of every camera); True when it changed.
@@ -280,6 +287,8 @@ class InferenceWorker:
             self._asks.clear()
             for slot in self._slots.values():
                 slot.clear()
+            for cache in self._caches.values():  # a restarted stream starts with a full run
+                cache.clear()
         for request in asks:
             if not request.future.done():
                 request.future.set_exception(GenerationStopped("processing stopped before this ask ran"))
@@ -377,7 +386,7 @@ class InferenceWorker:
         state.last_start = time.monotonic()
         self.latency.add({"queue_age": (state.last_start - job.received) * 1e3})
         try:
-            outcome = self._infer(job, question, stop.is_set)
+            outcome = self._infer(job, question, stop.is_set, self._caches[job.camera])
         except GenerationStopped as err:
             self._safe_log(OK, f"inference {err} (stopping)")
             return True
@@ -399,7 +408,12 @@ class InferenceWorker:
         self.counters.inc("frames_processed")
         if len(self.cameras) > 1:
             self.counters.inc(f"{job.camera}.frames_processed")
-        self.latency.add(outcome.result.timings.as_dict() | {"latency": (time.monotonic() - job.received) * 1e3})
+        latency = {"latency": (time.monotonic() - job.received) * 1e3}
+        if outcome.reuse is not None:  # no model stages ran: only the latency joins the window
+            self.counters.inc("frames_reused")
+            self.latency.add(latency)
+        else:
+            self.latency.add(outcome.result.timings.as_dict() | latency)
         return False
 
     def _run_ask(self, request: AskTicket) -> None:
@@ -424,7 +438,11 @@ class InferenceWorker:
         self.counters.inc("asks_answered")
         request.future.set_result(outcome)
 
-    def _infer(self, frame: Frame, question: str, stop: Callable[[], bool]) -> Outcome:
+    def _infer(
+        self, frame: Frame, question: str, stop: Callable[[], bool], cache: StreamCache | None = None
+    ) -> Outcome:
+        """Answer ``question`` about ``frame``: from ``cache`` when its reuse rules allow, else with the model
+        (then stored in ``cache``)."""
         try:
             rgb = self._decode(frame.payload)
         except BadInput:
@@ -432,6 +450,10 @@ class InferenceWorker:
         except Exception as err:  # a decoder library's own error (cv2.error...) is still the frame's fault
             raise BadInput("decode", f"cannot decode the frame: {type(err).__name__}: {err}") from err
         started = time.monotonic()
+        if cache is not None and cache.config.mode != "off":
+            decision = cache.decide(rgb, question, started)
+            if decision.reuse and isinstance(cache.result, VlmResult):
+                return Outcome(frame, question, rgb, cache.result, started, reuse=decision)
         with self._lock:
             self._busy_since = started
         try:
@@ -447,4 +469,10 @@ class InferenceWorker:
         for note in new:
             self._safe_log(WARN, f"backend: {note}")
         self.last_kept = (int(result.visual_tokens_kept[0]), int(result.visual_tokens_total[0]))
+        if cache is not None and cache.config.mode != "off":
+            try:
+                cache.store(rgb, question, result.keep_mask(0), result.views[0].as_tuple(), started, result)
+            except ValueError as err:  # the answer stands; only the next frame cannot reuse it
+                cache.clear()
+                self.problem("reuse", WARN, f"answer not cached for reuse: {err}")
         return Outcome(frame, question, rgb, result, started)

@@ -172,6 +172,26 @@ def test_parameters_change_at_run_time_and_bad_values_are_rejected(running) -> N
         assert probe.set_parameter(name, value)[0]
 
 
+def test_answer_reuse_over_dds_marks_reused_answers_and_counts_them(running) -> None:
+    probe, proc, log = running
+    probe.pub_query.publish(String(data="what color is the box?"))
+    assert probe.set_parameter("reuse.mode", "answer")[0]
+    assert not probe.set_parameter("reuse.mode", "tokens")[0]
+    try:
+        rgb = render_scene(12, 120, 160).rgb
+        full = publish_until_answer(probe, image_msg(rgb, 2_500_000_000))
+        assert not full.reused and full.frames_since_full_run == 0
+        again = publish_until_answer(probe, image_msg(rgb, 2_510_000_000))  # the same pixels, a new stamp
+        assert again.reused and again.frames_since_full_run >= 1 and again.full_run_age_ms > 0
+        assert again.answer == full.answer and list(again.keep_mask) == list(full.keep_mask)
+        assert stamp_ns(again.header) == 2_510_000_000, "a reused answer carries the new frame's header"
+        probe.wait_for(lambda: int(probe.status_values().get("frames_reused", 0)) >= 1, 30, "frames_reused")
+    finally:
+        assert probe.set_parameter("reuse.mode", "off")[0]
+    after = publish_until_answer(probe, image_msg(rgb, 2_520_000_000))
+    assert not after.reused, "reuse off: every frame runs the model again"
+
+
 def _bad_images() -> dict[str, Image]:
     """One frame per bad-input cause, keyed by the cause the node counts it under."""
     bad = {}

@@ -219,3 +219,41 @@ def test_config_is_replaced_whole_and_questions_are_checked(tiny) -> None:
     with pytest.raises(ValueError, match="distinct"):
         InferenceWorker(tiny, ["a", "a"], h.decode, print, print)
     assert OK == 0 and WARN == 1 and ERROR == 2  # = diagnostic_msgs/DiagnosticStatus levels
+
+
+def test_answer_reuse_republishes_only_while_the_watched_patches_hold(tiny) -> None:
+    from atp_ros.stream import ReuseConfig
+
+    reuse = ReuseConfig(mode="answer", refresh_frames=3, refresh_s=600.0)
+    h = Harness(tiny, config=RuntimeConfig(atp=AtpConfig(keep_ratio=0.25), reuse=reuse), max_new_tokens=4)
+    still = scene(7)
+
+    def feed(name: str, rgb: np.ndarray):
+        n = len(h.answers)
+        h.worker.put_frame("", (name, rgb))
+        h.wait(lambda: len(h.answers) > n, f"the answer to {name}")
+        return h.answers[-1]
+
+    try:
+        h.worker.start()
+        h.worker.set_query("what color is the box?")
+        first = feed("a", still)
+        assert first.reuse is None, "the first frame runs the model"
+        again = [feed(f"b{i}", still) for i in range(3)]
+        assert all(o.reuse is not None and o.result is first.result for o in again)
+        assert [o.reuse.frames_since_full for o in again] == [1, 2, 3]
+        assert feed("c", still).reuse is None, "after refresh_frames reused frames, a full run"
+        h.worker.set_query("is the aisle clear?")
+        assert feed("d", still).reuse is None, "a new question is never answered from the cache"
+        kept = h.answers[-1].result.keep_mask(0).astype(bool)
+        view = h.answers[-1].result.views[0]
+        r, c = np.argwhere(kept)[0]
+        x0, y0, x1, y1 = (int(v) for v in view.cell(int(r), int(c), kept.shape))
+        changed = still.copy()
+        changed[y0:y1, x0:x1] = 255 - changed[y0:y1, x0:x1]  # something new where ATP looked
+        assert feed("e", changed).reuse is None, "a change in a kept patch runs the model"
+        assert h.worker.stats()["frames_reused"] == 3
+        h.worker.set_config(RuntimeConfig(atp=AtpConfig(keep_ratio=0.25)))  # reuse off: every frame runs
+        assert feed("f", changed).reuse is None and feed("g", changed).reuse is None
+    finally:
+        h.worker.stop()

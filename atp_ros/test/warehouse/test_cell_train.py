@@ -69,7 +69,6 @@ def test_recipe_overrides_are_typed_and_a_bad_one_is_one_message(capsys) -> None
 
 def test_grounding_targets_name_each_visible_shelf_objects_slot_and_letter() -> None:
     import numpy as np
-
     from atp_ros.warehouse.cell.model.ground_phase import IGNORE, NO_LABEL, NO_SLOT, patch_targets
     from atp_ros.warehouse.cell.model.recipe import GRID
     from atp_ros.warehouse.cell.truth import LABELS, LEVELS, SLOTS
