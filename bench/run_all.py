@@ -4,7 +4,8 @@ python bench/run_all.py [--quick]
 
 Full run (about 13 minutes on 2 CPU cores, plus bench_serve's): analytic FLOPs/KV of five real
 architectures, measured latency at realistic widths (plus peak memory per keep ratio), node
-throughput over DDS, the ATP core, warehouse-tiny at 640x480, Ray Serve throughput vs camera
+throughput over DDS, the ATP core, warehouse-tiny at 640x480, answer reuse on warehouse-cell episodes
+(about 3 min), Ray Serve throughput vs camera
 streams with batching on and off. ``--quick``: a smoke run of each (small shapes, few rounds; the
 tiny-width pipeline table lives only here), its files suffixed ``_quick``.
 """
@@ -17,13 +18,22 @@ import sys
 import time
 from pathlib import Path
 
-FULL = ("bench_flops.py", "bench_realistic.py", "bench_node.py", "bench_atp.py", "bench_warehouse.py", "bench_serve.py")
+FULL = (
+    "bench_flops.py",
+    "bench_realistic.py",
+    "bench_node.py",
+    "bench_atp.py",
+    "bench_warehouse.py",
+    "bench_reuse.py",
+    "bench_serve.py",
+)
 QUICK = (
     "bench_flops.py",
     "bench_realistic.py",
     "bench_atp.py",
     "bench_pipeline.py",
     "bench_warehouse.py",
+    "bench_reuse.py",
     "bench_serve.py",
 )
 
@@ -38,7 +48,7 @@ def main() -> int:
     started = time.monotonic()
     for name in QUICK if quick else FULL:
         args = ["--quick"] if quick and name != "bench_flops.py" else []
-        if quick and name in ("bench_atp.py", "bench_pipeline.py", "bench_warehouse.py"):
+        if quick and name in ("bench_atp.py", "bench_pipeline.py", "bench_warehouse.py", "bench_reuse.py"):
             args += ["--out", str(here / "results" / "quick")]  # smoke numbers never replace the full ones
         print(f"\n=== {name} {' '.join(args)}", flush=True)
         t0 = time.monotonic()

@@ -117,6 +117,17 @@ def main() -> int:
             )
         lines.append("")
     lines += _serve(_load("serve.json"))
+    reuse = _load("reuse.json")
+    if reuse:
+        lines += [f"## Answer reuse on warehouse-cell episodes ({reuse['model']}, keep {reuse['keep_ratio']:g})", ""]
+        lines += ["| question | per-frame ms | reuse ms | speed-up | accuracy per-frame / reuse | reused | worst stale | reused after the truth changed |", "|" + " --- |" * 8]  # fmt: skip
+        for r in reuse["rows"]:
+            lines.append(
+                f"| {r['question']} | {r['per_frame_ms']:.1f} | {r['reuse_ms']:.1f} | {r['speedup']:.2f}x | "
+                f"{r['per_frame_accuracy']:.3f} / {r['reuse_accuracy']:.3f} | {r['reuse_rate']:.0%} | "
+                f"{r['worst_stale_frames']} frames, {r['worst_stale_ms']:.0f} ms | {r['stale_truth_changed']} |"
+            )
+        lines += ["", "![answer reuse](reuse.png)", ""]
     for name, title in (("atp_core.json", "ATP core"), ("warehouse.json", "warehouse-tiny at 640x480")):
         if (RESULTS / name).is_file():
             lines += [f"## {title}", "", f"See `{name}` and its PNG.", ""]
