@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import sys
@@ -21,10 +22,8 @@ os.environ.setdefault("ROS_AUTOMATIC_DISCOVERY_RANGE", "LOCALHOST")
 # first DDS participant (Fast DDS reads profiles once). ATP_ROS_DDS_PROFILE=0 runs the suite on the defaults.
 # torch._dynamo (it loads triton) segfaults when first imported after a MuJoCo EGL context exists, so a
 # run that renders the warehouse cell before the first model test would crash: import it up front.
-try:
+with contextlib.suppress(ImportError):
     import torch._dynamo  # noqa: F401
-except ImportError:
-    pass
 try:
     from atp_ros.ros.process import use_dds_profile
 

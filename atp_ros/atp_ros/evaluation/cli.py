@@ -3,7 +3,8 @@
     evaluate --bag BAG [--image-topic /camera/image_raw] [--query-topic /atp_vlm/query] [--truth FILE]
     evaluate --dataset DIR          (warehouse samples.jsonl, VQAv2-style or GQA-style JSON + images/)
         [--model warehouse-tiny] [--keep-ratios 0.6,0.4,0.25,0.11] [--alphas 0.5] [--selectors atp,random,...]
-        [--normalization minmax] [--corruptions all] [--question-perturbations all] [--live] --out DIR
+        [--normalization minmax] [--reuse none,answer] [--corruptions all] [--question-perturbations all]
+        [--live] --out DIR
 
 Every setting runs over every sample (the unpruned model is always the reference); figures per
 setting: accuracy (ground truth) and fidelity (agreement with the unpruned answer) with bootstrap
@@ -33,6 +34,7 @@ from atp_ros.evaluation.perturb import IMAGE_CORRUPTIONS, QUESTION_PERTURBATIONS
 from atp_ros.evaluation.sources import SourceError
 from atp_ros.evaluation.sweep import Setting
 from atp_ros.method import KEEP_ALL, NORMALIZATIONS, PRUNING_SELECTORS, AtpConfig
+from atp_ros.stream import REUSE_MODES
 
 DEFAULT_IMAGE_TOPIC = "/camera/image_raw"
 DEFAULT_QUERY_TOPIC = "/atp_vlm/query"
@@ -90,6 +92,13 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--keep-ratios", type=_floats(0.0, 1.0), default=[0.6, 0.4, 0.25, 0.11])
     ap.add_argument("--alphas", type=_floats(0.0, 1.0, lo_open=False), default=[0.5])
     ap.add_argument("--masses", type=_floats(0.0, 1.0), default=[], help="ATP adaptive budgets (tau) to add")
+    ap.add_argument(
+        "--reuse",
+        type=_choices(REUSE_MODES),
+        default=["none"],
+        help="answer reuse modes (none,answer): 'answer' adds each ATP keep ratio again, the samples answered "
+        "in order as one stream reusing answers like the node's reuse.mode (an episode bag)",
+    )
     ap.add_argument(
         "--selectors",
         type=_choices(PRUNING_SELECTORS),
@@ -242,6 +251,8 @@ def _settings(args: argparse.Namespace) -> tuple[Setting, list[Setting]]:
 
     robust, robust_runs = robustness_settings(args)
     settings = grid(args.keep_ratios, args.alphas, args.selectors, args.normalization, args.masses)
+    streamed = [s for s in settings if s.selector == "atp" and s.mass == 0]
+    settings += [replace(s, reuse=mode) for mode in args.reuse if mode != "none" for s in streamed]
     if robust_runs and robust not in settings:
         settings.append(robust)  # its clean run is what the perturbed runs are compared with
     return robust, settings + robust_runs

@@ -15,7 +15,7 @@ from atp_ros.evaluation.sweep import quality
 from atp_ros.method import KEEP_ALL
 
 CSV_COLUMNS = (
-    "setting", "selector", "keep_ratio", "mass", "alpha", "normalization", "perturbation", "n",
+    "setting", "selector", "keep_ratio", "mass", "alpha", "normalization", "perturbation", "reuse", "reuse_rate", "n",
     "accuracy", "accuracy_lo", "accuracy_hi", "fidelity", "fidelity_lo", "fidelity_hi", "evidence_recall",
     "tokens_kept_mean", "tokens_kept_p10", "tokens_kept_p90", "tokens_total", "flops_prefill", "flops_pipeline",
     "latency_p50_ms", "latency_p90_ms", "latency_p99_ms", "rss_mb", "peak_rss_mb", "cuda_peak_mb",
@@ -62,6 +62,8 @@ def _row(r: dict) -> dict:
         "alpha": s["alpha"],
         "normalization": s["normalization"],
         "perturbation": s["perturbation"],
+        "reuse": s.get("reuse", "none"),
+        "reuse_rate": m.get("reuse_rate"),
         "n": m["n"],
         "accuracy": m["accuracy"]["mean"],
         "accuracy_lo": m["accuracy"]["ci"][0],
@@ -153,8 +155,9 @@ def _markdown(results: dict, plots: list[str]) -> str:
             continue
         m = r["summary"]
         lat = m["latency_ms"]["total"]
+        name = r["name"] + (f" ({m['reuse_rate']:.0%} reused)" if m.get("reuse_rate") is not None else "")
         lines.append(
-            f"| {r['name']} | {_ci(m['accuracy'])} | {_ci(m['fidelity'])} | {_fmt(m['evidence_recall'], True)} | "
+            f"| {name} | {_ci(m['accuracy'])} | {_ci(m['fidelity'])} | {_fmt(m['evidence_recall'], True)} | "
             f"{_tokens(m['tokens_kept'])} | {m['flops_prefill'] / 1e9:.3f} | "
             f"{lat['p50']:.1f} / {lat['p90']:.1f} / {lat['p99']:.1f} |"
         )

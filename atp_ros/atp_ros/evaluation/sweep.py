@@ -14,6 +14,7 @@ import hashlib
 import json
 import math
 import resource
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -27,6 +28,7 @@ from atp_ros.evaluation.files import write_atomic
 from atp_ros.evaluation.perturb import corrupt, perturb_question
 from atp_ros.evaluation.sources import Sample
 from atp_ros.method import KEEP_ALL, AtpConfig
+from atp_ros.stream import ReuseConfig, StreamCache
 from atp_ros.warehouse.scenes import evidence_mask
 
 REFERENCE_LABEL = "full"  # its name in results and reports
@@ -44,6 +46,7 @@ class Setting:
     normalization: str = "minmax"
     perturbation: str = ""
     mass: float = 0.0  # > 0: ATP's adaptive budget (tau) instead of keep_ratio
+    reuse: str = "none"  # "answer": samples answered in order, reusing answers as the node's reuse.mode does
 
     @property
     def name(self) -> str:
@@ -56,6 +59,7 @@ class Setting:
             )
         else:
             base = f"{self.selector} k={self.keep_ratio:g}"
+        base += f" reuse={self.reuse}" if self.reuse != "none" else ""
         return base + (f" [{self.perturbation}]" if self.perturbation else "")
 
     def atp_config(self, base: AtpConfig) -> AtpConfig:
@@ -76,8 +80,9 @@ class Setting:
     def node_params(self) -> dict:
         """The same selection as ``atp_vlm`` node parameters."""
         if self.selector == KEEP_ALL:
-            return {"atp.enabled": False}
+            return {"atp.enabled": False, "reuse.mode": self.reuse}
         return {
+            "reuse.mode": self.reuse,
             "atp.enabled": True,
             "atp.selector": self.selector,
             "atp.keep_ratio": self.keep_ratio,
@@ -179,9 +184,46 @@ def run_setting(
     batch: int = 1,
     progress: Callable[[int], None] | None = None,
 ) -> list[dict]:
-    """Answer every sample with ``setting``; one record per sample (answer, tokens, FLOPs, stage times)."""
+    """Answer every sample with ``setting``; one record per sample (answer, tokens, FLOPs, stage times).
+    With answer reuse the samples are one stream, answered one by one in their order."""
     inputs = [perturbed(s, setting.perturbation) for s in samples]
+    if setting.reuse != "none":
+        reuse = ReuseConfig(mode=setting.reuse)
+        return answer_stream(backend, inputs, setting.atp_config(base), max_new_tokens, reuse, progress)
     return answer_samples(backend, inputs, setting.atp_config(base), max_new_tokens, batch, progress)
+
+
+def answer_stream(
+    backend: VlmBackend,
+    samples: Sequence[Sample],
+    atp: AtpConfig,
+    max_new_tokens: int,
+    reuse: ReuseConfig,
+    progress: Callable[[int], None] | None = None,
+) -> list[dict]:
+    """Answer ``samples`` in order as one camera stream with :class:`~atp_ros.stream.StreamCache` (stream
+    time: the bag stamps, else 10 Hz); a reused sample's record is the full run's with its own key, accuracy
+    and ``ms`` (only ``total``: the change check), and ``reused`` says which it was."""
+    cache = StreamCache(reuse)
+    records: list[dict] = []
+    for i, s in enumerate(samples):
+        now = s.stamp_ns / 1e9 if s.stamp_ns is not None else i / 10.0
+        t = time.perf_counter()
+        decision = cache.decide(s.image, s.question, now)
+        if decision.reuse:
+            last = cache.result
+            check = dict.fromkeys(STAGES, 0.0) | {"total": (time.perf_counter() - t) * 1e3}
+            accuracy = metrics.accuracy(last["answer"], s.answers) if s.answers else None
+            records.append({**last, "key": s.key, "question": s.question, "accuracy": accuracy, "ms": check,
+                            "evidence_recall": None, "reused": True})  # fmt: skip
+        else:
+            result = backend.answer([s.image], [s.question], atp, max_new_tokens)
+            record = _records(result, [s])[0] | {"reused": False}
+            cache.store(s.image, s.question, result.keep_mask(0), result.views[0].as_tuple(), now, record)
+            records.append(record)
+        if progress:
+            progress(1)
+    return records
 
 
 def answer_samples(
@@ -264,7 +306,9 @@ def summarize(records: list[dict], bootstrap: int = 1000, seed: int = 0) -> dict
     kept = [r["kept"] for r in records]
     recall = [r["evidence_recall"] for r in records if r.get("evidence_recall") is not None]
     latency = {s: metrics.percentiles([r["ms"][s] for r in records]) for s in (*STAGES, "total")}
+    reused = [bool(r["reused"]) for r in records if "reused" in r]
     return {
+        "reuse_rate": float(np.mean(reused)) if reused else None,
         "n": len(records),
         "accuracy": stat("accuracy"),
         "fidelity": stat("fidelity"),
@@ -291,7 +335,7 @@ def recommend(rows: list[dict], tolerance: float) -> dict | None:
     """The cheapest pruned clean setting whose quality is within ``tolerance`` of the reference: fewest
     visual tokens kept (what sets the LLM's cost and KV cache), then the lower p50 latency (measured
     setting after setting, so noisier than the token count); None when no pruned setting is that close."""
-    clean = [r for r in rows if not r["setting"]["perturbation"]]
+    clean = [r for r in rows if not r["setting"]["perturbation"] and r["setting"].get("reuse", "none") == "none"]
     ref = next((r for r in clean if r["setting"]["selector"] == KEEP_ALL), None)
     if ref is None:
         return None

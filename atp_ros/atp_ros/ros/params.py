@@ -135,8 +135,8 @@ PARAMS: tuple[Param, ...] = (
     ),
     Param(
         "reuse.mode",
-        "off",
-        "off: every frame runs the model; answer: a frame whose question and watched patches (ATP's kept set "
+        "none",
+        "none: every frame runs the model; answer: a frame whose question and watched patches (ATP's kept set "
         "of the last full run, plus reuse.margin) did not change gets that run's answer, marked reused",
         choices=REUSE_MODES,
         runtime=True,

@@ -450,7 +450,7 @@ class InferenceWorker:
         except Exception as err:  # a decoder library's own error (cv2.error...) is still the frame's fault
             raise BadInput("decode", f"cannot decode the frame: {type(err).__name__}: {err}") from err
         started = time.monotonic()
-        if cache is not None and cache.config.mode != "off":
+        if cache is not None and cache.config.mode != "none":
             decision = cache.decide(rgb, question, started)
             if decision.reuse and isinstance(cache.result, VlmResult):
                 return Outcome(frame, question, rgb, cache.result, started, reuse=decision)
@@ -469,7 +469,7 @@ class InferenceWorker:
         for note in new:
             self._safe_log(WARN, f"backend: {note}")
         self.last_kept = (int(result.visual_tokens_kept[0]), int(result.visual_tokens_total[0]))
-        if cache is not None and cache.config.mode != "off":
+        if cache is not None and cache.config.mode != "none":
             try:
                 cache.store(rgb, question, result.keep_mask(0), result.views[0].as_tuple(), started, result)
             except ValueError as err:  # the answer stands; only the next frame cannot reuse it

@@ -16,14 +16,15 @@ import numpy as np
 
 from atp_ros.stream.changes import Box, changed_patches, patch_signature
 
-REUSE_MODES = ("off", "answer")
+# "none", not "off": YAML (ros2 param set, launch -p) reads a bare off as the boolean false.
+REUSE_MODES = ("none", "answer")
 
 
 @dataclass(frozen=True)
 class ReuseConfig:
-    """How a stream may reuse answers (``mode="off"``: every frame runs the model, as before)."""
+    """How a stream may reuse answers (``mode="none"``: every frame runs the model, as before)."""
 
-    mode: str = "off"
+    mode: str = "none"
     threshold: float = 10.0  # gray levels a cell of a watched patch may move (noise is about 1)
     margin: int = 1  # patches around the kept set that are watched too
     refresh_frames: int = 30  # a full run at least every this many frames...
@@ -46,7 +47,7 @@ class ReuseDecision:
     """What :meth:`StreamCache.decide` found: reuse or not, why, and how stale the answer is."""
 
     reuse: bool
-    reason: str  # "reused" | "off" | "first" | "question" | "changed" | "refresh" | "geometry"
+    reason: str  # "reused" | "none" | "first" | "question" | "changed" | "refresh" | "geometry"
     frames_since_full: int  # frames answered from the cache since the last full run, this one included
     age_s: float  # seconds since the frame of the last full run
     changed_share: float  # share of the grid's patches that changed (nan when not measured)
@@ -85,8 +86,8 @@ class StreamCache:
     def decide(self, rgb: np.ndarray, question: str, now: float) -> ReuseDecision:
         """Whether this frame may take the cached answer; counts it when it does."""
         c = self.config
-        if c.mode == "off":
-            return ReuseDecision(False, "off", 0, 0.0, float("nan"))
+        if c.mode == "none":
+            return ReuseDecision(False, "none", 0, 0.0, float("nan"))
         if self._signature is None or self._view is None or self._watched is None:
             return ReuseDecision(False, "first", 0, 0.0, float("nan"))
         age = now - self._time

@@ -422,3 +422,31 @@ def test_live_replay_attaches_to_a_running_node(warehouse_bag: Path, tmp_path: P
         assert proc.poll() is None  # the attached node keeps running
     finally:
         stop_node(proc)
+
+
+def test_reuse_axis_answers_the_bag_as_one_stream(tmp_path: Path, capsys) -> None:
+    from atp_ros.warehouse.scenes import render_scene
+
+    bag = tmp_path / "stream"
+    still, other = render_scene(3, 240, 320).rgb, render_scene(4, 240, 320).rgb
+    frames = [still] * 4 + [other] * 2  # a scene holding still, then a new one holding still
+    with Writer(bag, version=9, storage_plugin=StoragePlugin.MCAP) as w:
+        ic = w.add_connection("/camera/image_raw", Img.__msgtype__, typestore=TS)
+        qc = w.add_connection("/atp_vlm/query", Str.__msgtype__, typestore=TS)
+        w.write(qc, 1, TS.serialize_cdr(Str(data="what color is the box?"), Str.__msgtype__))
+        for i, f in enumerate(frames):  # 10 Hz
+            stamp = 1_000_000_000 + i * 100_000_000
+            w.write(ic, stamp, TS.serialize_cdr(raw_image(stamp, f), Img.__msgtype__))
+    out = tmp_path / "report"
+    args = ("--bag", bag, "--out", out, "--keep-ratios", "0.25", "--alphas", "1", "--selectors", "atp")
+    code, stdout, _ = _run(capsys, *args, "--reuse", "none,answer", "--bootstrap", "100")
+    assert code == 0, stdout
+    results = {r["name"]: r["summary"] for r in json.loads((out / "results.json").read_text())["settings"]}
+    per_frame, reused = results["atp a=1 k=0.25"], results["atp a=1 k=0.25 reuse=answer"]
+    assert per_frame["reuse_rate"] is None and per_frame["n"] == reused["n"] == 6
+    assert reused["reuse_rate"] == pytest.approx(4 / 6), "frames 2-4 and 6 reuse; 1 and the new scene run"
+    assert reused["fidelity"]["mean"] == per_frame["fidelity"]["mean"], "identical frames, identical answers"
+    assert "reuse=answer (67% reused)" in (out / "report.md").read_text()
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(a) for a in (*args, "--reuse", "tokens")])
+    assert exit_info.value.code == 2 and "unknown tokens" in capsys.readouterr().err

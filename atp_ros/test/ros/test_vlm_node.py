@@ -187,9 +187,9 @@ def test_answer_reuse_over_dds_marks_reused_answers_and_counts_them(running) -> 
         assert stamp_ns(again.header) == 2_510_000_000, "a reused answer carries the new frame's header"
         probe.wait_for(lambda: int(probe.status_values().get("frames_reused", 0)) >= 1, 30, "frames_reused")
     finally:
-        assert probe.set_parameter("reuse.mode", "off")[0]
+        assert probe.set_parameter("reuse.mode", "none")[0]
     after = publish_until_answer(probe, image_msg(rgb, 2_520_000_000))
-    assert not after.reused, "reuse off: every frame runs the model again"
+    assert not after.reused, "reuse none: every frame runs the model again"
 
 
 def _bad_images() -> dict[str, Image]:

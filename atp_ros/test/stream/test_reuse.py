@@ -78,7 +78,7 @@ def test_refresh_by_time_and_off_mode(frame) -> None:
     cache.store(frame, "q", np.ones(GRID, dtype=bool), VIEW, now=10.0)
     assert cache.decide(frame, "q", 10.5).reuse
     assert cache.decide(frame, "q", 11.5).reason == "refresh"
-    assert StreamCache().decide(frame, "q", 0.0).reason == "off"
+    assert StreamCache().decide(frame, "q", 0.0).reason == "none"
     with pytest.raises(ValueError, match="reuse mode"):
         ReuseConfig(mode="tokens").check()
 
