@@ -356,6 +356,16 @@ class VlmNode(AskEndpoints, LifecycleNode):
 
     def _publish(self, outcome: Outcome) -> None:
         """Publish one answered frame on its camera's topics (called on the worker thread)."""
+        try:
+            self._publish_outcome(outcome)
+        except Exception:
+            if not self.context.ok():  # a signal shut the context down mid-publish: stop quietly, no fault
+                worker = self.worker
+                if worker is not None:
+                    worker.request_stop()
+            raise
+
+    def _publish_outcome(self, outcome: Outcome) -> None:
         cam = next(c for c in self.cameras if c.name == outcome.frame.camera)
         header = outcome.frame.payload.header
         mask = outcome.result.keep_mask(0)  # (h, w) uint8, shared by the answer, the mask image and the overlay
