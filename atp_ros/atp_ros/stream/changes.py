@@ -1,7 +1,7 @@
 """Which patches of the model's grid changed between two frames, measured on the pixels each patch sees.
 
 A patch's *signature* is the mean color of ``sub x sub`` cells inside it (box-filtered, so sensor
-noise averages out: a 640x480 frame on a 16x16 grid gives cells of about 75 pixels). Two
+noise averages out: a 640x480 frame on a 16x16 grid gives cells of about 19 pixels at ``sub = 8``). Two
 signatures are compared after the frame-wide median gain per channel is applied to the reference,
 so a lighting flicker or an exposure step that brightens everything does not count as change; a patch changed
 when any of its cells moved by more than ``threshold`` gray levels (0-255) plus 8% of its level.
@@ -14,9 +14,12 @@ from PIL import Image
 
 Box = tuple[float, float, float, float]
 RELATIVE_TOLERANCE = 0.08
+# Cells per patch side. With 4 (75-px cells at 640x480 on 16x16) a gripper's fingers opening moved no cell
+# past the threshold (largest change 20 levels); with 8 (19-px cells) it moves five patches (52 levels).
+SUB = 8
 
 
-def patch_signature(rgb: np.ndarray, view: Box, grid: tuple[int, int], sub: int = 4) -> np.ndarray:
+def patch_signature(rgb: np.ndarray, view: Box, grid: tuple[int, int], sub: int = SUB) -> np.ndarray:
     """``(h, w, sub, sub, 3)`` float32 mean colors of the cells of each patch of ``grid = (h, w)``.
 
     ``view`` is the frame region ``(x0, y0, x1, y1)`` the patch grid covers (the processor's resize,

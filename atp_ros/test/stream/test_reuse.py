@@ -43,10 +43,10 @@ def test_noise_and_lighting_are_not_change_but_a_new_object_is(frame) -> None:
 
 def test_a_view_reaching_past_the_frame_reads_black_there(frame) -> None:
     sig = patch_signature(frame, (0.0, -80.0, 640.0, 560.0), GRID)  # padded to a square
-    assert sig.shape == (16, 16, 4, 4, 3)
+    assert sig.shape == (16, 16, 8, 8, 3)
     assert sig[0].max() == 0 and sig[-1].max() == 0 and sig[8].max() > 0
     for view in ((0.0, 19.5, 160.3, 140.2), (-0.4, -0.6, 639.7, 480.5)):  # fractional edges of a processor
-        assert patch_signature(frame, view, (8, 10)).shape == (8, 10, 4, 4, 3)
+        assert patch_signature(frame, view, (8, 10)).shape == (8, 10, 8, 8, 3)
     with pytest.raises(ValueError, match="empty view"):
         patch_signature(frame, (10.0, 10.0, 10.0, 20.0), GRID)
 
@@ -87,3 +87,22 @@ def test_dilate_grows_by_margin() -> None:
     mask = np.zeros((5, 5), dtype=bool)
     mask[2, 2] = True
     assert dilate(mask, 1).sum() == 9 and dilate(mask, 0).sum() == 1 and dilate(mask, 2).all()
+
+
+def test_a_gripper_letting_go_is_a_change() -> None:
+    """Episode 9000 releases a box at frame 143: only the fingers move (a few pixels), and the truth flips."""
+    from atp_ros.warehouse.cell.episodes import Episode
+
+    episode = Episode(9000)
+    try:
+        frames = [next(episode) for _ in range(144)]
+    finally:
+        episode.close()
+    before, after = frames[139], frames[143]
+    assert before.truth.gripper_holding is not None and after.truth.gripper_holding is None
+    changed = changed_patches(_sig(before.rgb), _sig(after.rgb))
+    x0, y0, x1, y1 = after.truth.arm_box
+    rows, cols = np.nonzero(changed)
+    assert len(rows) > 0, "the release must refresh an answer that watched the gripper"
+    assert ((cols + 1) * 40 > x0 - 40).all() and (cols * 40 < x1 + 40).all()  # at the gripper, nowhere else
+    assert ((rows + 1) * 30 > y0 - 30).all() and (rows * 30 < y1 + 30).all()
