@@ -451,7 +451,7 @@ class InferenceWorker:
             raise BadInput("decode", f"cannot decode the frame: {type(err).__name__}: {err}") from err
         started = time.monotonic()
         if cache is not None and cache.config.mode != "none":
-            decision = cache.decide(rgb, question, started)
+            decision = cache.decide(rgb, question, frame.received)  # stream time: when frames arrived
             if decision.reuse and isinstance(cache.result, VlmResult):
                 return Outcome(frame, question, rgb, cache.result, started, reuse=decision)
         with self._lock:
@@ -471,7 +471,7 @@ class InferenceWorker:
         self.last_kept = (int(result.visual_tokens_kept[0]), int(result.visual_tokens_total[0]))
         if cache is not None and cache.config.mode != "none":
             try:
-                cache.store(rgb, question, result.keep_mask(0), result.views[0].as_tuple(), started, result)
+                cache.store(rgb, question, result.keep_mask(0), result.views[0].as_tuple(), frame.received, result)
             except ValueError as err:  # the answer stands; only the next frame cannot reuse it
                 cache.clear()
                 self.problem("reuse", WARN, f"answer not cached for reuse: {err}")
