@@ -49,6 +49,7 @@ from torch import Tensor
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from atp_ros.backends.flops import decoder_prefill_flops, lm_dims
+from atp_ros.backends.partial import TowerReuse, encode_rows, rows_to_recompute
 from atp_ros.backends.pipeline import VlmBackend
 from atp_ros.backends.stages import Batch, LmPrompt, VisionStates
 from atp_ros.backends.text_towers import dense_states, head_probe_attention, load_joint_space
@@ -136,15 +137,30 @@ class LlavaBackend(VlmBackend):
         views = [processor_view(self.processor.image_processor, *img.shape[:2]) for img in images]
         return Batch(pixel_values, inputs, views)
 
+    supports_token_reuse = True
+
     def encode(self, batch: Batch) -> VisionStates:
-        pixel_values = batch.pixel_values
+        out = self.tower(batch.pixel_values, output_hidden_states=True, return_dict=True)
+        return self._states(out.hidden_states)
+
+    def encode_reusing(self, batch: Batch, tower: TowerReuse) -> VisionStates:
+        if tower.states is None or tower.changed is None:
+            return self.encode(batch)
+        changed = torch.as_tensor(np.asarray(tower.changed, dtype=bool))
+        rows = rows_to_recompute(changed, self.has_cls)
+        hs = encode_rows(self.tower, batch.pixel_values, tower.states, rows, tower.variant)
+        return self._states(hs, recomputed=int(changed.sum()))
+
+    def _states(self, hs: tuple[Tensor, ...], recomputed: int | None = None) -> VisionStates:
+        """VisionStates from the tower's ``hidden_states`` ((L+1) x (B, T, D): hs[i] is the input of layer i)."""
         layers = [self.feature_layer] if isinstance(self.feature_layer, int) else list(self.feature_layer)
-        out = self.tower(pixel_values, output_hidden_states=True, return_dict=True)
-        hs = out.hidden_states  # (L+1) x (B, T, D): hs[i] is the input of encoder layer i
         # Exactly LlavaModel.get_image_features' selection, so K = N reproduces stock features.
         pool = [hs[i][:, 1:] if self.select_strategy == "default" else hs[i] for i in layers]
         features = pool[0] if len(pool) == 1 else torch.cat(pool, dim=-1)  # (B, prefix+N, D_feat)
-        return VisionStates(tokens=features, score_input=hs[self.score_layer], last=hs[-1], last_input=hs[-2])
+        meta = {"hidden_states": tuple(hs), "recomputed": recomputed}
+        return VisionStates(
+            tokens=features, score_input=hs[self.score_layer], last=hs[-1], last_input=hs[-2], meta=meta
+        )
 
     def intra_scores(self, vision: VisionStates, signal: str, notes: list[str]) -> tuple[Tensor, str]:
         # SigLIP has no CLS: its pooling head's probe plays that part (on post_layernorm'd last states).

@@ -46,6 +46,7 @@ from torch import Tensor, nn
 from atp_ros.backends.errors import ModelLoadError
 from atp_ros.backends.flops import scoring_flops, tower_flops
 from atp_ros.backends.loading import TextTower, load_checkpoint, load_text_tower
+from atp_ros.backends.partial import TowerReuse
 from atp_ros.backends.results import ScoringInfo, VlmResult
 from atp_ros.backends.stages import (
     Batch,
@@ -168,17 +169,24 @@ class VlmBackend(abc.ABC):
         atp: AtpConfig = AtpConfig(),
         max_new_tokens: int = 32,
         stop: Callable[[], bool] | None = None,
+        tower: TowerReuse | None = None,
     ) -> VlmResult:
         """Answer one question per image (a single string is asked of every image), ATP pruning the visual tokens.
 
         ``stop`` is polled before each stage and after every generated token; once it returns
         True the call raises :class:`GenerationStopped` (a shutdown or a cancelled request
         ends a long decode within one token instead of waiting for ``max_new_tokens``).
+        ``tower`` (one image, a family with ``supports_token_reuse``): token reuse on a stream, the
+        vision tower re-run only on ``tower.changed`` patches over ``tower.states`` (see ``backends.partial``).
         """
         qs = self.questions(images, questions)
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         atp.check()
+        if tower is not None and not self.supports_token_reuse:
+            raise ValueError(f"token reuse is not implemented for the {self.family} family")
+        if tower is not None and len(images) != 1:
+            raise ValueError(f"token reuse answers one image per call, got {len(images)}")
         watch = Stopwatch(self.device)
         halt = StopHook(stop)
         with self._lock, torch.inference_mode():
@@ -187,7 +195,7 @@ class VlmBackend(abc.ABC):
                 batch = self.preprocess(rgb_arrays(images), qs)
             halt.check()
             with watch.stage("vision"):
-                vision = self.encode(batch)
+                vision = self.encode(batch) if tower is None else self.encode_reusing(batch, tower)
             with watch.stage("scoring"):
                 selection, scoring, notes = self.score(vision, qs, atp)
             with watch.stage("projector"):
@@ -201,6 +209,9 @@ class VlmBackend(abc.ABC):
             answers = [a.strip() for a in self.tokenizer.batch_decode(ids, skip_special_tokens=True)]
         kept = [int(k) for k in selection.lengths.tolist()]
         totals = [h * w for h, w in self.grids_of(vision)]
+        if tower is not None:  # the call succeeded: its states are the stream's cache now
+            tower.states = vision.meta["hidden_states"]
+            tower.recomputed = vision.meta.get("recomputed")
         joint_used = selection.s_inter is not None and self.joint is not None
         cost = self.scoring_cost(vision, scoring.intra_signal, joint_used)
         return VlmResult(
@@ -245,8 +256,13 @@ class VlmBackend(abc.ABC):
         return [self.grid] * int(vision.tokens.shape[0])
 
     def vision_cost(self, vision: VisionStates) -> float:
-        """Per-image (batch mean) FLOPs of the tower forward; fixed-size towers: :attr:`vision_flops`."""
-        return self.vision_flops
+        """Per-image (batch mean) FLOPs of the tower forward; fixed-size towers: :attr:`vision_flops`, scaled by
+        the share of patches re-run under token reuse (an estimate: eventful reuse also projects keys and
+        values for every token)."""
+        recomputed = vision.meta.get("recomputed")
+        if recomputed is None or not self.num_visual_tokens:
+            return self.vision_flops
+        return self.vision_flops * (recomputed + self.prefix) / (self.num_visual_tokens + self.prefix)
 
     def scoring_cost(self, vision: VisionStates, intra_signal: str, joint_used: bool) -> float:
         """Per-image (batch mean) FLOPs of ATP scoring (:func:`scoring_flops` on each image's N_b)."""
@@ -372,6 +388,13 @@ class VlmBackend(abc.ABC):
     def encode(self, batch: Batch) -> VisionStates:
         """One forward of the frozen vision tower on ``batch.pixel_values``, returning the states scoring and
         the consumer need (and the per-image grids when they follow the frame)."""
+
+    supports_token_reuse = False  # a family that implements encode_reusing sets it
+
+    def encode_reusing(self, batch: Batch, tower: TowerReuse) -> VisionStates:
+        """``encode`` with token reuse (only families with ``supports_token_reuse``): ``meta`` holds
+        ``hidden_states`` (every layer, for the next frame) and ``recomputed`` (patches re-run, None: all)."""
+        raise NotImplementedError
 
     @abc.abstractmethod
     def feed(self, vision: VisionStates, selection: Selection, batch: Batch, atp: AtpConfig) -> LmPrompt:

@@ -96,8 +96,9 @@ def parser() -> argparse.ArgumentParser:
         "--reuse",
         type=_choices(REUSE_MODES),
         default=["none"],
-        help="answer reuse modes (none,answer): 'answer' adds each ATP keep ratio again, the samples answered "
-        "in order as one stream reusing answers like the node's reuse.mode (an episode bag)",
+        help="reuse modes (none,answer,tokens): 'answer' and 'tokens' add each ATP keep ratio again, the samples "
+        "answered in order as one stream reusing answers (and tower states) like the node's reuse.mode (an "
+        "episode bag)",
     )
     ap.add_argument(
         "--selectors",

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from atp_ros.backends import STAGES, VlmBackend
+from atp_ros.backends.partial import TowerReuse
 from atp_ros.evaluation import metrics
 from atp_ros.evaluation.files import write_atomic
 from atp_ros.evaluation.perturb import corrupt, perturb_question
@@ -46,7 +47,7 @@ class Setting:
     normalization: str = "minmax"
     perturbation: str = ""
     mass: float = 0.0  # > 0: ATP's adaptive budget (tau) instead of keep_ratio
-    reuse: str = "none"  # "answer": samples answered in order, reusing answers as the node's reuse.mode does
+    reuse: str = "none"  # "answer"/"tokens": samples answered in order as one stream, like the node's reuse.mode
 
     @property
     def name(self) -> str:
@@ -217,8 +218,15 @@ def answer_stream(
             records.append({**last, "key": s.key, "question": s.question, "accuracy": accuracy, "ms": check,
                             "evidence_recall": None, "reused": True})  # fmt: skip
         else:
-            result = backend.answer([s.image], [s.question], atp, max_new_tokens)
+            tower = None
+            if reuse.mode == "tokens" and backend.supports_token_reuse:  # the node worker's _tower_reuse
+                tower = cache.tower = cache.tower if isinstance(cache.tower, TowerReuse) else TowerReuse(reuse.variant)
+                tower.changed = cache.tower_changes(s.image, now) if tower.states is not None else None
+            result = backend.answer([s.image], [s.question], atp, max_new_tokens, tower=tower)
             record = _records(result, [s])[0] | {"reused": False}
+            if tower is not None:
+                record["recomputed"] = tower.recomputed  # patches the tower re-ran (None: all of them)
+                cache.tower_stored(s.image, result.views[0].as_tuple(), result.grid_of(0), tower.changed, now)
             cache.store(s.image, s.question, result.keep_mask(0), result.views[0].as_tuple(), now, record)
             records.append(record)
         if progress:

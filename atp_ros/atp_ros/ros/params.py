@@ -12,7 +12,7 @@ from typing import Any
 
 from atp_ros.method import INTER_READOUTS, INTRA_SIGNALS, NORMALIZATIONS, POSITION_MODES, SELECTORS, AtpConfig
 from atp_ros.ros.worker import RuntimeConfig
-from atp_ros.stream import REUSE_MODES, ReuseConfig
+from atp_ros.stream import REUSE_MODES, TOKEN_VARIANTS, ReuseConfig
 
 
 @dataclass(frozen=True)
@@ -137,8 +137,17 @@ PARAMS: tuple[Param, ...] = (
         "reuse.mode",
         "none",
         "none: every frame runs the model; answer: a frame whose question and watched patches (ATP's kept set "
-        "of the last full run, plus reuse.margin) did not change gets that run's answer, marked reused",
+        "of the last full run, plus reuse.margin) did not change gets that run's answer, marked reused; tokens: "
+        "answer reuse, and a frame that runs the model re-runs the vision tower only on the patches that changed "
+        "(llava family; others run the whole tower)",
         choices=REUSE_MODES,
+        runtime=True,
+    ),
+    Param(
+        "reuse.variant",
+        ReuseConfig.variant,
+        "token reuse: eventful (re-run patches attend to every patch's cached states) or drop (only to each other)",
+        choices=TOKEN_VARIANTS,
         runtime=True,
     ),
     Param(
@@ -231,5 +240,6 @@ def runtime_config(values: dict[str, Any]) -> RuntimeConfig:
         margin=int(values["reuse.margin"]),
         refresh_frames=int(values["reuse.refresh_frames"]),
         refresh_s=float(values["reuse.refresh_s"]),
+        variant=str(values["reuse.variant"]),
     )
     return RuntimeConfig(atp=atp_config(values), max_rate_hz=float(values["processing.max_rate_hz"]), reuse=reuse)

@@ -30,6 +30,7 @@ import numpy as np
 
 from atp_ros.backends.errors import BadInput, GenerationStopped
 from atp_ros.backends.loading import release_cuda_cache
+from atp_ros.backends.partial import TowerReuse
 from atp_ros.backends.results import VlmResult
 from atp_ros.method import AtpConfig
 from atp_ros.problems import ERROR, OK, WARN, Problem, Problems  # noqa: F401  (re-exported for the node)
@@ -438,6 +439,17 @@ class InferenceWorker:
         self.counters.inc("asks_answered")
         request.future.set_result(outcome)
 
+    def _tower_reuse(self, cache: StreamCache | None, rgb: np.ndarray, now: float) -> TowerReuse | None:
+        """Mode "tokens" with a family that supports it: the stream's cached tower states and the patches to
+        re-run (None when the whole tower runs); None otherwise."""
+        if cache is None or cache.config.mode != "tokens" or not self.backend.supports_token_reuse:
+            return None
+        if not isinstance(cache.tower, TowerReuse) or cache.tower.variant != cache.config.variant:
+            cache.tower = TowerReuse(cache.config.variant)
+        tower = cache.tower
+        tower.changed = cache.tower_changes(rgb, now) if tower.states is not None else None
+        return tower
+
     def _infer(
         self, frame: Frame, question: str, stop: Callable[[], bool], cache: StreamCache | None = None
     ) -> Outcome:
@@ -454,12 +466,17 @@ class InferenceWorker:
             decision = cache.decide(rgb, question, frame.received)  # stream time: when frames arrived
             if decision.reuse and isinstance(cache.result, VlmResult):
                 return Outcome(frame, question, rgb, cache.result, started, reuse=decision)
+        tower = self._tower_reuse(cache, rgb, frame.received)
         with self._lock:
             self._busy_since = started
         try:
             result = self.backend.answer(
-                [rgb], [question], self._config.atp, max_new_tokens=self.max_new_tokens, stop=stop
+                [rgb], [question], self._config.atp, max_new_tokens=self.max_new_tokens, stop=stop, tower=tower
             )
+        except BaseException:
+            if cache is not None:  # the tower's states may be half written: the next frame runs it whole
+                cache.tower = None
+            raise
         finally:
             with self._lock:
                 self._busy_since = None
@@ -469,6 +486,13 @@ class InferenceWorker:
         for note in new:
             self._safe_log(WARN, f"backend: {note}")
         self.last_kept = (int(result.visual_tokens_kept[0]), int(result.visual_tokens_total[0]))
+        if tower is not None and cache is not None:
+            if tower.recomputed is not None:
+                self.counters.inc("frames_token_reuse")
+            try:
+                cache.tower_stored(rgb, result.views[0].as_tuple(), result.grid_of(0), tower.changed, frame.received)
+            except ValueError:
+                cache.tower = None
         if cache is not None and cache.config.mode != "none":
             try:
                 cache.store(rgb, question, result.keep_mask(0), result.views[0].as_tuple(), frame.received, result)

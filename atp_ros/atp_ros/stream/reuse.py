@@ -6,6 +6,12 @@ kept region starts at its edge). A later frame reuses the answer only when the q
 same, no watched patch changed (:func:`~atp_ros.stream.changes.changed_patches` against the frame
 of the full run, so slow drift adds up instead of hiding frame to frame), and the answer is
 younger than ``refresh_frames`` frames and ``refresh_s`` seconds. Anything else runs the model.
+
+``mode="tokens"`` adds token reuse under the answer reuse: a frame that must run the model runs the
+vision tower only on the patches that changed since the tower's cached states were computed
+(:meth:`StreamCache.tower_changes`; the backend re-runs those rows, ``backends.partial``), with a
+full tower run on the same refresh schedule. The tower's signature is updated patch by patch as
+patches are recomputed, so a patch is compared with the pixels its cached states saw.
 """
 
 from __future__ import annotations
@@ -17,7 +23,8 @@ import numpy as np
 from atp_ros.stream.changes import Box, changed_patches, patch_signature
 
 # "none", not "off": YAML (ros2 param set, launch -p) reads a bare off as the boolean false.
-REUSE_MODES = ("none", "answer")
+REUSE_MODES = ("none", "answer", "tokens")
+TOKEN_VARIANTS = ("eventful", "drop")  # backends.partial.VARIANTS (the stream imports no model code)
 
 
 @dataclass(frozen=True)
@@ -29,6 +36,7 @@ class ReuseConfig:
     margin: int = 1  # patches around the kept set that are watched too
     refresh_frames: int = 30  # a full run at least every this many frames...
     refresh_s: float = 2.0  # ...and every this many seconds
+    variant: str = "eventful"  # token reuse (mode "tokens"): how recomputed patches see the others
 
     def check(self) -> None:
         """ValueError naming the first bad field."""
@@ -40,6 +48,8 @@ class ReuseConfig:
             raise ValueError(f"reuse margin must be >= 0 patches, got {self.margin}")
         if self.refresh_frames < 1 or not self.refresh_s > 0:
             raise ValueError("reuse refresh_frames must be >= 1 and refresh_s > 0")
+        if self.variant not in TOKEN_VARIANTS:
+            raise ValueError(f"reuse variant {self.variant!r} is not one of {', '.join(TOKEN_VARIANTS)}")
 
 
 @dataclass(frozen=True)
@@ -77,11 +87,43 @@ class StreamCache:
         self._time = 0.0
         self._since = 0
         self.result = None  # what the full run returned (any object: the caller's)
+        self.tower = None  # the backend's cached tower states (mode "tokens"; any object: the caller's)
+        self._tower_sig: np.ndarray | None = None  # the pixels each patch's cached tower states saw
+        self._tower_view: Box | None = None
+        self._tower_time = 0.0
+        self._tower_since = 0
 
     def clear(self) -> None:
-        """Forget the last full run (the next frame runs the model)."""
+        """Forget the last full run and the tower's cached states (the next frame runs the whole model)."""
         self._question = self._signature = self._watched = self._view = self.result = None
         self._since = 0
+        self.tower = self._tower_sig = self._tower_view = None
+        self._tower_since = 0
+
+    def tower_changes(self, rgb: np.ndarray, now: float) -> np.ndarray | None:
+        """Mode "tokens": the ``(h, w)`` patches whose cached tower states this frame must recompute, or None
+        when the whole tower runs (no cached states, another frame size, or the refresh is due)."""
+        c = self.config
+        if c.mode != "tokens" or self._tower_sig is None or self._tower_view is None:
+            return None
+        if self._tower_since + 1 > c.refresh_frames or now - self._tower_time > c.refresh_s:
+            return None
+        try:
+            current = patch_signature(rgb, self._tower_view, self._tower_sig.shape[:2])
+            return changed_patches(self._tower_sig, current, c.threshold)
+        except ValueError:
+            return None
+
+    def tower_stored(self, rgb: np.ndarray, view: Box, grid: tuple[int, int], changed: np.ndarray | None,
+                     now: float) -> None:  # fmt: skip
+        """Record a tower run on ``rgb``: all patches (``changed`` None) or the ``changed`` ones recomputed."""
+        current = patch_signature(rgb, view, grid)
+        if changed is None or self._tower_sig is None or self._tower_sig.shape != current.shape:
+            self._tower_sig, self._tower_view = current, tuple(float(v) for v in view)  # type: ignore[assignment]
+            self._tower_time, self._tower_since = now, 0
+            return
+        self._tower_sig[changed] = current[changed]
+        self._tower_since += 1
 
     def decide(self, rgb: np.ndarray, question: str, now: float) -> ReuseDecision:
         """Whether this frame may take the cached answer; counts it when it does."""
@@ -115,4 +157,4 @@ class StreamCache:
         self._question, self._time, self._since, self.result = question, now, 0, result
 
 
-__all__ = ["REUSE_MODES", "ReuseConfig", "ReuseDecision", "StreamCache", "dilate"]
+__all__ = ["REUSE_MODES", "TOKEN_VARIANTS", "ReuseConfig", "ReuseDecision", "StreamCache", "dilate"]

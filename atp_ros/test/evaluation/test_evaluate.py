@@ -439,14 +439,16 @@ def test_reuse_axis_answers_the_bag_as_one_stream(tmp_path: Path, capsys) -> Non
             w.write(ic, stamp, TS.serialize_cdr(raw_image(stamp, f), Img.__msgtype__))
     out = tmp_path / "report"
     args = ("--bag", bag, "--out", out, "--keep-ratios", "0.25", "--alphas", "1", "--selectors", "atp")
-    code, stdout, _ = _run(capsys, *args, "--reuse", "none,answer", "--bootstrap", "100")
+    code, stdout, _ = _run(capsys, *args, "--reuse", "none,answer,tokens", "--bootstrap", "100")
     assert code == 0, stdout
     results = {r["name"]: r["summary"] for r in json.loads((out / "results.json").read_text())["settings"]}
     per_frame, reused = results["atp a=1 k=0.25"], results["atp a=1 k=0.25 reuse=answer"]
-    assert per_frame["reuse_rate"] is None and per_frame["n"] == reused["n"] == 6
+    tokens = results["atp a=1 k=0.25 reuse=tokens"]
+    assert per_frame["reuse_rate"] is None and per_frame["n"] == reused["n"] == tokens["n"] == 6
     assert reused["reuse_rate"] == pytest.approx(4 / 6), "frames 2-4 and 6 reuse; 1 and the new scene run"
+    assert tokens["reuse_rate"] == pytest.approx(4 / 6), "token reuse keeps answer reuse on top"
     assert reused["fidelity"]["mean"] == per_frame["fidelity"]["mean"], "identical frames, identical answers"
     assert "reuse=answer (67% reused)" in (out / "report.md").read_text()
     with pytest.raises(SystemExit) as exit_info:
-        main([str(a) for a in (*args, "--reuse", "tokens")])
-    assert exit_info.value.code == 2 and "unknown tokens" in capsys.readouterr().err
+        main([str(a) for a in (*args, "--reuse", "sparse")])
+    assert exit_info.value.code == 2 and "unknown sparse" in capsys.readouterr().err

@@ -257,3 +257,37 @@ def test_answer_reuse_republishes_only_while_the_watched_patches_hold(tiny) -> N
         assert feed("f", changed).reuse is None and feed("g", changed).reuse is None
     finally:
         h.worker.stop()
+
+
+def test_token_reuse_reruns_the_tower_on_changed_patches_only(tiny) -> None:
+    from atp_ros.stream import ReuseConfig
+
+    reuse = ReuseConfig(mode="tokens", refresh_frames=30, refresh_s=600.0)
+    h = Harness(tiny, config=RuntimeConfig(atp=AtpConfig(keep_ratio=0.25), reuse=reuse), max_new_tokens=4)
+    still = scene(7)
+
+    def feed(name: str, rgb: np.ndarray):
+        n = len(h.answers)
+        h.worker.put_frame("", (name, rgb))
+        h.wait(lambda: len(h.answers) > n, f"the answer to {name}")
+        return h.answers[-1]
+
+    try:
+        h.worker.start()
+        h.worker.set_query("what color is the box?")
+        first = feed("a", still)
+        assert first.reuse is None and "frames_token_reuse" not in h.worker.stats(), "the first frame runs it all"
+        kept = first.result.keep_mask(0).astype(bool)
+        r, c = np.argwhere(kept)[0]
+        x0, y0, x1, y1 = (int(v) for v in first.result.views[0].cell(int(r), int(c), kept.shape))
+        changed = still.copy()
+        changed[y0:y1, x0:x1] = 255 - changed[y0:y1, x0:x1]
+        second = feed("b", changed)
+        assert second.reuse is None, "a kept patch changed: the model runs ..."
+        assert h.worker.stats()["frames_token_reuse"] == 1, "... with the tower re-run on the changed patches"
+        h.worker.set_query("is the aisle clear?")
+        assert feed("c", changed).reuse is None, "a new question runs the model (its tower from the cache)"
+        assert h.worker.stats()["frames_token_reuse"] == 2
+        assert feed("d", changed).reuse is not None, "and answer reuse still applies on top"
+    finally:
+        h.worker.stop()

@@ -106,3 +106,32 @@ def test_a_gripper_letting_go_is_a_change() -> None:
     assert len(rows) > 0, "the release must refresh an answer that watched the gripper"
     assert ((cols + 1) * 40 > x0 - 40).all() and (cols * 40 < x1 + 40).all()  # at the gripper, nowhere else
     assert ((rows + 1) * 30 > y0 - 30).all() and (rows * 30 < y1 + 30).all()
+
+
+def test_token_reuse_recomputes_what_changed_since_the_tower_saw_it(frame) -> None:
+    cache = StreamCache(ReuseConfig(mode="tokens", refresh_frames=3, refresh_s=600.0))
+    assert cache.tower_changes(frame, 0.0) is None, "no cached tower states: the whole tower runs"
+    cache.tower_stored(frame, VIEW, GRID, None, 0.0)
+    assert not cache.tower_changes(frame, 0.1).any(), "the same frame: nothing to re-run"
+    moved = frame.copy()
+    moved[200:240, 300:340] = (255, 0, 0)
+    changed = cache.tower_changes(moved, 0.1)
+    assert changed.any() and changed.sum() <= 9
+    cache.tower_stored(moved, VIEW, GRID, changed, 0.1)
+    # Those patches were re-run on the new pixels: the same frame again has nothing left to re-run ...
+    assert not cache.tower_changes(moved, 0.2).any()
+    # ... and going back re-runs them again (each patch is compared with what its states saw).
+    back = cache.tower_changes(frame, 0.2)
+    assert np.array_equal(back, changed)
+    cache.tower_stored(frame, VIEW, GRID, back, 0.2)
+    cache.tower_stored(frame, VIEW, GRID, back, 0.3)
+    assert cache.tower_changes(frame, 0.4) is None, "after refresh_frames partial runs, the whole tower"
+    assert cache.tower_changes(frame[:240], 0.4) is None, "another frame size: the whole tower"
+    cache.tower_stored(frame, VIEW, GRID, None, 0.4)
+    cache.clear()
+    assert cache.tower_changes(frame, 0.5) is None and cache.tower is None
+    answer_only = StreamCache(ReuseConfig(mode="answer"))
+    answer_only.tower_stored(frame, VIEW, GRID, None, 0.0)
+    assert answer_only.tower_changes(frame, 0.1) is None, "mode answer never re-runs part of the tower"
+    with pytest.raises(ValueError, match="variant"):
+        ReuseConfig(mode="tokens", variant="sparse").check()
