@@ -25,6 +25,7 @@ FULL = (
     "bench_atp.py",
     "bench_warehouse.py",
     "bench_reuse.py",
+    "bench_token_reuse.py",
     "bench_serve.py",
 )
 QUICK = (
@@ -34,6 +35,7 @@ QUICK = (
     "bench_pipeline.py",
     "bench_warehouse.py",
     "bench_reuse.py",
+    "bench_token_reuse.py",
     "bench_serve.py",
 )
 
@@ -48,7 +50,8 @@ def main() -> int:
     started = time.monotonic()
     for name in QUICK if quick else FULL:
         args = ["--quick"] if quick and name != "bench_flops.py" else []
-        if quick and name in ("bench_atp.py", "bench_pipeline.py", "bench_warehouse.py", "bench_reuse.py"):
+        if quick and name in ("bench_atp.py", "bench_pipeline.py", "bench_warehouse.py", "bench_reuse.py",
+                                 "bench_token_reuse.py"):  # fmt: skip
             args += ["--out", str(here / "results" / "quick")]  # smoke numbers never replace the full ones
         print(f"\n=== {name} {' '.join(args)}", flush=True)
         t0 = time.monotonic()

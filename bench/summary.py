@@ -128,6 +128,17 @@ def main() -> int:
                 f"{r['worst_stale_frames']} frames, {r['worst_stale_ms']:.0f} ms | {r['stale_truth_changed']} |"
             )
         lines += ["", "![answer reuse](reuse.png)", ""]
+    tokens = _load("token_reuse.json")
+    if tokens:
+        lines += [f"## Token reuse at realistic widths ({tokens['checkpoint']}, keep {tokens['keep_ratio']:g})", ""]
+        lines += ["| patches changed | per-frame ms (vision) | eventful ms (vision) | speed-up | drop ms (vision) | speed-up |", "|" + " --- |" * 6]  # fmt: skip
+        for r in tokens["rows"]:
+            lines.append(
+                f"| {r['changed_share']:.0%} | {r['per_frame_ms']:.0f} ({r['per_frame_vision_ms']:.0f}) | "
+                f"{r['eventful_ms']:.0f} ({r['eventful_vision_ms']:.0f}) | {r['eventful_speedup']:.2f}x | "
+                f"{r['drop_ms']:.0f} ({r['drop_vision_ms']:.0f}) | {r['drop_speedup']:.2f}x |"
+            )
+        lines += ["", "![token reuse](token_reuse.png)", ""]
     for name, title in (("atp_core.json", "ATP core"), ("warehouse.json", "warehouse-tiny at 640x480")):
         if (RESULTS / name).is_file():
             lines += [f"## {title}", "", f"See `{name}` and its PNG.", ""]
