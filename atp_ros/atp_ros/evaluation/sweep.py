@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from atp_ros.backends import STAGES, VlmBackend
-from atp_ros.backends.partial import TowerReuse
+from atp_ros.backends.streaming import answer_on_stream
 from atp_ros.evaluation import metrics
 from atp_ros.evaluation.files import write_atomic
 from atp_ros.evaluation.perturb import corrupt, perturb_question
@@ -210,24 +210,16 @@ def answer_stream(
     for i, s in enumerate(samples):
         now = s.stamp_ns / 1e9 if s.stamp_ns is not None else i / 10.0
         t = time.perf_counter()
-        decision = cache.decide(s.image, s.question, now)
-        if decision.reuse:
-            last = cache.result
+        step = answer_on_stream(backend, cache, s.image, s.question, atp, max_new_tokens, now)
+        if step.reuse is not None:
+            last = _records(step.result, [s])[0]
             check = dict.fromkeys(STAGES, 0.0) | {"total": (time.perf_counter() - t) * 1e3}
-            accuracy = metrics.accuracy(last["answer"], s.answers) if s.answers else None
-            records.append({**last, "key": s.key, "question": s.question, "accuracy": accuracy, "ms": check,
+            records.append({**last, "key": s.key, "question": s.question, "ms": check,
                             "evidence_recall": None, "reused": True})  # fmt: skip
         else:
-            tower = None
-            if reuse.mode == "tokens" and backend.supports_token_reuse:  # the node worker's _tower_reuse
-                tower = cache.tower = cache.tower if isinstance(cache.tower, TowerReuse) else TowerReuse(reuse.variant)
-                tower.changed = cache.tower_changes(s.image, now) if tower.states is not None else None
-            result = backend.answer([s.image], [s.question], atp, max_new_tokens, tower=tower)
-            record = _records(result, [s])[0] | {"reused": False}
-            if tower is not None:
-                record["recomputed"] = tower.recomputed  # patches the tower re-ran (None: all of them)
-                cache.tower_stored(s.image, result.views[0].as_tuple(), result.grid_of(0), tower.changed, now)
-            cache.store(s.image, s.question, result.keep_mask(0), result.views[0].as_tuple(), now, record)
+            record = _records(step.result, [s])[0] | {"reused": False}
+            if reuse.mode == "tokens":
+                record["recomputed"] = step.recomputed  # patches the tower re-ran (None: all of them)
             records.append(record)
         if progress:
             progress(1)

@@ -30,8 +30,8 @@ import numpy as np
 
 from atp_ros.backends.errors import BadInput, GenerationStopped
 from atp_ros.backends.loading import release_cuda_cache
-from atp_ros.backends.partial import TowerReuse
 from atp_ros.backends.results import VlmResult
+from atp_ros.backends.streaming import answer_on_stream
 from atp_ros.method import AtpConfig
 from atp_ros.problems import ERROR, OK, WARN, Problem, Problems  # noqa: F401  (re-exported for the node)
 from atp_ros.ros.stats import Counters, LatencyWindow
@@ -439,17 +439,6 @@ class InferenceWorker:
         self.counters.inc("asks_answered")
         request.future.set_result(outcome)
 
-    def _tower_reuse(self, cache: StreamCache | None, rgb: np.ndarray, now: float) -> TowerReuse | None:
-        """Mode "tokens" with a family that supports it: the stream's cached tower states and the patches to
-        re-run (None when the whole tower runs); None otherwise."""
-        if cache is None or cache.config.mode != "tokens" or not self.backend.supports_token_reuse:
-            return None
-        if not isinstance(cache.tower, TowerReuse) or cache.tower.variant != cache.config.variant:
-            cache.tower = TowerReuse(cache.config.variant)
-        tower = cache.tower
-        tower.changed = cache.tower_changes(rgb, now) if tower.states is not None else None
-        return tower
-
     def _infer(
         self, frame: Frame, question: str, stop: Callable[[], bool], cache: StreamCache | None = None
     ) -> Outcome:
@@ -462,41 +451,27 @@ class InferenceWorker:
         except Exception as err:  # a decoder library's own error (cv2.error...) is still the frame's fault
             raise BadInput("decode", f"cannot decode the frame: {type(err).__name__}: {err}") from err
         started = time.monotonic()
-        if cache is not None and cache.config.mode != "none":
-            decision = cache.decide(rgb, question, frame.received)  # stream time: when frames arrived
-            if decision.reuse and isinstance(cache.result, VlmResult):
-                return Outcome(frame, question, rgb, cache.result, started, reuse=decision)
-        tower = self._tower_reuse(cache, rgb, frame.received)
         with self._lock:
             self._busy_since = started
         try:
-            result = self.backend.answer(
-                [rgb], [question], self._config.atp, max_new_tokens=self.max_new_tokens, stop=stop, tower=tower
-            )
-        except BaseException:
-            if cache is not None:  # the tower's states may be half written: the next frame runs it whole
-                cache.tower = None
-            raise
+            stream = cache if cache is not None else StreamCache()  # mode none: the model on every frame
+            step = answer_on_stream(
+                self.backend, stream, rgb, question, self._config.atp, self.max_new_tokens, frame.received, stop
+            )  # stream time: when frames arrived
         finally:
             with self._lock:
                 self._busy_since = None
+        if step.reuse is not None:
+            return Outcome(frame, question, rgb, step.result, started, reuse=step.reuse)
+        result = step.result
         self.notes = list(result.notes)
         new = [n for n in dict.fromkeys(result.notes) if n not in self._notes_logged]
         self._notes_logged.update(new)
         for note in new:
             self._safe_log(WARN, f"backend: {note}")
         self.last_kept = (int(result.visual_tokens_kept[0]), int(result.visual_tokens_total[0]))
-        if tower is not None and cache is not None:
-            if tower.recomputed is not None:
-                self.counters.inc("frames_token_reuse")
-            try:
-                cache.tower_stored(rgb, result.views[0].as_tuple(), result.grid_of(0), tower.changed, frame.received)
-            except ValueError:
-                cache.tower = None
-        if cache is not None and cache.config.mode != "none":
-            try:
-                cache.store(rgb, question, result.keep_mask(0), result.views[0].as_tuple(), frame.received, result)
-            except ValueError as err:  # the answer stands; only the next frame cannot reuse it
-                cache.clear()
-                self.problem("reuse", WARN, f"answer not cached for reuse: {err}")
+        if step.recomputed is not None:
+            self.counters.inc("frames_token_reuse")
+        if step.cache_error:
+            self.problem("reuse", WARN, f"answer not cached for reuse: {step.cache_error}")
         return Outcome(frame, question, rgb, result, started)

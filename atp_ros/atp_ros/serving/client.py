@@ -23,6 +23,7 @@ from atp_ros.serving import ray_compat
 from atp_ros.serving.cluster import SERVICE_ERRORS, lost, one_line, probe, resolve, start_ray
 from atp_ros.serving.config import DEFAULT_APP
 from atp_ros.serving.wire import IMAGE_FORMATS, Image, ServedResult, ServeRequest, make_request
+from atp_ros.stream import ReuseConfig
 
 POLL_S = 0.05  # how often a waiting client checks its stop hook
 # ray.init and ray.shutdown act on the whole process: every client in it connects under this one lock.
@@ -197,7 +198,31 @@ class RemoteBackend:
         stop: Callable[[], bool] | None = None,
     ) -> ServedResult:
         """Like :meth:`answer`, with how the request was batched."""
-        request = self.request(images, questions, atp, max_new_tokens)
+        served = self._send(self.request(images, questions, atp, max_new_tokens), stop)
+        self.batch_sizes[served.batch_size] += 1
+        return served
+
+    def answer_stream(
+        self,
+        image: Image,
+        question: str,
+        stream: str,
+        stamp_s: float,
+        reuse: ReuseConfig,
+        atp: AtpConfig = AtpConfig(),
+        max_new_tokens: int = 32,
+        stop: Callable[[], bool] | None = None,
+    ) -> ServedResult:
+        """One frame of camera stream ``stream`` at stream time ``stamp_s``: the replica answers it with that
+        stream's reuse state (``reuse.mode`` answer or tokens; ``ServedResult.reused`` / ``recomputed`` say
+        what it reused). With several replicas a stream's frames may land on different ones: each keeps
+        its own state, so answers stay right and only less is reused."""
+        request = make_request([image], question, atp, max_new_tokens, self.image_format, self.jpeg_quality,
+                               stream, reuse, stamp_s)  # fmt: skip
+        return self._send(request, stop)
+
+    def _send(self, request: ServeRequest, stop: Callable[[], bool] | None) -> ServedResult:
+        """The served result of ``request`` (see :meth:`answer` for the errors)."""
         deadline = time.monotonic() + self.timeout_s
         handle = self.connect()
         try:
@@ -206,7 +231,6 @@ class RemoteBackend:
             self._drop()
             raise self._unavailable(lost(err)) from None
         served = self._wait(response, deadline, stop)
-        self.batch_sizes[served.batch_size] += 1
         self.last_served = served
         return served
 

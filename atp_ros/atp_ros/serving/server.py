@@ -21,28 +21,38 @@ from typing import Any
 import numpy as np
 from ray import serve
 
+from atp_ros.backends.streaming import answer_on_stream
 from atp_ros.method import AtpConfig
 from atp_ros.serving import ray_compat
 from atp_ros.serving.config import ServeConfig, code_version
 from atp_ros.serving.wire import ServedResult, ServeRequest, checked_frames
+from atp_ros.stream import StreamCache
 
 MAX_FORMED = 64  # formed batches handed to the coalescer at once (bounded by max_ongoing_requests anyway)
 QUIET = {"log_level": "WARNING", "enable_access_log": False}  # Serve logging: errors and warnings only
 
 
-def answer_requests(backend: Any, requests: Sequence[ServeRequest]) -> list[ServedResult | Exception]:
+def answer_requests(
+    backend: Any, requests: Sequence[ServeRequest], streams: dict[str, StreamCache] | None = None
+) -> list[ServedResult | Exception]:
     """Answer one formed batch: one ``backend.answer`` per distinct (AtpConfig, max_new_tokens).
 
     Every request is checked on arrival with the node's own image limits; one that fails gets
     its own ValueError and never reaches the model. When a shared call fails anyway, its
     requests are answered again one by one, so only the request that fails alone gets the
-    error. Results come back in request order.
+    error. A stream's frame with reuse on (``ServeRequest.streamed``) is answered alone with its
+    stream's state in ``streams`` (``backends.streaming``: the cached answer, or the model with
+    token reuse). Results come back in request order.
     """
     out: list[ServedResult | Exception | None] = [None] * len(requests)
     groups: dict[tuple[AtpConfig, int], list[tuple[int, list[np.ndarray]]]] = {}
     for i, request in enumerate(requests):
         try:
             frames = checked_frames(request)
+            if request.streamed:
+                out[i] = _answer_streamed(backend, request, frames[0], streams if streams is not None else {},
+                                          len(requests))  # fmt: skip
+                continue
             groups.setdefault(request.key, []).append((i, frames))
         except ValueError as err:  # a plain ValueError: it travels back through Ray whatever its type
             out[i] = ValueError(f"request rejected: {err}")
@@ -61,6 +71,23 @@ def answer_requests(backend: Any, requests: Sequence[ServeRequest]) -> list[Serv
                 except Exception as alone:
                     out[member[0]] = alone
     return out  # type: ignore[return-value]  # every slot was filled above
+
+
+def _answer_streamed(
+    backend: Any, request: ServeRequest, rgb: np.ndarray, streams: dict[str, StreamCache], batch: int
+) -> ServedResult | Exception:
+    """One stream frame with its stream's reuse state (a new reuse config starts the stream afresh)."""
+    cache = streams.get(request.stream)
+    if cache is None or cache.config != request.reuse:
+        cache = streams[request.stream] = StreamCache(request.reuse)
+    try:
+        step = answer_on_stream(
+            backend, cache, rgb, request.questions[0], request.atp, request.max_new_tokens, request.stamp_s
+        )
+    except Exception as err:
+        return err
+    call = uuid.uuid4().hex[:12]
+    return ServedResult(step.result.part(0, 1), batch, 1, call, 0, reused=step.reuse, recomputed=step.recomputed)
 
 
 def _answer_call(
@@ -157,7 +184,8 @@ class AtpVlmServer:
 
         ray_compat.keep_replica_on_loopback()
         self.backend = load_backend(**model)
-        self.model = Coalescer(partial(answer_requests, self.backend))
+        self.streams: dict[str, StreamCache] = {}  # per camera stream: its reuse state (one model thread uses it)
+        self.model = Coalescer(partial(answer_requests, self.backend, streams=self.streams))
         self.formed: Counter[int] = Counter()  # batch size as @serve.batch formed it -> batches
         self.batching: dict[str, Any] = {}  # set by reconfigure, which Serve calls right after __init__
 

@@ -19,6 +19,7 @@ from atp_ros.backends.images import ImageLimits, compressed_to_rgb
 from atp_ros.backends.results import VlmResult
 from atp_ros.backends.stages import questions_for
 from atp_ros.method import AtpConfig
+from atp_ros.stream import ReuseConfig, ReuseDecision
 
 Image = np.ndarray | bytes  # an HxWx3 uint8 RGB array, or a JPEG / PNG file's bytes
 IMAGE_FORMATS = ("raw", "png", "jpeg")  # how a client sends frames
@@ -33,6 +34,16 @@ class ServeRequest:
     questions: tuple[str, ...]
     atp: AtpConfig = field(default_factory=AtpConfig)
     max_new_tokens: int = 32
+    # A camera stream's frame (one image): the replica keeps per-stream reuse state keyed by ``stream``
+    # and answers it like the node's reuse.mode, ``stamp_s`` being its stream time.
+    stream: str = ""
+    reuse: ReuseConfig = field(default_factory=ReuseConfig)
+    stamp_s: float = 0.0
+
+    @property
+    def streamed(self) -> bool:
+        """A stream's frame with reuse on: answered alone, with the stream's state."""
+        return bool(self.stream) and self.reuse.mode != "none"
 
     @property
     def key(self) -> tuple[AtpConfig, int]:
@@ -49,6 +60,8 @@ class ServedResult:
     call_images: int  # images in the backend call this request rode in
     call_id: str  # that call (unique across replicas)
     offset: int  # where this request's first image sat in that call
+    reused: ReuseDecision | None = None  # a stream's frame answered from its cache (no model ran)
+    recomputed: int | None = None  # token reuse: patches the tower re-ran for this frame
 
 
 def encode_image(rgb: np.ndarray, fmt: str = "png", quality: int = 90) -> bytes:
@@ -103,12 +116,18 @@ def make_request(
     max_new_tokens: int,
     image_format: str = "raw",
     jpeg_quality: int = 90,
+    stream: str = "",
+    reuse: ReuseConfig = ReuseConfig(),
+    stamp_s: float = 0.0,
 ) -> ServeRequest:
     """The request for these frames, checked first (a bad one never travels).
 
     Arrays go as they are (``raw``) or encoded in ``image_format``; bytes go as they are.
     """
     qs = _checked_settings(images, questions, atp, max_new_tokens)
+    reuse.check()
+    if stream and reuse.mode != "none" and len(images) != 1:
+        raise ValueError(f"a stream's request carries one frame, got {len(images)}")
     payload: list[Image] = []
     for img in images:
         if isinstance(img, bytes):
@@ -117,7 +136,7 @@ def make_request(
             payload.append(decode_image(img))
         else:
             payload.append(encode_image(decode_image(img), image_format, jpeg_quality))
-    return ServeRequest(tuple(payload), tuple(qs), atp, int(max_new_tokens))
+    return ServeRequest(tuple(payload), tuple(qs), atp, int(max_new_tokens), stream, reuse, float(stamp_s))
 
 
 def checked_frames(request: ServeRequest) -> list[np.ndarray]:

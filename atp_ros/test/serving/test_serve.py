@@ -33,7 +33,7 @@ from atp_ros.serving.client import RemoteBackend  # noqa: E402
 from atp_ros.serving.cluster import NAMESPACE  # noqa: E402
 from atp_ros.serving.config import ServeConfig  # noqa: E402
 from atp_ros.serving.server import Coalescer, answer_requests, deploy  # noqa: E402
-from atp_ros.serving.wire import ServeRequest, decode_image, encode_image  # noqa: E402
+from atp_ros.serving.wire import ServeRequest, decode_image, encode_image, make_request  # noqa: E402
 
 APP = "atp_vlm_test"
 # Batches of up to 8 requests, held open 0.5 s for the rest of a concurrent burst to arrive.
@@ -324,6 +324,27 @@ def test_one_request_of_several_frames_matches_the_local_call(app, local, frames
     if served.call_images == 2:  # alone in its call (nothing else is sent now)
         _same(served.result, local.answer(images, questions, AtpConfig(keep_ratio=0.25), 4))
     assert len(served.result.answers) == 2
+
+
+def test_stream_requests_keep_per_camera_reuse_state_in_the_replica(app, local, frames) -> None:
+    from atp_ros.stream import ReuseConfig
+
+    remote = RemoteBackend(app, APP, timeout_s=60)
+    reuse = ReuseConfig(mode="tokens", refresh_frames=30, refresh_s=600.0)
+    (rgb, q), (other, _) = frames[0], frames[1]
+    atp = AtpConfig(keep_ratio=0.25)
+    first = remote.answer_stream(rgb, q, "cam0", 0.0, reuse, atp, 4)
+    assert first.reused is None, "a stream's first frame runs the model"
+    _same(first.result, local.answer([rgb], q, atp, 4))  # the whole tower ran: the local call's answer
+    again = remote.answer_stream(rgb, q, "cam0", 0.1, reuse, atp, 4)
+    assert again.reused is not None and again.reused.frames_since_full == 1
+    assert again.result.answers == first.result.answers
+    assert remote.answer_stream(rgb, q, "cam1", 0.1, reuse, atp, 4).reused is None, "another camera, its own state"
+    moved = remote.answer_stream(other, q, "cam0", 0.2, reuse, atp, 4)
+    assert moved.reused is None and moved.recomputed is not None, "a new scene: the model, its tower from the cache"
+    assert moved.recomputed > 0
+    with pytest.raises(ValueError, match="one frame"):  # checked before it travels
+        make_request([rgb, rgb], q, atp, 4, stream="cam0", reuse=reuse)
 
 
 def test_request_errors_stop_and_timeout(app, frames) -> None:
