@@ -2,13 +2,14 @@
 
 A fixed camera watches the arm work (``warehouse.cell.episodes.Episode``, 640x480 at 10 Hz). For
 each standing question (the aisle, whether the arm holds something, what it holds) every frame
-of the episode is answered twice, side by side in one run: per-frame ATP (the model on every
-frame) and ``reuse.mode answer`` (``stream.StreamCache``, as the node's worker uses it, stream
-time from the frames' stamps). Reported per question: the mean time per answered frame (change
-check included), the speed-up, accuracy against the frame's own ground truth for both, the share
-of frames reused, the worst staleness (frames and milliseconds since the full run) and
-``stale_truth_changed``: reused frames whose true answer differs from the one at the full run's
-frame (the answer should have been refreshed; what the watched set missed).
+of the episode is answered three times, side by side in one run: per-frame ATP (the model on
+every frame), ``reuse.mode answer`` and ``reuse.mode tokens`` (``backends.streaming``, as the
+node's worker answers a stream, stream time from the frames' stamps). Reported per question:
+the mean time per answered frame (change check included), the speed-up, accuracy against the
+frame's own ground truth for each, the share of frames reused, the worst staleness (frames and
+milliseconds since the full run) and ``stale_truth_changed``: reused frames whose true answer
+differs from the one at the full run's frame (the answer should have been refreshed; what the
+watched set missed).
 Writes ``bench/results/reuse.json`` and ``reuse.png``.
 
     PYTHONPATH=atp_ros python bench/bench_reuse.py [--model DIR] [--frames 200] [--quick]
@@ -24,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 from atp_ros.backends import AtpConfig, load_backend
+from atp_ros.backends.streaming import answer_on_stream
 from atp_ros.evaluation.metrics import correct
 from atp_ros.stream import ReuseConfig, StreamCache
 from atp_ros.warehouse.cell.episodes import Episode
@@ -45,30 +47,24 @@ def truth_answer(truth, kind: str) -> str | None:
 
 
 def run_stream(backend, frames, question: str, kind: str, atp: AtpConfig, reuse: ReuseConfig | None) -> dict:
-    """Answer every frame in order; per-frame ATP when ``reuse`` is None."""
-    cache = StreamCache(reuse) if reuse is not None else None
+    """Answer every frame in order (``backends.streaming``, as the node's worker); per-frame ATP when ``reuse``
+    is None."""
+    cache = StreamCache(reuse if reuse is not None else ReuseConfig())
     times, right, scored, reused, stale_frames, stale_ms, stale_changed = [], 0, 0, 0, [], [], 0
     full_truth = None
     for f in frames:
         t = time.perf_counter()
-        answer, was_reused = None, False
-        if cache is not None:
-            decision = cache.decide(f.rgb, question, f.stamp_s)
-            if decision.reuse:
-                answer, was_reused = cache.result, True
-                stale_frames.append(decision.frames_since_full)
-                stale_ms.append(decision.age_s * 1e3)
-        if answer is None:
-            result = backend.answer([f.rgb], [question], atp, max_new_tokens=3)
-            answer = result.answers[0]
-            if cache is not None:
-                cache.store(f.rgb, question, result.keep_mask(0), result.views[0].as_tuple(), f.stamp_s, answer)
-                full_truth = truth_answer(f.truth, kind)
+        step = answer_on_stream(backend, cache, f.rgb, question, atp, 3, f.stamp_s)
+        answer = step.result.answers[0]
         times.append((time.perf_counter() - t) * 1e3)
         gold = truth_answer(f.truth, kind)
-        if was_reused:
+        if step.reuse is not None:
             reused += 1
+            stale_frames.append(step.reuse.frames_since_full)
+            stale_ms.append(step.reuse.age_s * 1e3)
             stale_changed += int(gold is not None and full_truth is not None and gold != full_truth)
+        else:
+            full_truth = gold
         if gold is not None:
             scored += 1
             right += int(correct(answer, accepted_answers(gold)))
@@ -97,6 +93,7 @@ def main() -> int:
     backend = load_backend(args.model, device="cpu")
     atp = AtpConfig(keep_ratio=args.keep)
     reuse = ReuseConfig(mode="answer")
+    tokens = ReuseConfig(mode="tokens")  # answer reuse + token reuse (eventful)
     frames = []
     for e in range(args.episodes):
         episode = Episode(9_000 + e, width=640, height=480, rate_hz=10.0)
@@ -109,6 +106,7 @@ def main() -> int:
     for kind, question in track(list(QUESTIONS.items()), description="questions"):
         per = [run_stream(backend, ep, question, kind, atp, None) for ep in frames]
         rep = [run_stream(backend, ep, question, kind, atp, reuse) for ep in frames]
+        tok = [run_stream(backend, ep, question, kind, atp, tokens) for ep in frames]
 
         def mean(runs, key):
             return float(np.mean([r[key] for r in runs]))
@@ -126,16 +124,21 @@ def main() -> int:
                 "worst_stale_ms": max(r["worst_stale_ms"] for r in rep),
                 "stale_truth_changed": sum(r["stale_truth_changed"] for r in rep),
                 "scored_frames": sum(r["scored"] for r in per),
+                "tokens_ms": mean(tok, "ms_per_frame"),
+                "tokens_speedup": mean(per, "ms_per_frame") / mean(tok, "ms_per_frame"),
+                "tokens_accuracy": mean(tok, "accuracy"),
+                "tokens_reuse_rate": mean(tok, "reuse_rate"),
             }
         )
     print("| question | per-frame ms | reuse ms | speed-up | accuracy per-frame / reuse | reused | worst stale "
-          "| stale, truth changed |")  # fmt: skip
-    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+          "| stale, truth changed | tokens ms | speed-up | accuracy |")  # fmt: skip
+    print("|" + " --- |" * 11)
     for r in rows:
         print(
             f"| {r['question']} | {r['per_frame_ms']:.1f} | {r['reuse_ms']:.1f} | {r['speedup']:.2f}x "
             f"| {r['per_frame_accuracy']:.3f} / {r['reuse_accuracy']:.3f} | {r['reuse_rate']:.0%} "
-            f"| {r['worst_stale_frames']} frames, {r['worst_stale_ms']:.0f} ms | {r['stale_truth_changed']} |"
+            f"| {r['worst_stale_frames']} frames, {r['worst_stale_ms']:.0f} ms | {r['stale_truth_changed']} "
+            f"| {r['tokens_ms']:.1f} | {r['tokens_speedup']:.2f}x | {r['tokens_accuracy']:.3f} |"
         )
     report = {
         "what": __doc__.splitlines()[0],

@@ -120,12 +120,14 @@ def main() -> int:
     reuse = _load("reuse.json")
     if reuse:
         lines += [f"## Answer reuse on warehouse-cell episodes ({reuse['model']}, keep {reuse['keep_ratio']:g})", ""]
-        lines += ["| question | per-frame ms | reuse ms | speed-up | accuracy per-frame / reuse | reused | worst stale | reused after the truth changed |", "|" + " --- |" * 8]  # fmt: skip
+        lines += ["| question | per-frame ms | reuse ms | speed-up | accuracy per-frame / reuse | reused | worst stale | reused after the truth changed | tokens ms | speed-up | accuracy |", "|" + " --- |" * 11]  # fmt: skip
         for r in reuse["rows"]:
+            tok = (f"{r['tokens_ms']:.1f} | {r['tokens_speedup']:.2f}x | {r['tokens_accuracy']:.3f}"
+                   if "tokens_ms" in r else "- | - | -")  # fmt: skip
             lines.append(
                 f"| {r['question']} | {r['per_frame_ms']:.1f} | {r['reuse_ms']:.1f} | {r['speedup']:.2f}x | "
                 f"{r['per_frame_accuracy']:.3f} / {r['reuse_accuracy']:.3f} | {r['reuse_rate']:.0%} | "
-                f"{r['worst_stale_frames']} frames, {r['worst_stale_ms']:.0f} ms | {r['stale_truth_changed']} |"
+                f"{r['worst_stale_frames']} frames, {r['worst_stale_ms']:.0f} ms | {r['stale_truth_changed']} | {tok} |"
             )
         lines += ["", "![answer reuse](reuse.png)", ""]
     tokens = _load("token_reuse.json")
