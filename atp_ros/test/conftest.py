@@ -6,6 +6,7 @@ import contextlib
 import os
 import random
 import sys
+import time
 
 import pytest
 
@@ -30,6 +31,16 @@ try:
     use_dds_profile()
 except ImportError:  # no install space sourced: the tests that need ROS skip
     pass
+
+
+_STARTED = time.time()
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """Remove the Fast DDS shared-memory segments this session's killed nodes left behind (unused ones only)."""
+    from atp_ros.testing.shm import remove_orphaned_segments
+
+    remove_orphaned_segments(_STARTED - 1.0)
 
 
 def pytest_report_header(config: pytest.Config) -> list[str]:
