@@ -49,7 +49,7 @@ from torch import Tensor
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from atp_ros.backends.flops import decoder_prefill_flops, lm_dims
-from atp_ros.backends.partial import TowerReuse, encode_rows, rows_to_recompute
+from atp_ros.backends.partial import WHOLE_TOWER_ABOVE, TowerReuse, encode_rows, rows_to_recompute
 from atp_ros.backends.pipeline import VlmBackend
 from atp_ros.backends.stages import Batch, LmPrompt, VisionStates
 from atp_ros.backends.text_towers import dense_states, head_probe_attention, load_joint_space
@@ -147,13 +147,15 @@ class LlavaBackend(VlmBackend):
         if tower.states is None or tower.changed is None:
             return self.encode(batch)
         changed = torch.as_tensor(np.asarray(tower.changed, dtype=bool))
-        if bool(changed.all()):  # a busy frame: the stock forward, without the per-row bookkeeping
+        if float(changed.float().mean()) > WHOLE_TOWER_ABOVE:  # a busy frame: the stock forward is cheaper
             states = self.encode(batch)
             states.meta["recomputed"] = int(changed.numel())
             return states
         rows = rows_to_recompute(changed, self.has_cls)
-        hs = encode_rows(self.tower, batch.pixel_values, tower.states, rows, tower.variant)
-        return self._states(hs, recomputed=int(changed.sum()))
+        hs, kv = encode_rows(self.tower, batch.pixel_values, tower.states, rows, tower.variant, tower.kv)
+        states = self._states(hs, recomputed=int(changed.sum()))
+        states.meta["kv"] = kv
+        return states
 
     def _states(self, hs: tuple[Tensor, ...], recomputed: int | None = None) -> VisionStates:
         """VisionStates from the tower's ``hidden_states`` ((L+1) x (B, T, D): hs[i] is the input of layer i)."""

@@ -212,6 +212,7 @@ class VlmBackend(abc.ABC):
         if tower is not None:  # the call succeeded: its states are the stream's cache now
             tower.states = vision.meta["hidden_states"]
             tower.recomputed = vision.meta.get("recomputed")
+            tower.kv = vision.meta.get("kv")  # keys/values of those states (None: rebuilt when next needed)
         joint_used = selection.s_inter is not None and self.joint is not None
         cost = self.scoring_cost(vision, scoring.intra_signal, joint_used)
         return VlmResult(

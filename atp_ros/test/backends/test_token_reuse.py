@@ -34,8 +34,16 @@ def test_rows_recomputed_everywhere_are_the_stock_tower(backend) -> None:
         stale = tower(torch.randn(1, 3, 64, 64), output_hidden_states=True).hidden_states
         want = tower(px, output_hidden_states=True).hidden_states
         for variant in ("eventful", "drop"):
-            got = encode_rows(tower, px, stale, torch.arange(want[0].shape[1]), variant)
+            got, _ = encode_rows(tower, px, stale, torch.arange(want[0].shape[1]), variant)
             assert all(torch.equal(a, b) for a, b in zip(got, want, strict=True)), variant
+        # Eventful with cached keys/values gives what recomputing them from the cached states gives.
+        rows = torch.tensor([0, 3, 4, 9])
+        first, kv = encode_rows(tower, px, stale, rows)
+        px2 = px.clone()
+        px2[..., :8, :8] += 1.0
+        fresh, _ = encode_rows(tower, px2, first, rows)
+        reused, _ = encode_rows(tower, px2, first, rows, kv=kv)
+        assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(fresh, reused, strict=True))
     with pytest.raises(ValueError, match="variant"):
         encode_rows(tower, px, stale, torch.arange(3), "sparse")
 
