@@ -19,6 +19,7 @@ from atp_ros.warehouse.cell.model.recipe import (
     TEXT_POSITIONS,
     Recipe,
     bf16_forward,
+    llava_feature_layers,
     normalize,
     plain_forward,
 )
@@ -81,14 +82,16 @@ def train_clip(trainer: CellTrainer, frames: Frames, progress: Progress, checkpo
 
 
 def features(clip, frames: Frames, r: Recipe, progress: Progress, desc: str) -> Tensor:
-    """Phase 2: the LLaVA feature layer (``hidden_states[feature_layer]``, CLS dropped) of every frame,
-    float16 ``(N, NUM_PATCHES, D)``."""
-    out = torch.empty((len(frames), NUM_PATCHES, r.vision_hidden), dtype=torch.float16)
+    """Phase 2: what the LLaVA projector reads of every frame (``hidden_states`` of the recipe's feature
+    layers, CLS dropped, concatenated as llava does), float16 ``(N, NUM_PATCHES, D * layers)``."""
+    layers = llava_feature_layers(r)
+    layers = layers if isinstance(layers, list) else [layers]
+    out = torch.empty((len(frames), NUM_PATCHES, r.vision_hidden * len(layers)), dtype=torch.float16)
     task = progress.add_task(desc, total=len(frames), info="")
     with torch.inference_mode():
         for s in range(0, len(frames), 64):
             x = normalize(frames.rgb[s : s + 64])
             hs = clip.vision_model(pixel_values=x, output_hidden_states=True).hidden_states
-            out[s : s + 64] = hs[r.feature_layer][:, 1:].half()
+            out[s : s + 64] = torch.cat([hs[k][:, 1:] for k in layers], dim=-1).half()
             progress.advance(task, len(x))
     return out

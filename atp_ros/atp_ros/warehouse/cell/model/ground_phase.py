@@ -59,8 +59,11 @@ def patch_targets(truth: CellTruth) -> tuple[np.ndarray, np.ndarray]:
     return slot, label
 
 
-def ground_losses(clip, heads: GroundHeads, px: Tensor, truths: list[CellTruth], r: Recipe) -> dict[str, Tensor]:
-    """The read-out cross-entropies of one batch of frames (``px``: normalized ``(B, 3, S, S)``)."""
+def ground_losses(
+    clip, heads: GroundHeads, px: Tensor, truths: list[CellTruth], r: Recipe
+) -> tuple[dict[str, Tensor], dict[str, float]]:
+    """The read-out cross-entropies of one batch of frames (``px``: normalized ``(B, 3, S, S)``) and the
+    slot and letter read-outs' accuracy on shelf-object patches (the losses are dominated by empty patches)."""
     hs = clip.vision_model(pixel_values=px, output_hidden_states=True).hidden_states
     feats = hs[r.feature_layer][:, 1:]  # (B, N, D): what the LLaVA projector reads
     grid = torch.arange(NUM_PATCHES)
@@ -75,7 +78,12 @@ def ground_losses(clip, heads: GroundHeads, px: Tensor, truths: list[CellTruth],
     }
     if (label != IGNORE).any():
         out["label"] = F.cross_entropy(heads.label(flat), label.reshape(-1), ignore_index=IGNORE)
-    return out
+    with torch.no_grad():
+        on, read = slot != NO_SLOT, label >= 0
+        acc = {"slot_acc": float((heads.slot(feats).argmax(-1) == slot)[on].float().mean()) if on.any() else 0.0}
+        if read.any():
+            acc["label_acc"] = float((heads.label(feats).argmax(-1) == label)[read].float().mean())
+    return out, acc
 
 
 class _Grounding(torch.nn.Module):
@@ -102,10 +110,12 @@ def ground_clip(trainer, clip, frames: Frames, progress: Progress, checkpoint_ev
     def one_step(rng: np.random.Generator):
         g_loss, r_loss = clip_step(clip, trainer.tok, frames, rng, r, dense_scale)
         idx = np.sort(rng.choice(len(frames), size=min(max(r.clip_batch // 2, 1), len(frames)), replace=False))
-        parts = ground_losses(clip, module.heads, normalize(frames.rgb[idx]), [frames.truths[int(i)] for i in idx], r)
+        truths = [frames.truths[int(i)] for i in idx]
+        parts, acc = ground_losses(clip, module.heads, normalize(frames.rgb[idx]), truths, r)
         aux = sum(parts.values())
         logged = {"global_loss": g_loss.item(), "region_loss": r_loss.item()} | {k: v.item() for k, v in parts.items()}
-        text = f"region {r_loss.item():.3f} " + " ".join(f"{k} {v.item():.2f}" for k, v in parts.items())
+        logged |= acc
+        text = f"region {r_loss.item():.3f} " + " ".join(f"{k} {v:.2f}" for k, v in logged.items() if "acc" in k)
         return g_loss + r_loss + r.ground_weight * aux, logged, text
 
     run_phase(trainer, Phase("ground", r.ground_steps, r.ground_lr, stream=2), module, opt, one_step, progress,

@@ -12,7 +12,7 @@ from torch import Tensor
 from atp_ros.testing.tiny.llava import CHAT_TEMPLATE, IMAGE_TOKEN
 from atp_ros.warehouse.cell.model.data import Frames, draw_questions, patch_mask
 from atp_ros.warehouse.cell.model.loop import Phase, run_phase
-from atp_ros.warehouse.cell.model.recipe import NUM_PATCHES, Recipe, bf16_forward, plain_forward
+from atp_ros.warehouse.cell.model.recipe import NUM_PATCHES, Recipe, bf16_forward, llava_feature_layers, plain_forward
 from atp_ros.warehouse.train_llava import llava_config, llava_loss, pad_rows
 
 if TYPE_CHECKING:
@@ -84,6 +84,7 @@ def new_llava(r: Recipe, tok, clip):
     from transformers import LlavaForConditionalGeneration
 
     config = llava_config(r, tok, clip.config.vision_config)
+    config.vision_feature_layer = llava_feature_layers(r)
     config.image_seq_length = NUM_PATCHES
     config.text_config.max_position_embeddings = 1024
     torch.manual_seed(r.seed + 3)

@@ -19,7 +19,18 @@ NUM_PATCHES = GRID * GRID  # 256 visual tokens
 RENDER_SIZES = ((640, 480), (640, 480), (480, 360), (336, 336))
 TEXT_POSITIONS = 48  # the CLIP text tower's context: the longest phrasing is well under it
 
-__all__ = ["CLIP_MEAN", "CLIP_STD", "GRID", "IMAGE_SIZE", "NUM_PATCHES", "PATCH", "Recipe", "clip_part", "pixels"]
+__all__ = [
+    "CLIP_MEAN",
+    "CLIP_STD",
+    "GRID",
+    "IMAGE_SIZE",
+    "NUM_PATCHES",
+    "PATCH",
+    "Recipe",
+    "clip_part",
+    "llava_feature_layers",
+    "pixels",
+]
 
 
 @dataclass(frozen=True)
@@ -37,9 +48,9 @@ class Recipe:
     clip_batch: int = 40
     clip_lr: float = 1e-3
     # Phase 1b (ground_phase): the CLIP goes on with read-outs of each patch's place and letter.
-    ground_steps: int = 300
-    ground_lr: float = 3e-4
-    ground_weight: float = 1.0
+    ground_steps: int = 800
+    ground_lr: float = 1e-3
+    ground_weight: float = 2.0
     llava_steps: int = 1_200
     llava_batch: int = 32
     llava_turns: int = 6  # question/answer turns per image in one sequence (image tokens dominate the cost)
@@ -52,6 +63,10 @@ class Recipe:
     sup_weight: float = 1.0
     sup_turns: int = 6  # turns per sequence whose attention is supervised (the loss is a per-turn loop)
     feature_layer: int = -1  # the layer the region loss aligned with the questions' words
+    # Tower layers the projector reads besides ``feature_layer`` (llava's list-valued ``vision_feature_layer``):
+    # layer 0, the embeddings, carries each patch's absolute position, which the LLM needs to find "slot
+    # two of the top level" and which the last layer keeps only weakly.
+    position_layers: tuple[int, ...] = (0,)
     # Kinds drawn twice for the LLM: the slot- and object-bound lookups are the hard part.
     hard_kinds: tuple[str, ...] = ("color_at", "label_at", "where", "left_right", "which_level")
     # The towers' and the LM's matmuls in bfloat16 (weights, optimizer and losses stay float32):
@@ -102,6 +117,12 @@ def clip_part(recipe: dict) -> dict:
 def ground_part(recipe: dict) -> dict:
     """The recipe fields that decide the grounding phase (1b)."""
     return {k: recipe.get(k) for k in _GROUND_FIELDS}
+
+
+def llava_feature_layers(r: Recipe) -> list[int] | int:
+    """The LLaVA's ``vision_feature_layer``: ``position_layers`` then ``feature_layer`` (an int when alone)."""
+    layers = [*r.position_layers, r.feature_layer]
+    return layers if len(layers) > 1 else r.feature_layer
 
 
 def pixels(rgb: np.ndarray) -> np.ndarray:
