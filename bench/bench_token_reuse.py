@@ -99,7 +99,9 @@ def main() -> int:
                 if i:
                     times.setdefault((variant, share), []).append(res.timings.total + detect_ms)
                     vision.setdefault((variant, share), []).append(res.timings.vision)
-                    times.setdefault((variant + " recomputed", share), []).append(tower.recomputed or 0)
+                    times.setdefault((variant + " recomputed", share), []).append(
+                        tower.recomputed if tower.recomputed is not None else grid[0] * grid[1]
+                    )
     rows = []
     n = grid[0] * grid[1]
     for share in SHARES:

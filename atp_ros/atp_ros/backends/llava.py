@@ -148,9 +148,7 @@ class LlavaBackend(VlmBackend):
             return self.encode(batch)
         changed = torch.as_tensor(np.asarray(tower.changed, dtype=bool))
         if float(changed.float().mean()) > WHOLE_TOWER_ABOVE:  # a busy frame: the stock forward is cheaper
-            states = self.encode(batch)
-            states.meta["recomputed"] = int(changed.numel())
-            return states
+            return self.encode(batch)  # recomputed None: the whole tower ran
         rows = rows_to_recompute(changed, self.has_cls)
         hs, kv = encode_rows(self.tower, batch.pixel_values, tower.states, rows, tower.variant, tower.kv)
         states = self._states(hs, recomputed=int(changed.sum()))

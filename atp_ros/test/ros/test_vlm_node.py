@@ -176,7 +176,7 @@ def test_answer_reuse_over_dds_marks_reused_answers_and_counts_them(running) -> 
     probe, proc, log = running
     probe.pub_query.publish(String(data="what color is the box?"))
     assert probe.set_parameter("reuse.mode", "answer")[0]
-    assert not probe.set_parameter("reuse.mode", "tokens")[0]
+    assert not probe.set_parameter("reuse.mode", "sparse")[0]
     try:
         rgb = render_scene(12, 120, 160).rgb
         full = publish_until_answer(probe, image_msg(rgb, 2_500_000_000))
@@ -190,6 +190,18 @@ def test_answer_reuse_over_dds_marks_reused_answers_and_counts_them(running) -> 
         assert probe.set_parameter("reuse.mode", "none")[0]
     after = publish_until_answer(probe, image_msg(rgb, 2_520_000_000))
     assert not after.reused, "reuse none: every frame runs the model again"
+    assert probe.set_parameter("reuse.mode", "tokens")[0]
+    try:  # token reuse: a new question on the same pixels runs the LLM with the tower from the cache
+        publish_until_answer(probe, image_msg(rgb, 2_530_000_000))  # the whole tower: the cache starts here
+        probe.pub_query.publish(String(data="is there a pallet?"))
+        stamp = 2_540_000_000
+        while not any(a.query == "is there a pallet?" for a in probe.snapshot(probe.answers)):
+            assert stamp < 2_940_000_000, "the new question never reached the node"
+            publish_until_answer(probe, image_msg(rgb, stamp))
+            stamp += 10_000_000
+        probe.wait_for(lambda: int(probe.status_values().get("frames_token_reuse", 0)) >= 1, 30, "frames_token_reuse")
+    finally:
+        assert probe.set_parameter("reuse.mode", "none")[0]
 
 
 def _bad_images() -> dict[str, Image]:

@@ -80,7 +80,7 @@ def test_refresh_by_time_and_off_mode(frame) -> None:
     assert cache.decide(frame, "q", 11.5).reason == "refresh"
     assert StreamCache().decide(frame, "q", 0.0).reason == "none"
     with pytest.raises(ValueError, match="reuse mode"):
-        ReuseConfig(mode="tokens").check()
+        ReuseConfig(mode="sparse").check()
 
 
 def test_dilate_grows_by_margin() -> None:
