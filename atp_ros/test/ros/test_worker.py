@@ -54,6 +54,13 @@ class Harness:
             assert self.gate.wait(30), "gate never opened"
         return rgb
 
+    def feed(self, name: str, rgb: np.ndarray):
+        """Put frame ``name`` on the default camera and return the worker's answer to it."""
+        n = len(self.answers)
+        self.worker.put_frame("", (name, rgb))
+        self.wait(lambda: len(self.answers) > n, f"the answer to {name}")
+        return self.answers[-1]
+
     def wait(self, predicate, what: str, timeout: float = 60.0) -> None:
         deadline = time.monotonic() + timeout
         while not predicate():
@@ -228,11 +235,7 @@ def test_answer_reuse_republishes_only_while_the_watched_patches_hold(tiny) -> N
     h = Harness(tiny, config=RuntimeConfig(atp=AtpConfig(keep_ratio=0.25), reuse=reuse), max_new_tokens=4)
     still = scene(7)
 
-    def feed(name: str, rgb: np.ndarray):
-        n = len(h.answers)
-        h.worker.put_frame("", (name, rgb))
-        h.wait(lambda: len(h.answers) > n, f"the answer to {name}")
-        return h.answers[-1]
+    feed = h.feed
 
     try:
         h.worker.start()
@@ -266,11 +269,7 @@ def test_token_reuse_reruns_the_tower_on_changed_patches_only(tiny) -> None:
     h = Harness(tiny, config=RuntimeConfig(atp=AtpConfig(keep_ratio=0.25), reuse=reuse), max_new_tokens=4)
     still = scene(7)
 
-    def feed(name: str, rgb: np.ndarray):
-        n = len(h.answers)
-        h.worker.put_frame("", (name, rgb))
-        h.wait(lambda: len(h.answers) > n, f"the answer to {name}")
-        return h.answers[-1]
+    feed = h.feed
 
     try:
         h.worker.start()
