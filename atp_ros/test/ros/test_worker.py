@@ -228,15 +228,27 @@ def test_config_is_replaced_whole_and_questions_are_checked(tiny) -> None:
     assert OK == 0 and WARN == 1 and ERROR == 2  # = diagnostic_msgs/DiagnosticStatus levels
 
 
-def test_answer_reuse_republishes_only_while_the_watched_patches_hold(tiny) -> None:
+def reuse_harness(backend, mode: str, refresh_frames: int) -> Harness:
+    """A worker at keep 0.25 with ``reuse.mode`` ``mode`` (no refresh by time)."""
     from atp_ros.stream import ReuseConfig
 
-    reuse = ReuseConfig(mode="answer", refresh_frames=3, refresh_s=600.0)
-    h = Harness(tiny, config=RuntimeConfig(atp=AtpConfig(keep_ratio=0.25), reuse=reuse), max_new_tokens=4)
-    still = scene(7)
+    reuse = ReuseConfig(mode=mode, refresh_frames=refresh_frames, refresh_s=600.0)
+    return Harness(backend, config=RuntimeConfig(atp=AtpConfig(keep_ratio=0.25), reuse=reuse), max_new_tokens=4)
 
-    feed = h.feed
 
+def invert_first_kept_patch(rgb: np.ndarray, result) -> np.ndarray:
+    """``rgb`` with the pixels of the first patch ``result`` kept inverted: something new where ATP looked."""
+    kept = result.keep_mask(0).astype(bool)
+    r, c = np.argwhere(kept)[0]
+    x0, y0, x1, y1 = (int(v) for v in result.views[0].cell(int(r), int(c), kept.shape))
+    out = rgb.copy()
+    out[y0:y1, x0:x1] = 255 - out[y0:y1, x0:x1]
+    return out
+
+
+def test_answer_reuse_republishes_only_while_the_watched_patches_hold(tiny) -> None:
+    h = reuse_harness(tiny, "answer", refresh_frames=3)
+    still, feed = scene(7), h.feed
     try:
         h.worker.start()
         h.worker.set_query("what color is the box?")
@@ -248,12 +260,7 @@ def test_answer_reuse_republishes_only_while_the_watched_patches_hold(tiny) -> N
         assert feed("c", still).reuse is None, "after refresh_frames reused frames, a full run"
         h.worker.set_query("is the aisle clear?")
         assert feed("d", still).reuse is None, "a new question is never answered from the cache"
-        kept = h.answers[-1].result.keep_mask(0).astype(bool)
-        view = h.answers[-1].result.views[0]
-        r, c = np.argwhere(kept)[0]
-        x0, y0, x1, y1 = (int(v) for v in view.cell(int(r), int(c), kept.shape))
-        changed = still.copy()
-        changed[y0:y1, x0:x1] = 255 - changed[y0:y1, x0:x1]  # something new where ATP looked
+        changed = invert_first_kept_patch(still, h.answers[-1].result)
         assert feed("e", changed).reuse is None, "a change in a kept patch runs the model"
         assert h.worker.stats()["frames_reused"] == 3
         h.worker.set_config(RuntimeConfig(atp=AtpConfig(keep_ratio=0.25)))  # reuse off: every frame runs
@@ -263,24 +270,14 @@ def test_answer_reuse_republishes_only_while_the_watched_patches_hold(tiny) -> N
 
 
 def test_token_reuse_reruns_the_tower_on_changed_patches_only(tiny) -> None:
-    from atp_ros.stream import ReuseConfig
-
-    reuse = ReuseConfig(mode="tokens", refresh_frames=30, refresh_s=600.0)
-    h = Harness(tiny, config=RuntimeConfig(atp=AtpConfig(keep_ratio=0.25), reuse=reuse), max_new_tokens=4)
-    still = scene(7)
-
-    feed = h.feed
-
+    h = reuse_harness(tiny, "tokens", refresh_frames=30)
+    still, feed = scene(7), h.feed
     try:
         h.worker.start()
         h.worker.set_query("what color is the box?")
         first = feed("a", still)
         assert first.reuse is None and "frames_token_reuse" not in h.worker.stats(), "the first frame runs it all"
-        kept = first.result.keep_mask(0).astype(bool)
-        r, c = np.argwhere(kept)[0]
-        x0, y0, x1, y1 = (int(v) for v in first.result.views[0].cell(int(r), int(c), kept.shape))
-        changed = still.copy()
-        changed[y0:y1, x0:x1] = 255 - changed[y0:y1, x0:x1]
+        changed = invert_first_kept_patch(still, first.result)
         second = feed("b", changed)
         assert second.reuse is None, "a kept patch changed: the model runs ..."
         assert h.worker.stats()["frames_token_reuse"] == 1, "... with the tower re-run on the changed patches"
