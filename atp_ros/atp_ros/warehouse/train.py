@@ -134,8 +134,9 @@ class Trainer:
         self.log_path.write_text("".join(line + "\n" for line in keep))
 
 
-def save_checkpoint(out: Path, model, clip, tok, r: Recipe) -> None:
-    """A standard LLaVA directory (float16 safetensors) + processor + ``atp_text_tower/`` (the CLIP)."""
+def save_checkpoint(out: Path, model, clip, tok, r: Recipe, chat_template: str = CHAT_TEMPLATE) -> None:
+    """A standard LLaVA directory (float16 safetensors) + processor (with ``chat_template``) + ``atp_text_tower/``
+    (the CLIP)."""
     from transformers import CLIPImageProcessor, LlavaProcessor
 
     from atp_ros.backends.loading import TEXT_TOWER_SUBDIR
@@ -159,7 +160,7 @@ def save_checkpoint(out: Path, model, clip, tok, r: Recipe) -> None:
         patch_size=PATCH,
         vision_feature_select_strategy="default",
         num_additional_image_tokens=1,
-        chat_template=CHAT_TEMPLATE,
+        chat_template=chat_template,
         image_token=IMAGE_TOKEN,
     )
     processor.save_pretrained(out)

@@ -91,3 +91,43 @@ def test_grounding_targets_name_each_visible_shelf_objects_slot_and_letter() -> 
                 checked += 1
         assert set(np.unique(label)) <= {IGNORE, NO_LABEL, *range(len(LABELS))}
     assert checked >= 10, "most visible shelf objects own their center patch"
+
+
+def test_curriculum_keeps_every_evidence_patch_and_grows_the_distractors_to_all() -> None:
+    import numpy as np
+    from atp_ros.warehouse.cell.model.llava_phase import distractor_share, kept_patches
+    from atp_ros.warehouse.cell.model.recipe import Recipe
+
+    r = Recipe(llava_steps=1000, distractors_start=0.05, distractor_ramp=0.5, drop_share=0.0)
+    shares = [distractor_share(r, s) for s in (0, 125, 250, 499, 500, 999)]
+    assert shares[0] == pytest.approx(0.05) and shares[-2:] == [1.0, 1.0]
+    assert shares == sorted(shares) and shares[1] < 0.2, "the square ramp lingers where distractors are few"
+    assert distractor_share(Recipe(distractor_ramp=0.0), 0) == 1.0, "ramp 0: no curriculum"
+
+    rng = np.random.default_rng(0)
+    evidence = np.zeros(NUM_PATCHES, dtype=bool)
+    evidence[[5, 6, 21, 200]] = True
+    keep = kept_patches(rng, r, evidence, share=0.1)
+    assert set(np.flatnonzero(evidence)) <= set(keep.tolist())
+    assert len(keep) == 4 + round(0.1 * (NUM_PATCHES - 4)) and list(keep) == sorted(set(keep.tolist()))
+    assert list(kept_patches(rng, r, evidence, share=1.0)) == list(range(NUM_PATCHES))
+    assert len(kept_patches(rng, r, np.zeros(NUM_PATCHES, dtype=bool), share=0.0)) == 1, "never an empty image"
+
+
+def test_question_first_prompt_matches_what_the_processor_renders(tmp_path) -> None:
+    from atp_ros.warehouse.cell.model.llava_phase import QUESTION_FIRST_TEMPLATE, Prompts
+    from atp_ros.warehouse.cell.model.recipe import make_tokenizer
+    from jinja2 import Template
+
+    tok = make_tokenizer(tmp_path)
+    prompts = Prompts(tok, QUESTION_FIRST_TEMPLATE)
+    question = "could you tell me what colour the box in bay two of the top shelf is?"
+    content = [{"type": "image"}, {"type": "text", "text": question}]
+    text = Template(QUESTION_FIRST_TEMPLATE).render(
+        messages=[{"role": "user", "content": content}], add_generation_prompt=True
+    )
+    before, after = text.split("<image>")
+    assert question in before, "the question comes before the image"
+    ids, _, offset = prompts.turn(question, "red", first=True)
+    assert prompts.head(question) == tok(before, add_special_tokens=False)["input_ids"]
+    assert ids[:offset] == tok(after, add_special_tokens=False)["input_ids"]

@@ -60,7 +60,7 @@ def train_clip(trainer: CellTrainer, frames: Frames, progress: Progress, checkpo
     if "dense_scale" in trainer.state:
         dense_scale.data.fill_(trainer.state["dense_scale"])
 
-    def one_step(rng: np.random.Generator):
+    def one_step(rng: np.random.Generator, step: int):
         g_loss, r_loss = clip_step(clip, trainer.tok, frames, rng, r, dense_scale)
         logged = {"global_loss": g_loss.item(), "region_loss": r_loss.item()}
         return g_loss + r_loss, logged, f"global {g_loss.item():.3f} region {r_loss.item():.3f}"

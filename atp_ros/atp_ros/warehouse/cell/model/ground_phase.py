@@ -107,7 +107,7 @@ def ground_clip(trainer, clip, frames: Frames, progress: Progress, checkpoint_ev
     bf16_forward(clip.vision_model, r)
     bf16_forward(clip.text_model, r)
 
-    def one_step(rng: np.random.Generator):
+    def one_step(rng: np.random.Generator, step: int):
         g_loss, r_loss = clip_step(clip, trainer.tok, frames, rng, r, dense_scale)
         idx = np.sort(rng.choice(len(frames), size=min(max(r.clip_batch // 2, 1), len(frames)), replace=False))
         truths = [frames.truths[int(i)] for i in idx]

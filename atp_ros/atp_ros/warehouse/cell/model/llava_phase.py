@@ -19,21 +19,40 @@ if TYPE_CHECKING:
     from atp_ros.warehouse.cell.model.run import CellTrainer
 
 
-class Prompts:
-    """Token ids of the turns, split where the backend's chat template puts the image."""
+# The cell model's prompt: the question before the image, so every image token is computed knowing the
+# question (early fusion). With the image first (llava-1.5's order) a 4-layer LLM from scratch answered
+# from the question alone (docs/warehouse.md, attempts 1-5).
+QUESTION_FIRST_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ message['role'].upper() + ': ' }}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}"
+    "{{ content['text'] + '\\n' }}{% endfor %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}{{ '<image>\\n' }}{% endfor %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
+)
 
-    def __init__(self, tok) -> None:
+
+def chat_template(r: Recipe) -> str:
+    """The chat template the recipe trains with (and the checkpoint's processor ships)."""
+    return QUESTION_FIRST_TEMPLATE if r.question_first else CHAT_TEMPLATE
+
+
+class Prompts:
+    """Token ids of the turns, split where the chat template puts the image."""
+
+    def __init__(self, tok, template: str = CHAT_TEMPLATE) -> None:
         from jinja2 import Template
 
         self.tok = tok
         self.image_id = tok.convert_tokens_to_ids(IMAGE_TOKEN)
         content = [{"type": "image"}, {"type": "text", "text": "{q}"}]
-        text = Template(CHAT_TEMPLATE).render(
-            messages=[{"role": "user", "content": content}], add_generation_prompt=True
-        )
-        self.before, after = text.split("<image>")
-        self.head = tok(self.before, add_special_tokens=False)["input_ids"]
-        self.first_turn = after  # "\n{q} ASSISTANT:"
+        text = Template(template).render(messages=[{"role": "user", "content": content}], add_generation_prompt=True)
+        self.before, self.first_turn = text.split("<image>")  # the question is in one of the two
+
+    def head(self, question: str) -> list[int]:
+        """Ids before the image (the question's, when the template puts it first)."""
+        return self.tok(self.before.replace("{q}", question), add_special_tokens=False)["input_ids"]
 
     def turn(self, question: str, answer: str, first: bool) -> tuple[list[int], int, int]:
         """Ids of one turn (text after the image for the first), the answer id and the answer's offset."""
@@ -44,18 +63,49 @@ class Prompts:
         return [*ids, ans[0], self.tok.eos_token_id], ans[0], len(ids)
 
 
-def llava_batch(prompts: Prompts, frames: Frames, idx, rng: np.random.Generator, r: Recipe, split: str = "train"):
+def distractor_share(r: Recipe, step: int) -> float:
+    """The share of non-evidence patches a training sequence keeps at ``step`` (the curriculum): from
+    ``distractors_start`` up to 1 along a square ramp over the first ``distractor_ramp`` of the steps."""
+    if r.distractor_ramp <= 0:
+        return 1.0
+    t = min(1.0, step / (r.distractor_ramp * r.llava_steps))
+    return r.distractors_start + (1.0 - r.distractors_start) * t * t
+
+
+def kept_patches(rng: np.random.Generator, r: Recipe, evidence: np.ndarray, share: float) -> np.ndarray:
+    """Image tokens one sequence keeps: every patch's index (sometimes a random 10-100% subset), or, while
+    the curriculum runs (``share`` < 1), the turns' ``evidence`` patches plus ``share`` of the others."""
+    if share < 1.0:
+        others = np.flatnonzero(~evidence)
+        picked = rng.choice(others, size=round(len(others) * share), replace=False)
+        keep = np.sort(np.concatenate([np.flatnonzero(evidence), picked]).astype(int))
+        return keep if len(keep) else np.sort(rng.choice(NUM_PATCHES, size=1))
+    if rng.random() < r.drop_share:
+        k = max(1, round(NUM_PATCHES * rng.uniform(0.1, 1.0)))
+        return np.sort(rng.choice(NUM_PATCHES, size=k, replace=False))
+    return np.arange(NUM_PATCHES)
+
+
+def llava_batch(
+    prompts: Prompts,
+    frames: Frames,
+    idx,
+    rng: np.random.Generator,
+    r: Recipe,
+    split: str = "train",
+    share: float = 1.0,
+):
     """Token ids, original position ids, attention mask, kept patches, targets and evidence positions of a
-    batch of multi-turn sequences (see ``warehouse.train_llava.llava_batch``: the same layout)."""
+    batch of sequences (see ``warehouse.train_llava.llava_batch``: the same layout). With the question first
+    a sequence holds one question (the image tokens depend on it); otherwise ``llava_turns`` turns."""
     rows, positions, image_keep, targets, evidence = [], [], [], [], []
-    head = prompts.head
+    turns = 1 if r.question_first else r.llava_turns
     for i in idx:
         truth = frames.truths[int(i)]
-        qs = draw_questions(truth, rng, r.llava_turns, split, r.hard_kinds)
-        keep = np.arange(NUM_PATCHES)
-        if rng.random() < r.drop_share:
-            k = max(1, round(NUM_PATCHES * rng.uniform(0.1, 1.0)))
-            keep = np.sort(rng.choice(NUM_PATCHES, size=k, replace=False))
+        qs = draw_questions(truth, rng, turns, split, r.hard_kinds)
+        head = prompts.head(qs[0].question if qs else "")
+        masks = [patch_mask(q, truth) for q in qs]
+        keep = kept_patches(rng, r, np.logical_or.reduce([np.zeros(NUM_PATCHES, bool), *masks]), share)
         ids = head + [prompts.image_id] * len(keep)
         pos = list(range(len(head))) + [len(head) + int(j) for j in keep]
         nxt = len(head) + NUM_PATCHES  # text after the image keeps its unpruned position
@@ -68,7 +118,7 @@ def llava_batch(prompts: Prompts, frames: Frames, idx, rng: np.random.Generator,
             pos += list(range(nxt, nxt + len(tids)))
             nxt += len(tids)
             tgt += [(start + off - 1, ans), (start + off, prompts.tok.eos_token_id)]
-            seq = [slot_of[int(j)] for j in np.flatnonzero(patch_mask(q, truth)) if int(j) in slot_of]
+            seq = [slot_of[int(j)] for j in np.flatnonzero(masks[t]) if int(j) in slot_of]
             if seq and t < r.sup_turns:
                 ev_rows.append((start + off - 1, seq))
         rows.append(ids)
@@ -108,15 +158,17 @@ def train_llava(
     model = new_llava(r, trainer.tok, clip)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=r.llava_lr, weight_decay=0.01)
     bf16_forward(model.model.language_model, r)
-    prompts = Prompts(trainer.tok)
+    prompts = Prompts(trainer.tok, chat_template(r))
     ema: list[float] = []
 
-    def one_step(rng: np.random.Generator):
+    def one_step(rng: np.random.Generator, step: int):
         idx = np.sort(rng.choice(len(frames), size=min(r.llava_batch, len(frames)), replace=False))
-        batch = llava_batch(prompts, frames, idx, rng, r)
+        share = distractor_share(r, step)
+        batch = llava_batch(prompts, frames, idx, rng, r, share=share)
         loss, acc = llava_loss(model, feats[torch.as_tensor(idx)].float(), *batch, prompts.image_id, r)
         ema[:] = [acc if not ema else 0.98 * ema[0] + 0.02 * acc]
-        return loss, {"loss": loss.item(), "acc": acc}, f"loss {loss.item():.3f} acc~{ema[0]:.3f}"
+        info = f"loss {loss.item():.3f} acc~{ema[0]:.3f} distractors {share:.2f}"
+        return loss, {"loss": loss.item(), "acc": acc, "distractors": round(share, 4)}, info
 
     def validate(step: int) -> dict:
         if step % 250 and step != r.llava_steps:

@@ -17,8 +17,8 @@ from atp_ros.warehouse.train_data import lr_at
 if TYPE_CHECKING:
     from atp_ros.warehouse.cell.model.run import CellTrainer
 
-# One step: (its random draws) -> (loss to minimise, log fields, progress text).
-Step = Callable[[np.random.Generator], tuple[Tensor, dict, str]]
+# One step: (its random draws, its index) -> (loss to minimise, log fields, progress text).
+Step = Callable[[np.random.Generator, int], tuple[Tensor, dict, str]]
 
 
 @dataclass
@@ -67,7 +67,7 @@ def run_phase(
     while step < phase.steps:
         for g in opt.param_groups:
             g["lr"] = lr_at(step, phase.steps, phase.lr, warmup=min(150, phase.steps // 5))
-        loss, entry, info = one_step(np.random.default_rng([r.seed, phase.stream, step]))
+        loss, entry, info = one_step(np.random.default_rng([r.seed, phase.stream, step]), step)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)

@@ -53,9 +53,17 @@ class Recipe:
     ground_weight: float = 2.0
     llava_steps: int = 1_200
     llava_batch: int = 32
-    llava_turns: int = 6  # question/answer turns per image in one sequence (image tokens dominate the cost)
+    # The question before the image in the prompt (one question per sequence); otherwise llava-1.5's
+    # image-first order with ``llava_turns`` question/answer turns per image in one sequence.
+    question_first: bool = False
+    llava_turns: int = 6
     llava_lr: float = 1e-3
     drop_share: float = 0.3  # sequences trained on a random 10-100% subset of image tokens
+    # Curriculum: a sequence first keeps its questions' evidence patches and only ``distractors_start`` of
+    # the others, a share that grows to all along a square ramp over the first ``distractor_ramp`` of the
+    # steps. With every patch from the start the LLM answered from the question alone (attempts 1-5).
+    distractors_start: float = 0.02
+    distractor_ramp: float = 0.5
     # Attention supervision: in this LM layer, these heads of the answer-predicting position are
     # taught to look at the question's evidence patches.
     sup_layer: int = 2

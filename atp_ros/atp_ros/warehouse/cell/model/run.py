@@ -14,7 +14,7 @@ from atp_ros.warehouse.cell.model.clip_phase import features, train_clip
 from atp_ros.warehouse.cell.model.data import render_frames
 from atp_ros.warehouse.cell.model.evaluate import evaluate
 from atp_ros.warehouse.cell.model.ground_phase import ground_clip
-from atp_ros.warehouse.cell.model.llava_phase import train_llava
+from atp_ros.warehouse.cell.model.llava_phase import chat_template, train_llava
 from atp_ros.warehouse.cell.model.recipe import IMAGE_SIZE, Recipe, clip_part, ground_part, make_tokenizer
 from atp_ros.warehouse.train import Trainer, plot_learning_curve, save_checkpoint
 
@@ -92,7 +92,7 @@ def save_cell_checkpoint(out: Path, model, clip, tok, r: Recipe) -> None:
     """warehouse-tiny's checkpoint layout (float16 LLaVA + processor + ``atp_text_tower/``) at 256 px."""
     from transformers import LlavaProcessor
 
-    save_checkpoint(out, model, clip, tok, r)
+    save_checkpoint(out, model, clip, tok, r, chat_template(r))
     processor = LlavaProcessor.from_pretrained(out)
     square = {"height": IMAGE_SIZE, "width": IMAGE_SIZE}
     processor.image_processor.size = dict(square)
