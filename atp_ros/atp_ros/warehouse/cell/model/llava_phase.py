@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -157,7 +158,7 @@ def train_llava(
     frames, feats = train
     model = new_llava(r, trainer.tok, clip)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=r.llava_lr, weight_decay=0.01)
-    bf16_forward(model.model.language_model, r)
+    bf16_forward(model.model.language_model, replace(r, bf16=r.llava_bf16))
     prompts = Prompts(trainer.tok, chat_template(r))
     ema: list[float] = []
 
