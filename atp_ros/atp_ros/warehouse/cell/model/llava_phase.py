@@ -20,9 +20,9 @@ if TYPE_CHECKING:
     from atp_ros.warehouse.cell.model.run import CellTrainer
 
 
-# The cell model's prompt: the question before the image, so every image token is computed knowing the
-# question (early fusion). With the image first (llava-1.5's order) a 4-layer LLM from scratch answered
-# from the question alone (docs/warehouse.md, attempts 1-5).
+# A prompt with the question before the image, so every image token is computed knowing the question
+# (early fusion; recipe ``question_first``). Measured no better than llava-1.5's image-first order on the
+# slot lookup (bench/results/cell_training.json, diagnosis_session_4), so the recipe keeps the image first.
 QUESTION_FIRST_TEMPLATE = (
     "{% for message in messages %}"
     "{{ message['role'].upper() + ': ' }}"

@@ -61,7 +61,7 @@ class Recipe:
     drop_share: float = 0.3  # sequences trained on a random 10-100% subset of image tokens
     # Curriculum: a sequence first keeps its questions' evidence patches and only ``distractors_start`` of
     # the others, a share that grows to all along a square ramp over the first ``distractor_ramp`` of the
-    # steps. With every patch from the start the LLM answered from the question alone (attempts 1-5).
+    # steps. With every patch from the start the LLM learned little beyond the question's prior (attempts 1-5).
     distractors_start: float = 0.02
     distractor_ramp: float = 0.6
     # Attention supervision: in this LM layer, these heads of the answer-predicting position are
