@@ -12,7 +12,7 @@ setup(
     name=package_name,
     version=version,
     packages=find_packages(exclude=["test"]),
-    # The bundled warehouse-tiny checkpoint (safetensors, configs, tokenizer) ships inside the package.
+    # The bundled checkpoints (warehouse-tiny, warehouse-cell: safetensors, configs, tokenizer) ship inside the package.
     package_data={"atp_ros": ["models/*/*", "models/*/*/*", "warehouse/cell/assets/*"]},
     data_files=[
         ("share/ament_index/resource_index/packages", ["resource/" + package_name]),

@@ -44,11 +44,12 @@ def _model_type(model_id: str) -> str:
 
 
 BUNDLED_MODELS_DIR = Path(__file__).resolve().parent.parent / "models"
-BUNDLED_MODELS = ("warehouse-tiny",)  # shipped inside the package (trained by `make train-tiny`)
+# Shipped inside the package: the flat world's (`make train-tiny`) and the rendered cell's (`make train-cell`).
+BUNDLED_MODELS = ("warehouse-tiny", "warehouse-cell")
 
 
 def resolve_model_id(model_id: str) -> str:
-    """A bundled model's name (``warehouse-tiny``) -> its directory; anything else unchanged.
+    """A bundled model's name (``warehouse-tiny``, ``warehouse-cell``) -> its directory; anything else unchanged.
 
     A local directory of the same name wins over the bundled one.
     """
@@ -61,7 +62,7 @@ def resolve_model_id(model_id: str) -> str:
 
 
 def load_backend(model_id: str, text_encoder_id: str = "", device: str = "auto", dtype: str = "auto") -> VlmBackend:
-    """Load the ATP-gated backend for ``model_id``: ``warehouse-tiny`` (bundled), a hub id or a local directory.
+    """Load the ATP-gated backend for ``model_id``: a bundled name, a hub id or a local directory.
 
     Raises :class:`ModelLoadError` with one readable line on any failure.
     """
