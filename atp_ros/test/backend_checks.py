@@ -513,3 +513,12 @@ TESTERS: list[FamilyTester] = [
     LlavaOnevisionTester(),
     LlavaNextTester(),
 ]
+
+
+def samples_accuracy(model: VlmBackend, samples: list, atp) -> float:
+    """Share of ``(rgb, question)`` samples a trained model answers right (any of ``question.answers``)."""
+    from atp_ros.evaluation import metrics
+
+    res = model.answer([s[0] for s in samples], [s[1].question for s in samples], atp, max_new_tokens=3)
+    right = [metrics.correct(a, q.answers or (q.answer,)) for a, (_, q) in zip(res.answers, samples, strict=True)]
+    return float(np.mean(right))

@@ -17,6 +17,7 @@ from atp_ros.evaluation import metrics
 from atp_ros.warehouse.cell.episodes import random_still
 from atp_ros.warehouse.cell.model.data import frame_seed
 from atp_ros.warehouse.cell.questions import questions_for
+from backend_checks import samples_accuracy
 
 # The kinds the shipped (interim) model answers best with all tokens on the test split (0.80-0.84 on all
 # phrasings, its metrics.json); the others are reported there and in docs/warehouse.md, not tested here.
@@ -43,12 +44,6 @@ def samples():
     return out
 
 
-def _accuracy(model, samples, atp: AtpConfig) -> float:
-    res = model.answer([s[0] for s in samples], [s[1].question for s in samples], atp, max_new_tokens=3)
-    right = [metrics.correct(a, q.answers or (q.answer,)) for a, (_, q) in zip(res.answers, samples, strict=True)]
-    return float(np.mean(right))
-
-
 def test_bundled_cell_model_is_installed_with_its_text_tower(model) -> None:
     assert "warehouse-cell" in BUNDLED_MODELS
     assert resolve_model_id("warehouse-cell").endswith("atp_ros/models/warehouse-cell")
@@ -59,9 +54,9 @@ def test_bundled_cell_model_is_installed_with_its_text_tower(model) -> None:
 def test_answers_fixed_cell_test_samples(model, samples) -> None:
     assert {q.kind for _, q in samples} == set(RELIABLE)
     # Measured 9 / 12 in all three settings; chance is about 5 / 12 (two answers for the aisle, three levels).
-    assert _accuracy(model, samples, AtpConfig(enabled=False)) >= 7 / COUNT
-    assert _accuracy(model, samples, AtpConfig(keep_ratio=0.25)) >= 7 / COUNT
-    assert _accuracy(model, samples, AtpConfig(keep_ratio=0.11)) >= 7 / COUNT
+    assert samples_accuracy(model, samples, AtpConfig(enabled=False)) >= 7 / COUNT
+    assert samples_accuracy(model, samples, AtpConfig(keep_ratio=0.25)) >= 7 / COUNT
+    assert samples_accuracy(model, samples, AtpConfig(keep_ratio=0.11)) >= 7 / COUNT
 
 
 @pytest.mark.ros

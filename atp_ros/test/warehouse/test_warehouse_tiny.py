@@ -9,8 +9,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from atp_ros.backends import BUNDLED_MODELS, AtpConfig, load_backend, resolve_model_id
-from atp_ros.evaluation import metrics
 from atp_ros.warehouse.scenes import questions_for_scene, render_scene, split_seed
+from backend_checks import samples_accuracy
 
 # Kinds the model card measures at >= 0.89 with all tokens (README); the others are reported, not tested.
 RELIABLE = ("gripper", "aisle", "exists", "which_level")
@@ -45,18 +45,12 @@ def test_bundled_model_is_installed_with_its_text_tower(model) -> None:
     assert model.has_text_tower  # ATP runs with both signals
 
 
-def _accuracy(model, samples, atp: AtpConfig) -> float:
-    res = model.answer([s[0] for s in samples], [s[1].question for s in samples], atp, max_new_tokens=3)
-    right = [metrics.correct(a, q.answers or (q.answer,)) for a, (_, q) in zip(res.answers, samples, strict=True)]
-    return float(np.mean(right))
-
-
 def test_answers_fixed_test_samples(model, samples) -> None:
     assert {q.kind for _, q in samples} == set(RELIABLE)
-    assert _accuracy(model, samples, AtpConfig(enabled=False)) >= 14 / 16
+    assert samples_accuracy(model, samples, AtpConfig(enabled=False)) >= 14 / 16
     # ATP with the validation-chosen defaults (alpha 1.0, original positions) at keep 0.4 and 0.11.
-    assert _accuracy(model, samples, AtpConfig(alpha=1.0, keep_ratio=0.4)) >= 13 / 16
-    assert _accuracy(model, samples, AtpConfig(alpha=1.0, keep_ratio=0.11)) >= 12 / 16
+    assert samples_accuracy(model, samples, AtpConfig(alpha=1.0, keep_ratio=0.4)) >= 13 / 16
+    assert samples_accuracy(model, samples, AtpConfig(alpha=1.0, keep_ratio=0.11)) >= 12 / 16
 
 
 def test_model_card_scores_through_the_evaluation_sweep(model) -> None:
