@@ -180,6 +180,8 @@ def plot_learning_curve(log_path: Path, png: Path) -> None:
     rows = [json.loads(line) for line in log_path.read_text().splitlines() if line.strip()]
     clip = [x for x in rows if x["phase"] == "clip"]
     lm = [x for x in rows if x["phase"] == "llava"]
+    # The cell model's phase 4 goes on from the LLaVA phase's weights: drawn after it on the same axis.
+    lm += [{**x, "step": len(lm) + x["step"]} for x in rows if x["phase"] == "tune"]
     fig, ax = plt.subplots(1, 2, figsize=(11, 4))
 
     def smooth(v, k=25):
@@ -197,6 +199,10 @@ def plot_learning_curve(log_path: Path, png: Path) -> None:
         vs = [(x["step"], x["val_acc"]) for x in lm if "val_acc" in x]
         if vs:
             ax2.plot(*zip(*vs, strict=True), "o-", color="C2", label="validation answer accuracy")
+        held = [(x["step"], x["val_held_out_acc"]) for x in lm if "val_held_out_acc" in x]
+        if held:
+            ax2.plot(*zip(*held, strict=True), "s--", color="C3", label="validation, held-out phrasings")
+        if vs or held:
             ax2.set_ylim(0, 1)
         ax2.plot(smooth([x["acc"] for x in lm]), color="C1", alpha=0.6, label="train answer accuracy")
         ax[1].set(title="LLaVA (projector + LM)", xlabel="step", ylabel="loss")

@@ -28,6 +28,10 @@ def test_quick_train_loads_answers_and_resumes(tmp_path) -> None:
     assert (out / "learning_curve.png").stat().st_size > 0
     assert (out / "atp_text_tower" / "config.json").is_file()
     assert sum(f.stat().st_size for f in out.rglob("*.safetensors")) <= MAX_MB * 1e6
+    # Phase 4 (reworded questions) runs after the LLaVA phase; both validate on held-out phrasings too.
+    rows = [json.loads(line) for line in (work / "train_log.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in rows if x["phase"] == "tune"] == [1, 2]
+    assert all("val_held_out_acc" in x for x in rows if x["phase"] in ("llava", "tune") and "val_acc" in x)
 
     backend = load_backend(str(out), device="cpu")
     assert backend.joint is not None, "the atp_text_tower/ CLIP must load for S_inter"

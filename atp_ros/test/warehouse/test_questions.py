@@ -315,3 +315,21 @@ def test_tokenizer_is_deterministic(tokenizer_dir, tmp_path):
     build_tokenizer(tmp_path)
     assert (tmp_path / "tokenizer.json").read_text() == (tokenizer_dir / "tokenizer.json").read_text()
     assert (tmp_path / "tokenizer_config.json").exists()
+
+
+def test_wording_noise_keeps_the_meaning_words_and_is_seeded(truth_a):
+    from atp_ros.warehouse.cell.noise import perturb, protected_words
+
+    rng = np.random.default_rng(3)
+    questions = questions_for(truth_a, rng, 60, "train")
+    changed = 0
+    for q in questions:
+        a, b = perturb(q.question, np.random.default_rng(7)), perturb(q.question, np.random.default_rng(7))
+        assert a == b  # seeded
+        changed += a != q.question
+        words = lambda text: Counter(re.findall(r"[a-z']+", text))  # noqa: E731
+        kept = words(a)
+        for word, n in words(q.question).items():
+            if word in protected_words():
+                assert kept[word] >= n, (q.question, a)
+    assert changed == len(questions)  # every call edits the wording

@@ -65,9 +65,12 @@ def render_frames(work: Path, split: str, count: int, r: Recipe, progress: Progr
     return Frames(rgb, truths)
 
 
-def draw_questions(truth: CellTruth, rng: np.random.Generator, n: int, split: str, hard: tuple[str, ...]) -> list:
-    """``n`` distinct questions (by wording) of ``split``; ``hard`` kinds' questions drawn twice as often."""
-    pool = questions_for(truth, rng, 3 * n, split)
+def draw_questions(
+    truth: CellTruth, rng: np.random.Generator, n: int, split: str, hard: tuple[str, ...], held_out: bool = False
+) -> list:
+    """``n`` distinct questions (by wording) of ``split``; ``hard`` kinds' questions drawn twice as often;
+    ``held_out``: worded with the held-out phrasings only (test split)."""
+    pool = questions_for(truth, rng, 3 * n, split, held_out_only=held_out)
     weighted = pool + [q for q in pool if q.kind in hard]
     out, seen = [], set()
     for k in rng.permutation(len(weighted)):

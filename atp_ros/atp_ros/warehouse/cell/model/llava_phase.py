@@ -14,6 +14,7 @@ from atp_ros.testing.tiny.llava import CHAT_TEMPLATE, IMAGE_TOKEN
 from atp_ros.warehouse.cell.model.data import Frames, draw_questions, patch_mask
 from atp_ros.warehouse.cell.model.loop import Phase, run_phase
 from atp_ros.warehouse.cell.model.recipe import NUM_PATCHES, Recipe, bf16_forward, llava_feature_layers, plain_forward
+from atp_ros.warehouse.cell.noise import perturb
 from atp_ros.warehouse.train_llava import llava_config, llava_loss, pad_rows
 
 if TYPE_CHECKING:
@@ -95,15 +96,19 @@ def llava_batch(
     r: Recipe,
     split: str = "train",
     share: float = 1.0,
+    noise: float = 0.0,
 ):
     """Token ids, original position ids, attention mask, kept patches, targets and evidence positions of a
     batch of sequences (see ``warehouse.train_llava.llava_batch``: the same layout). With the question first
-    a sequence holds one question (the image tokens depend on it); otherwise ``llava_turns`` turns."""
+    a sequence holds one question (the image tokens depend on it); otherwise ``llava_turns`` turns. ``noise``:
+    the share of questions reworded by :func:`~atp_ros.warehouse.cell.noise.perturb`; ``split`` "test" words
+    every question with a held-out phrasing (for measuring only)."""
     rows, positions, image_keep, targets, evidence = [], [], [], [], []
     turns = 1 if r.question_first else r.llava_turns
     for i in idx:
         truth = frames.truths[int(i)]
-        qs = draw_questions(truth, rng, turns, split, r.hard_kinds)
+        qs = draw_questions(truth, rng, turns, split, r.hard_kinds, held_out=split == "test")
+        qs = [replace(q, question=perturb(q.question, rng)) if noise and rng.random() < noise else q for q in qs]
         head = prompts.head(qs[0].question if qs else "")
         masks = [patch_mask(q, truth) for q in qs]
         keep = kept_patches(rng, r, np.logical_or.reduce([np.zeros(NUM_PATCHES, bool), *masks]), share)
@@ -153,7 +158,8 @@ def train_llava(
     progress: Progress,
     checkpoint_every_s: float,
 ):
-    """Phase 3, resumed from ``trainer.state`` and checkpointed into it; validation accuracy every 250 steps."""
+    """Phase 3 (and 4, when ``tune_steps``), resumed from ``trainer.state`` and checkpointed into it; validation
+    accuracy every 250 steps."""
     r = trainer.r
     frames, feats = train
     model = new_llava(r, trainer.tok, clip)
@@ -162,31 +168,57 @@ def train_llava(
     prompts = Prompts(trainer.tok, chat_template(r))
     ema: list[float] = []
 
-    def one_step(rng: np.random.Generator, step: int):
-        idx = np.sort(rng.choice(len(frames), size=min(r.llava_batch, len(frames)), replace=False))
-        share = distractor_share(r, step)
-        batch = llava_batch(prompts, frames, idx, rng, r, share=share)
-        loss, acc = llava_loss(model, feats[torch.as_tensor(idx)].float(), *batch, prompts.image_id, r)
-        ema[:] = [acc if not ema else 0.98 * ema[0] + 0.02 * acc]
-        info = f"loss {loss.item():.3f} acc~{ema[0]:.3f} distractors {share:.2f}"
-        return loss, {"loss": loss.item(), "acc": acc, "distractors": round(share, 4)}, info
+    def step_fn(noise: float, schedule: bool):
+        def one_step(rng: np.random.Generator, step: int):
+            idx = np.sort(rng.choice(len(frames), size=min(r.llava_batch, len(frames)), replace=False))
+            share = distractor_share(r, step) if schedule else 1.0
+            batch = llava_batch(prompts, frames, idx, rng, r, share=share, noise=noise)
+            loss, acc = llava_loss(model, feats[torch.as_tensor(idx)].float(), *batch, prompts.image_id, r)
+            ema[:] = [acc if not ema else 0.98 * ema[0] + 0.02 * acc]
+            info = f"loss {loss.item():.3f} acc~{ema[0]:.3f} distractors {share:.2f}"
+            return loss, {"loss": loss.item(), "acc": acc, "distractors": round(share, 4)}, info
 
-    def validate(step: int) -> dict:
-        if step % 250 and step != r.llava_steps:
-            return {}
-        out = {"val_acc": val_accuracy(model, prompts, r, val)}
-        model.train()
-        return out
+        return one_step
+
+    def validate_every(steps: int):
+        def validate(step: int) -> dict:
+            if step % 250 and step != steps:
+                return {}
+            out = {
+                "val_acc": val_accuracy(model, prompts, r, val),
+                "val_held_out_acc": val_accuracy(model, prompts, r, val, held_out=True),
+            }
+            model.train()
+            return out
+
+        return validate
 
     phase = Phase("llava", r.llava_steps, r.llava_lr, stream=3)
-    run_phase(trainer, phase, model, opt, one_step, progress, checkpoint_every_s, after_step=validate)
+    validate = validate_every(r.llava_steps)
+    run_phase(trainer, phase, model, opt, step_fn(0.0, True), progress, checkpoint_every_s, after_step=validate)
+    if r.tune_steps:
+        # Phase 4 goes on from phase 3's weights with a fresh optimizer and schedule, every patch, and
+        # ``question_noise`` of the questions reworded (see atp_ros.warehouse.cell.noise).
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=r.tune_lr, weight_decay=0.01)
+        tune = Phase("tune", r.tune_steps, r.tune_lr, stream=4)
+        run_phase(
+            trainer,
+            tune,
+            model,
+            opt,
+            step_fn(r.question_noise, False),
+            progress,
+            checkpoint_every_s,
+            after_step=validate_every(r.tune_steps),
+        )
     plain_forward(model.model.language_model)
     return model
 
 
 @torch.no_grad()
-def val_accuracy(model, prompts: Prompts, recipe: Recipe, val: tuple[Frames, Tensor]) -> float:
-    """Answer accuracy on one val-split question per validation frame (train phrasings, all image tokens)."""
+def val_accuracy(model, prompts: Prompts, recipe: Recipe, val: tuple[Frames, Tensor], held_out: bool = False) -> float:
+    """Answer accuracy on one question per validation frame, all image tokens: worded with training
+    phrasings, or (``held_out``) with the phrasings only the test split uses (measured, never trained on)."""
     frames, feats = val
     model.eval()
     rng = np.random.default_rng(12345)
@@ -195,7 +227,7 @@ def val_accuracy(model, prompts: Prompts, recipe: Recipe, val: tuple[Frames, Ten
     correct = total = 0
     for s in range(0, len(frames), 32):
         idx = np.arange(s, min(s + 32, len(frames)))
-        ids, pos, mask, _, targets, _ = llava_batch(prompts, frames, idx, rng, r, split="val")
+        ids, pos, mask, _, targets, _ = llava_batch(prompts, frames, idx, rng, r, split="test" if held_out else "val")
         embeds = lm.embed_tokens(ids)
         projected = model.model.multi_modal_projector(feats[torch.as_tensor(idx)].float().flatten(0, 1))
         embeds = embeds.masked_scatter((ids == prompts.image_id)[..., None].expand_as(embeds), projected)

@@ -71,6 +71,12 @@ class Recipe:
     sup_weight: float = 1.0
     sup_turns: int = 1  # turns per sequence whose attention is supervised (the loss is a per-turn loop)
     sup_detach_keys: bool = True  # the supervision moves the question's query, not the image tokens
+    # Phase 4: the LLaVA goes on from phase 3 with every patch and ``question_noise`` of its questions
+    # reworded (greetings, tails, unknown words swapped in or inserted, filler words dropped), so a phrasing
+    # it never saw is answered from the words that decide the question rather than the template's shape.
+    tune_steps: int = 1_200
+    tune_lr: float = 3e-4
+    question_noise: float = 0.5
     feature_layer: int = -1  # the layer the region loss aligned with the questions' words
     # Tower layers the projector reads besides ``feature_layer`` (llava's list-valued ``vision_feature_layer``):
     # layer 0, the embeddings, carries each patch's absolute position, which the LLM needs to find "slot
@@ -105,6 +111,7 @@ QUICK = {
     "clip_batch": 8,
     "ground_steps": 2,
     "llava_steps": 3,
+    "tune_steps": 2,
     "llava_batch": 4,
     "llava_turns": 3,
     "vision_hidden": 64,
@@ -119,6 +126,7 @@ QUICK = {
 
 _CELL_CLIP_FIELDS = (*CLIP_FIELDS, "vision_heads", "chunk")
 _GROUND_FIELDS = ("ground_steps", "ground_lr", "ground_weight", "feature_layer")
+TUNE_FIELDS = ("tune_steps", "tune_lr", "question_noise")
 
 
 def clip_part(recipe: dict) -> dict:
@@ -129,6 +137,11 @@ def clip_part(recipe: dict) -> dict:
 def ground_part(recipe: dict) -> dict:
     """The recipe fields that decide the grounding phase (1b)."""
     return {k: recipe.get(k) for k in _GROUND_FIELDS}
+
+
+def llava_part(recipe: dict) -> dict:
+    """The recipe fields that decide everything up to the end of the LLaVA phase (3), phase 4's left out."""
+    return {k: v for k, v in recipe.items() if k not in TUNE_FIELDS}
 
 
 def llava_feature_layers(r: Recipe) -> list[int] | int:

@@ -15,10 +15,11 @@ from atp_ros.warehouse.cell.model.data import render_frames
 from atp_ros.warehouse.cell.model.evaluate import evaluate
 from atp_ros.warehouse.cell.model.ground_phase import ground_clip
 from atp_ros.warehouse.cell.model.llava_phase import chat_template, train_llava
-from atp_ros.warehouse.cell.model.recipe import IMAGE_SIZE, Recipe, clip_part, ground_part, make_tokenizer
+from atp_ros.warehouse.cell.model.recipe import IMAGE_SIZE, Recipe, clip_part, ground_part, llava_part, make_tokenizer
 from atp_ros.warehouse.train import Trainer, plot_learning_curve, save_checkpoint
 
-LLAVA_KEYS = ("llava", "llava_opt", "llava_step", "done")
+TUNE_KEYS = ("tune", "tune_opt", "tune_step", "done")
+LLAVA_KEYS = ("llava", "llava_opt", "llava_step", *TUNE_KEYS)
 GROUND_KEYS = ("ground", "ground_opt", "ground_step")
 
 
@@ -43,9 +44,13 @@ class CellTrainer(Trainer):
             console_print("grounding recipe changed: keeping CLIP, restarting the grounding and LLaVA phases")
             for key in (*GROUND_KEYS, *LLAVA_KEYS):
                 self.state.pop(key, None)
-        if self.state and saved != recipe.__dict__ and "llava" in self.state:
+        if self.state and llava_part(saved) != llava_part(recipe.__dict__) and "llava" in self.state:
             console_print("recipe changed after the CLIP phase: keeping CLIP, restarting the LLaVA phase")
             for key in LLAVA_KEYS:
+                self.state.pop(key, None)
+        elif self.state and saved != recipe.__dict__ and "tune" in self.state:
+            console_print("phase 4's recipe changed: keeping the LLaVA phase, restarting phase 4")
+            for key in TUNE_KEYS:
                 self.state.pop(key, None)
 
     def finished(self, out: Path) -> bool:
