@@ -75,3 +75,120 @@ def perturb(question: str, rng: np.random.Generator) -> str:
     if "suffix" in edits and text and text[-1] in "?.":
         text = text[:-1] + SUFFIXES[int(rng.integers(len(SUFFIXES)))] + text[-1]
     return text
+
+
+# More ways people ask, for phase 4 only (training; never in the test split, so the held-out phrasings
+# stay unseen). Kept apart from grammar.TEMPLATES because the tokenizer and phases 1-3 are built from
+# those: adding here changes no earlier phase and no token.
+EXTRA_TEMPLATES: dict[str, tuple[str, ...]] = {
+    "color_at": (
+        "{level} {shelf}, {slot}: which color?",
+        "i'm looking for the color of whatever {obj} is in {slot} on the {level} {shelf}.",
+        "what colour would you say the {obj} at {slot} on the {level} {shelf} is?",
+        "identify the color of the {obj} in {slot}, {level} {shelf}.",
+        "which colour has the {obj} that sits in {slot} on the {level} {shelf}?",
+        "need a color check on the {obj} in {slot} of the {level} {shelf}.",
+        "{slot} of the {level} {shelf} has a {obj}; its color?",
+        "what color {obj} is in {slot} on the {level} {shelf}?",
+    ),
+    "label_at": (
+        "{level} {shelf}, {slot}: which letter?",
+        "read me the letter of the {obj} in {slot} on the {level} {shelf}.",
+        "which letter can you see on the {obj} at {slot}, {level} {shelf}?",
+        "what letter is shown on the {obj} that sits in {slot} of the {level} {shelf}?",
+        "the letter printed on the {obj} in {slot} of the {level} {shelf}, please?",
+        "what's the label letter for the {obj} at {slot} on the {level} {shelf}?",
+        "which label does the {obj} in {slot} on the {level} {shelf} carry?",
+    ),
+    "count": (
+        "{color} {items} on the {shelves}: how many?",
+        "i'd like to know how many {color} {items} the {shelves} hold.",
+        "how many {color} ones are on the {shelves}?",
+        "give me a count of the {color} {items} on the {shelves}.",
+        "how many {items} of color {color} are on the {shelves}?",
+        "count every {color} one of the {items} on the {shelves}.",
+    ),
+    "exists": (
+        "does the {shelves} have {a_color} {obj} on it?",
+        "is {a_color} {obj} present on the {shelves}?",
+        "{a_color} {obj} on the {shelves}, yes or no?",
+        "have we got any {color} {objs} on the {shelves}?",
+        "check the {shelves} for {a_color} {obj}: is there one?",
+        "would i find {a_color} {obj} somewhere on the {shelves}?",
+        "do the {shelves} hold any {color} {obj}?",
+    ),
+    "which_level": (
+        "what {shelf} is the {color} {obj} stored on, top, middle or bottom?",
+        "which {shelf} would i find the {color} {obj} on?",
+        "identify the {shelf} of the {color} {obj}.",
+        "which {shelf} has the {color} {obj} sitting on it?",
+        "on which {shelf} of the {shelves} does the {color} {obj} sit?",
+        "what height is the {color} {obj} at: which {shelf}?",
+        "tell me the {shelf} of the {color} {obj}.",
+    ),
+    "left_right": (
+        "{a} versus {b}: which is on the left?",
+        "the {b} and the {a}: is the {a} left or right of it?",
+        "on which side of the {b} do you see the {a}, left or right?",
+        "where is the {a} compared to the {b}, left or right?",
+    ),
+    "gripper": (
+        "does the {arm} hold something?",
+        "is the {arm} full?",
+        "has the {arm} got an item?",
+        "is there an item held in the {arm} now?",
+        "the {arm}: holding anything?",
+        "is the {arm} loaded with something?",
+        "has something been grabbed by the {arm}?",
+        "is the {arm} currently grasping an object?",
+    ),
+    "aisle": (
+        "is the {aisle} clear right now?",
+        "can the robot drive down the {aisle}, is it clear or blocked?",
+        "is there anything in the {aisle}, is it blocked?",
+        "is the {aisle} open?",
+        "is the {aisle} free to pass?",
+        "check the {aisle}: is it blocked?",
+        "is the {aisle} empty or is something in the way?",
+    ),
+    "where": (
+        "where's the {color} {obj}?",
+        "locate the {color} {obj}.",
+        "find the {color} {obj} for me: which {shelf} and {slotn}?",
+        "where exactly is the {color} {obj} on the {shelves}?",
+        "i need the position of the {color} {obj}.",
+        "where does the {color} {obj} sit?",
+        "location of the {color} {obj}?",
+    ),
+    "empty_slot": (
+        "on the {level} {shelf}, where is the empty {slotn}?",
+        "find me a free {slotn} on the {level} {shelf}.",
+        "which {slotn} of the {level} {shelf} has no item in it?",
+        "the {level} {shelf}: which {slotn} is empty?",
+        "where on the {level} {shelf} is a {slotn} with nothing in it?",
+        "which {slotn} on the {level} {shelf} has room for a box?",
+    ),
+    "holding": (
+        "what's the {arm} holding?",
+        "what has the {arm} picked?",
+        "the {arm}: what is it holding?",
+        "what is in the {arm} at the moment?",
+        "what did the {arm} grab?",
+        "what object is the {arm} carrying?",
+        "tell me what is in the {arm}.",
+    ),
+    "count_level": (
+        "how many {items} does the {level} {shelf} hold?",
+        "total {items} on the {level} {shelf}?",
+        "how many {items} are there on the {level} {shelf}?",
+        "i'd like a count of the {items} on the {level} {shelf}.",
+    ),
+}
+
+
+def reword(kind: str, slots: dict, rng: np.random.Generator) -> str:
+    """The question ``(kind, slots)`` in one of :data:`EXTRA_TEMPLATES`' phrasings."""
+    from atp_ros.warehouse.cell.grammar import render_template
+
+    options = EXTRA_TEMPLATES[kind]
+    return render_template(options[int(rng.integers(len(options)))], slots, rng)
