@@ -77,7 +77,7 @@ class Recipe:
     tune_steps: int = 1_200
     tune_lr: float = 3e-4
     question_noise: float = 0.5
-    extra_phrasings: float = 0.0  # share of phase 4's questions in noise.EXTRA_TEMPLATES' phrasings
+    extra_phrasings: float = 0.5  # share of phase 4's questions in noise.EXTRA_TEMPLATES' phrasings
     feature_layer: int = -1  # the layer the region loss aligned with the questions' words
     # Tower layers the projector reads besides ``feature_layer`` (llava's list-valued ``vision_feature_layer``):
     # layer 0, the embeddings, carries each patch's absolute position, which the LLM needs to find "slot
