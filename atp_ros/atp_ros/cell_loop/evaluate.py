@@ -167,7 +167,8 @@ def markdown(summary: dict, meta: dict) -> str:
         f"# Closed-loop pick tasks: {meta['model']}",
         "",
         f"{meta['tasks']} seeded tasks per setting (seeds {meta['seeds']}), camera {meta['camera']}, sim time scale "
-        f"{meta['time_scale']}, on {meta['machine']}. Success = the named item lies on the conveyor (ground truth).",
+        f"{meta['time_scale']}, on {meta['machine']}. Success = the named item lies on the conveyor (ground truth)"
+        + ("." if meta.get("grasp_confirmation", True) else "; grasp confirmation off (--no-confirm)."),
         "",
         "| setting | tokens kept | task success (95% CI) | vs first setting, points (paired 95% CI) "
         "| failure causes | `where` accuracy | `holding` accuracy | ask p50 s | inference p50 ms | task p50 s |",
@@ -383,6 +384,12 @@ def main(argv: list[str] | None = None) -> int:
         choices=("answer", "relevant_box"),
         help="the planner's target: the slot the answer names, or the relevant box back-projected with depth",
     )
+    ap.add_argument(
+        "--no-confirm",
+        action="store_true",
+        help="the planner skips its grasp confirmation (the 'what is the gripper holding?' question): task success "
+        "then measures the 'where' answer and the pick alone",
+    )
     ap.add_argument("--device", default="auto")
     args = ap.parse_args(argv)
     if args.tasks < 1:
@@ -410,7 +417,12 @@ def main(argv: list[str] | None = None) -> int:
     results: list[Scored] = []
     interrupted = False
     try:
-        planner = {"speed_scale": 1.0, "max_age_s": 2.0 / args.camera_rate + 0.5, "target_from": args.target_from}
+        planner = {
+            "speed_scale": 1.0,
+            "max_age_s": 2.0 / args.camera_rate + 0.5,
+            "target_from": args.target_from,
+            "confirm": not args.no_confirm,
+        }
         loop = Loop(ns, planner)
         loop.wait(lambda: loop.planner.ask.server_is_ready() or vlm.poll() is not None, 900, "the perception node")
         if vlm.poll() is not None:
@@ -472,6 +484,7 @@ def main(argv: list[str] | None = None) -> int:
         "time_scale": args.time_scale,
         "machine": f"{os.cpu_count()} CPUs",
         "target_from": args.target_from,
+        "grasp_confirmation": not args.no_confirm,
         "interrupted": interrupted,
     }
     (out / "report.json").write_text(

@@ -1,4 +1,5 @@
-"""Phase 3 of the cell model: projector + Llama decoder from scratch on the cached frozen-tower features."""
+"""Phases 3 and 4 of the cell model: projector + Llama decoder from scratch on the cached frozen-tower features,
+then on reworded questions."""
 
 from __future__ import annotations
 
