@@ -19,8 +19,8 @@ from atp_ros.warehouse.cell.model.data import frame_seed
 from atp_ros.warehouse.cell.questions import questions_for
 from backend_checks import samples_accuracy
 
-# The kinds the shipped (interim) model answers best with all tokens on the test split (0.80-0.84 on all
-# phrasings, its metrics.json); the others are reported there and in docs/warehouse.md, not tested here.
+# The kinds the shipped (interim) model answers best with all tokens on the test split (its metrics.json);
+# the others are reported there and in docs/warehouse.md, not tested here.
 RELIABLE = ("which_level", "aisle")
 COUNT = 12
 
