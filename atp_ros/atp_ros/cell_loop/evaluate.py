@@ -17,6 +17,7 @@ import collections
 import json
 import math
 import os
+import signal
 import statistics
 import sys
 import threading
@@ -168,7 +169,8 @@ def markdown(summary: dict, meta: dict) -> str:
         "",
         f"{meta['tasks']} seeded tasks per setting (seeds {meta['seeds']}), camera {meta['camera']}, sim time scale "
         f"{meta['time_scale']}, on {meta['machine']}. Success = the named item lies on the conveyor (ground truth)"
-        + ("." if meta.get("grasp_confirmation", True) else "; grasp confirmation off (--no-confirm)."),
+        + ("." if meta.get("grasp_confirmation", True) else "; grasp confirmation off (--no-confirm).")
+        + (" Interrupted: the table covers the tasks done before the stop." if meta.get("interrupted") else ""),
         "",
         "| setting | tokens kept | task success (95% CI) | vs first setting, points (paired 95% CI) "
         "| failure causes | `where` accuracy | `holding` accuracy | ask p50 s | inference p50 ms | task p50 s |",
@@ -363,6 +365,18 @@ def task_clip(frames: list[np.ndarray], path: Path, fps: float, max_frames: int 
     images[0].save(path, save_all=True, append_images=images[1:], duration=duration, loop=0)
 
 
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt(signal.Signals(signum).name)
+
+
+def interrupt_on_signals() -> None:
+    """SIGTERM, and SIGINT even where a background shell started this process ignoring it, end the run as Ctrl-C
+    does: the children are stopped and the report keeps the tasks done. Called again after rclpy's init, whose
+    own handlers would only shut its context down and leave the children running."""
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, _interrupt)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m atp_ros.cell_loop.evaluate", description=__doc__.splitlines()[0])
     ap.add_argument(
@@ -398,25 +412,26 @@ def main(argv: list[str] | None = None) -> int:
 
     out = Path(args.out)
     (out / "logs").mkdir(parents=True, exist_ok=True)
+    interrupt_on_signals()
     if args.frames:
         (out / "frames").mkdir(exist_ok=True)
     ns = f"/cell_eval_{os.getpid()}"
-    sim = processes.start_sim(
-        ns,
-        out / "logs" / "cell_sim.log",
-        width=args.width,
-        height=args.height,
-        camera_rate=args.camera_rate,
-        time_scale=args.time_scale,
-        seed=args.seed,
-    )
-    vlm = processes.start_perception(
-        ns, args.model, out / "logs" / "vlm_node.log", max_new_tokens=args.max_new_tokens, device=args.device
-    )
-    loop = None
+    sim = vlm = loop = None
     results: list[Scored] = []
     interrupted = False
     try:
+        sim = processes.start_sim(
+            ns,
+            out / "logs" / "cell_sim.log",
+            width=args.width,
+            height=args.height,
+            camera_rate=args.camera_rate,
+            time_scale=args.time_scale,
+            seed=args.seed,
+        )
+        vlm = processes.start_perception(
+            ns, args.model, out / "logs" / "vlm_node.log", max_new_tokens=args.max_new_tokens, device=args.device
+        )
         planner = {
             "speed_scale": 1.0,
             "max_age_s": 2.0 / args.camera_rate + 0.5,
@@ -424,6 +439,7 @@ def main(argv: list[str] | None = None) -> int:
             "confirm": not args.no_confirm,
         }
         loop = Loop(ns, planner)
+        interrupt_on_signals()
         loop.wait(lambda: loop.planner.ask.server_is_ready() or vlm.poll() is not None, 900, "the perception node")
         if vlm.poll() is not None:
             raise RuntimeError(f"vlm_node exited:\n{processes.log_tail(out / 'logs' / 'vlm_node.log')}")
@@ -473,8 +489,9 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if loop is not None:
             loop.close()
-        processes.stop(vlm)
-        processes.stop(sim)
+        for child in (vlm, sim):
+            if child is not None:
+                processes.stop(child)
     summary = summarize(results, args.settings)
     meta = {
         "model": args.model,

@@ -3,6 +3,10 @@ the per-setting summary (success, Wilson interval, perception accuracy) and its 
 
 from __future__ import annotations
 
+import os
+import signal
+import time
+
 import numpy as np
 import pytest
 
@@ -84,7 +88,8 @@ def test_summary_table_and_plot(tmp_path) -> None:
     assert full["causes"] == {"wrong_answer": 1, "other": 1} and full["where_accuracy"] == 0.8
     assert summary["random_0.25"]["tasks"] == 0
     table = evaluate.markdown(summary, META)
-    assert "| full | 64 of 256 | 3/5 (" in table
+    assert "| full | 64 of 256 | 3/5 (" in table and "Interrupted" not in table
+    assert "Interrupted: the table covers the tasks done" in evaluate.markdown(summary, META | {"interrupted": True})
     evaluate.plot(summary, tmp_path / "success.png")
     assert (tmp_path / "success.png").stat().st_size > 0
     assert evaluate.wilson(0, 0) == (0.0, 1.0)
@@ -117,3 +122,18 @@ def test_frame_strip_and_clip(tmp_path) -> None:
     assert clip.n_frames == 5 and clip.info["duration"] == round(250 * 9 / 5)
     evaluate.frame_strip([], ["nothing"], tmp_path / "none.png")
     assert not (tmp_path / "none.png").exists()
+
+
+def test_sigterm_and_an_ignored_sigint_stop_the_run_like_ctrl_c() -> None:
+    # A background shell starts the evaluation with SIGINT ignored; SIGTERM is what process managers send.
+    saved = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        evaluate.interrupt_on_signals()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            with pytest.raises(KeyboardInterrupt):
+                os.kill(os.getpid(), signum)
+                time.sleep(5)  # the handler raises at once, ending the sleep
+    finally:
+        for signum, handler in saved.items():
+            signal.signal(signum, handler)
