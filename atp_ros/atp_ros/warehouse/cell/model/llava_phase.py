@@ -99,18 +99,20 @@ def llava_batch(
     share: float = 1.0,
     noise: float = 0.0,
     extra: float = 0.0,
+    hard: tuple[str, ...] | None = None,
 ):
     """Token ids, original position ids, attention mask, kept patches, targets and evidence positions of a
     batch of sequences (see ``warehouse.train_llava.llava_batch``: the same layout). With the question first
     a sequence holds one question (the image tokens depend on it); otherwise ``llava_turns`` turns. ``extra``:
     the share of questions reworded with :data:`~atp_ros.warehouse.cell.noise.EXTRA_TEMPLATES`, then ``noise``
     the share perturbed by :func:`~atp_ros.warehouse.cell.noise.perturb`; ``split`` "test" words
-    every question with a held-out phrasing (for measuring only)."""
+    every question with a held-out phrasing (for measuring only). ``hard``: the kinds drawn twice as often
+    (``r.hard_kinds`` when None)."""
     rows, positions, image_keep, targets, evidence = [], [], [], [], []
     turns = 1 if r.question_first else r.llava_turns
     for i in idx:
         truth = frames.truths[int(i)]
-        qs = draw_questions(truth, rng, turns, split, r.hard_kinds, held_out=split == "test")
+        qs = draw_questions(truth, rng, turns, split, r.hard_kinds if hard is None else hard, held_out=split == "test")
         qs = [replace(q, question=reword(q.kind, q.slots, rng)) if extra and rng.random() < extra else q for q in qs]
         qs = [replace(q, question=perturb(q.question, rng)) if noise and rng.random() < noise else q for q in qs]
         head = prompts.head(qs[0].question if qs else "")
@@ -172,11 +174,11 @@ def train_llava(
     prompts = Prompts(trainer.tok, chat_template(r))
     ema: list[float] = []
 
-    def step_fn(noise: float, extra: float, schedule: bool):
+    def step_fn(noise: float, extra: float, schedule: bool, hard: tuple[str, ...] | None = None):
         def one_step(rng: np.random.Generator, step: int):
             idx = np.sort(rng.choice(len(frames), size=min(r.llava_batch, len(frames)), replace=False))
             share = distractor_share(r, step) if schedule else 1.0
-            batch = llava_batch(prompts, frames, idx, rng, r, share=share, noise=noise, extra=extra)
+            batch = llava_batch(prompts, frames, idx, rng, r, share=share, noise=noise, extra=extra, hard=hard)
             loss, acc = llava_loss(model, feats[torch.as_tensor(idx)].float(), *batch, prompts.image_id, r)
             ema[:] = [acc if not ema else 0.98 * ema[0] + 0.02 * acc]
             info = f"loss {loss.item():.3f} acc~{ema[0]:.3f} distractors {share:.2f}"
@@ -203,7 +205,7 @@ def train_llava(
     if r.tune_steps:
         # Phase 4 goes on from phase 3's weights with a fresh optimizer and schedule, every patch, and
         # ``extra_phrasings`` of the questions in phrasings beyond the grammar's, ``question_noise`` perturbed
-        # (see atp_ros.warehouse.cell.noise).
+        # (see atp_ros.warehouse.cell.noise); ``tune_hard_kinds`` are drawn twice as often.
         opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=r.tune_lr, weight_decay=0.01)
         tune = Phase("tune", r.tune_steps, r.tune_lr, stream=4)
         run_phase(
@@ -211,7 +213,7 @@ def train_llava(
             tune,
             model,
             opt,
-            step_fn(r.question_noise, r.extra_phrasings, False),
+            step_fn(r.question_noise, r.extra_phrasings, False, tuple(r.tune_hard_kinds)),
             progress,
             checkpoint_every_s,
             after_step=validate_every(r.tune_steps),

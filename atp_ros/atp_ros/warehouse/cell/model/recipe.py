@@ -78,6 +78,9 @@ class Recipe:
     tune_lr: float = 3e-4
     question_noise: float = 0.5
     extra_phrasings: float = 0.5  # share of phase 4's questions in noise.EXTRA_TEMPLATES' phrasings
+    # Kinds phase 4 draws twice as often: those the seventh attempt answered worst on held-out phrasings,
+    # and the arm kinds the pick planner's grasp confirmation asks (it named no held color).
+    tune_hard_kinds: tuple[str, ...] = ("holding", "gripper", "where", "empty_slot", "label_at", "aisle")
     feature_layer: int = -1  # the layer the region loss aligned with the questions' words
     # Tower layers the projector reads besides ``feature_layer`` (llava's list-valued ``vision_feature_layer``):
     # layer 0, the embeddings, carries each patch's absolute position, which the LLM needs to find "slot
@@ -127,7 +130,7 @@ QUICK = {
 
 _CELL_CLIP_FIELDS = (*CLIP_FIELDS, "vision_heads", "chunk")
 _GROUND_FIELDS = ("ground_steps", "ground_lr", "ground_weight", "feature_layer")
-TUNE_FIELDS = ("tune_steps", "tune_lr", "question_noise", "extra_phrasings")
+TUNE_FIELDS = ("tune_steps", "tune_lr", "question_noise", "extra_phrasings", "tune_hard_kinds")
 
 
 def clip_part(recipe: dict) -> dict:
