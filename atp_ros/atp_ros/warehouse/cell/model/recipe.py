@@ -78,9 +78,10 @@ class Recipe:
     tune_lr: float = 3e-4
     question_noise: float = 0.5
     extra_phrasings: float = 0.5  # share of phase 4's questions in noise.EXTRA_TEMPLATES' phrasings
-    # Kinds phase 4 draws twice as often: those the seventh attempt answered worst on held-out phrasings,
-    # and the arm kinds the pick planner's grasp confirmation asks (it named no held color).
-    tune_hard_kinds: tuple[str, ...] = ("holding", "gripper", "where", "empty_slot", "label_at", "aisle")
+    # Kinds phase 4 draws twice as often (the LLaVA phase's ``hard_kinds``, as the bundled seventh attempt
+    # trained). The eighth attempt drew the worst-answered and the arm kinds instead and came out worse
+    # (bench/results/cell_training.json, attempt_8).
+    tune_hard_kinds: tuple[str, ...] = ("color_at", "label_at", "where", "left_right", "which_level")
     feature_layer: int = -1  # the layer the region loss aligned with the questions' words
     # Tower layers the projector reads besides ``feature_layer`` (llava's list-valued ``vision_feature_layer``):
     # layer 0, the embeddings, carries each patch's absolute position, which the LLM needs to find "slot
