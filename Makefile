@@ -48,11 +48,15 @@ train-cell: setup
 	@$(ENV) python -m atp_ros.warehouse.cell.model --out out/warehouse-cell --work out/train-cell $(TRAIN_ARGS)
 
 # The robot-arm loop (#24): cell_sim + vlm_node + the pick planner (CELL_ARGS="--model DIR ...").
+# The bundled warehouse-cell cannot yet name a held box, so the planner's grasp confirmation is off by default
+# here (docs/cell_loop.md); CELL_CONFIRM= turns it on.
+CELL_CONFIRM ?= --no-confirm
+
 cell-demo: setup
-	@$(ENV) python -m atp_ros.cell_loop.evaluate --tasks 3 --settings atp_0.25 --frames --out out/cell_demo $(CELL_ARGS)
+	@$(ENV) python -m atp_ros.cell_loop.evaluate --tasks 3 --settings atp_0.25 --frames $(CELL_CONFIRM) --out out/cell_demo $(CELL_ARGS)
 
 cell-eval: setup
-	@$(ENV) python -m atp_ros.cell_loop.evaluate --tasks 50 --out out/cell_eval $(CELL_ARGS)
+	@$(ENV) python -m atp_ros.cell_loop.evaluate --tasks 50 $(CELL_CONFIRM) --out out/cell_eval $(CELL_ARGS)
 
 docs: setup
 	@$(ENV) python tools/gen_docs.py

@@ -45,7 +45,10 @@ def _nodes(context, *args, **kwargs):
         "max_new_tokens": 4,
         "atp.keep_ratio": float(arg("keep_ratio")),
     }
-    planner = {"task": arg("task"), "target_from": arg("target_from")} | camera
+    confirm = arg("confirm").strip().lower()
+    if confirm not in ("true", "false"):
+        raise ValueError(f"confirm must be true or false, not {arg('confirm')!r}")
+    planner = {"task": arg("task"), "target_from": arg("target_from"), "confirm": confirm == "true"} | camera
     common = {"namespace": ns, "output": "screen", "emulate_tty": True, "additional_env": env}
     return [
         Node(package="atp_ros", executable="cell_sim", name="cell_sim", parameters=[sim], **common),
@@ -103,6 +106,12 @@ def generate_launch_description() -> LaunchDescription:
                 "target_from",
                 default_value="answer",
                 description="the planner's target: the slot the answer names, or relevant_box",
+            ),
+            DeclareLaunchArgument(
+                "confirm",
+                default_value="false",
+                description="true: the planner confirms each grasp by asking what the gripper holds (off by default: "
+                "the bundled warehouse-cell cannot yet name a held box, docs/cell_loop.md)",
             ),
             DeclareLaunchArgument("namespace", default_value="", description="namespace of all three nodes"),
             OpaqueFunction(function=_nodes),
