@@ -31,7 +31,8 @@ def test_quick_train_loads_answers_and_resumes(tmp_path) -> None:
     # Phase 4 (reworded questions) runs after the LLaVA phase; both validate on held-out phrasings too.
     rows = [json.loads(line) for line in (work / "train_log.jsonl").read_text().splitlines()]
     assert [x["step"] for x in rows if x["phase"] == "tune"] == [1, 2]
-    assert all("val_held_out_acc" in x for x in rows if x["phase"] in ("llava", "tune") and "val_acc" in x)
+    assert [x["step"] for x in rows if x["phase"] == "dialog"] == [1, 2], "phase 5 after phase 4"
+    assert all("val_held_out_acc" in x for x in rows if x["phase"] in ("llava", "tune", "dialog") and "val_acc" in x)
 
     backend = load_backend(str(out), device="cpu")
     assert backend.joint is not None, "the atp_text_tower/ CLIP must load for S_inter"
@@ -58,6 +59,34 @@ def test_quick_train_loads_answers_and_resumes(tmp_path) -> None:
     assert main(["--out", str(out), "--work", str(work), "--quick"]) == 0
     assert (work / "train_log.jsonl").read_text() == log
     assert (out / "metrics.json").is_file()
+
+
+def test_init_from_a_checkpoint_runs_only_phase_5_and_a_phase_5_change_reruns_only_it(tmp_path, capsys) -> None:
+    first, out, work = tmp_path / "first", tmp_path / "out", tmp_path / "work"
+    assert main(["--out", str(first), "--work", str(tmp_path / "w0"), "--quick", "--set", "dialog_steps=0"]) == 0
+
+    # Phases 1-4 come from the checkpoint: the new run's log holds phase 5 only, and its output loads.
+    assert main(["--out", str(out), "--work", str(work), "--quick", "--init-from", str(first)]) == 0
+    phases = [json.loads(line)["phase"] for line in (work / "train_log.jsonl").read_text().splitlines()]
+    assert phases == ["dialog", "dialog"]
+    assert load_backend(str(out), device="cpu").joint is not None
+
+    # Another phase 5 (more turns) retrains phase 5 alone, from the same phase-4 weights.
+    shutil.rmtree(out)
+    assert main(["--out", str(out), "--work", str(work), "--quick", "--set", "dialog_turns=3"]) == 0
+    assert "restarting phase 5" in capsys.readouterr().out
+    rows = [json.loads(line) for line in (work / "train_log.jsonl").read_text().splitlines()]
+    assert [x["phase"] for x in rows] == ["dialog", "dialog"]
+
+    # A checkpoint of another recipe (before phase 5) is refused with one line, nothing trained.
+    with pytest.raises(SystemExit) as refused:
+        main(["--out", str(tmp_path / "o2"), "--work", str(tmp_path / "w2"), "--quick", "--set", "tune_lr=1e-3",
+              "--init-from", str(first)])  # fmt: skip
+    assert "another recipe up to phase 4 (tune_lr)" in str(refused.value.code)
+    assert not (tmp_path / "w2" / "train_log.jsonl").exists()
+    with pytest.raises(SystemExit) as missing:
+        main(["--quick", "--init-from", str(tmp_path / "nowhere")])
+    assert missing.value.code == 2 and "no such checkpoint directory" in capsys.readouterr().err
 
 
 def test_recipe_overrides_are_typed_and_a_bad_one_is_one_message(capsys) -> None:

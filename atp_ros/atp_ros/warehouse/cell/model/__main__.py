@@ -17,6 +17,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default="out/warehouse-cell", help="where the checkpoint directory goes")
     ap.add_argument("--work", default="out/train-cell", help="resumable state (saved every few minutes)")
     ap.add_argument("--fresh", action="store_true", help="ignore saved state and start over")
+    ap.add_argument("--init-from", type=Path, default=None, metavar="CKPT",
+                    help="a trained cell checkpoint (e.g. the bundled warehouse-cell) whose recipe matches up to "
+                         "phase 4: its weights stand for phases 1-4 and the run goes on with phase 5")  # fmt: skip
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--quick", action="store_true", help="a seconds-long smoke run (tiny counts), not the model")
     ap.add_argument("--checkpoint-every", type=float, default=180.0, help="seconds between saved states")
@@ -31,7 +34,17 @@ def main(argv: list[str] | None = None) -> int:
     recipe = Recipe(**{"seed": args.seed, **(QUICK if args.quick else {}), **overrides})
     from atp_ros.warehouse.cell.model.run import CellTrainer
 
-    CellTrainer(Path(args.work), recipe, args.fresh).run(Path(args.out), args.checkpoint_every)
+    init = args.init_from
+    if init is not None:
+        from atp_ros.backends import ModelLoadError, resolve_model_id
+
+        try:
+            init = Path(resolve_model_id(str(init)))  # a bundled name, as the node takes it
+        except ModelLoadError as err:
+            ap.error(str(err))
+        if not init.is_dir():
+            ap.error(f"--init-from {init}: no such checkpoint directory")
+    CellTrainer(Path(args.work), recipe, args.fresh, init_from=init).run(Path(args.out), args.checkpoint_every)
     return 0
 
 

@@ -1,5 +1,5 @@
-"""Phases 3 and 4 of the cell model: projector + Llama decoder from scratch on the cached frozen-tower features,
-then on reworded questions."""
+"""Phases 3, 4 and 5 of the cell model: projector + Llama decoder from scratch on the cached frozen-tower
+features, then on reworded questions, then several reworded questions per image."""
 
 from __future__ import annotations
 
@@ -164,8 +164,8 @@ def train_llava(
     progress: Progress,
     checkpoint_every_s: float,
 ):
-    """Phase 3 (and 4, when ``tune_steps``), resumed from ``trainer.state`` and checkpointed into it; validation
-    accuracy every 250 steps."""
+    """Phase 3 (and 4 and 5, when ``tune_steps`` and ``dialog_steps``), resumed from ``trainer.state`` and
+    checkpointed into it; validation accuracy every 250 steps."""
     r = trainer.r
     frames, feats = train
     model = new_llava(r, trainer.tok, clip)
@@ -174,11 +174,13 @@ def train_llava(
     prompts = Prompts(trainer.tok, chat_template(r))
     ema: list[float] = []
 
-    def step_fn(noise: float, extra: float, schedule: bool, hard: tuple[str, ...] | None = None):
+    def step_fn(noise: float, extra: float, schedule: bool, hard: tuple[str, ...] | None = None, turns: int = 0):
+        rt = replace(r, llava_turns=turns) if turns else r
+
         def one_step(rng: np.random.Generator, step: int):
             idx = np.sort(rng.choice(len(frames), size=min(r.llava_batch, len(frames)), replace=False))
             share = distractor_share(r, step) if schedule else 1.0
-            batch = llava_batch(prompts, frames, idx, rng, r, share=share, noise=noise, extra=extra, hard=hard)
+            batch = llava_batch(prompts, frames, idx, rng, rt, share=share, noise=noise, extra=extra, hard=hard)
             loss, acc = llava_loss(model, feats[torch.as_tensor(idx)].float(), *batch, prompts.image_id, r)
             ema[:] = [acc if not ema else 0.98 * ema[0] + 0.02 * acc]
             info = f"loss {loss.item():.3f} acc~{ema[0]:.3f} distractors {share:.2f}"
@@ -218,6 +220,14 @@ def train_llava(
             checkpoint_every_s,
             after_step=validate_every(r.tune_steps),
         )
+    if r.dialog_steps:
+        # Phase 5 goes on from phase 4's weights, fresh optimizer and schedule, phase 4's rewording, with
+        # ``dialog_turns`` questions about the image per sequence (more answers per image token computed).
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=r.dialog_lr, weight_decay=0.01)
+        dialog = Phase("dialog", r.dialog_steps, r.dialog_lr, stream=5)
+        one_step = step_fn(r.question_noise, r.extra_phrasings, False, tuple(r.tune_hard_kinds), r.dialog_turns)
+        after = validate_every(r.dialog_steps)
+        run_phase(trainer, dialog, model, opt, one_step, progress, checkpoint_every_s, after_step=after)
     plain_forward(model.model.language_model)
     return model
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -15,10 +16,19 @@ from atp_ros.warehouse.cell.model.data import render_frames
 from atp_ros.warehouse.cell.model.evaluate import evaluate
 from atp_ros.warehouse.cell.model.ground_phase import ground_clip
 from atp_ros.warehouse.cell.model.llava_phase import chat_template, train_llava
-from atp_ros.warehouse.cell.model.recipe import IMAGE_SIZE, Recipe, clip_part, ground_part, llava_part, make_tokenizer
+from atp_ros.warehouse.cell.model.recipe import (
+    IMAGE_SIZE,
+    Recipe,
+    clip_part,
+    ground_part,
+    llava_part,
+    make_tokenizer,
+    tune_part,
+)
 from atp_ros.warehouse.train import Trainer, plot_learning_curve, save_checkpoint
 
-TUNE_KEYS = ("tune", "tune_opt", "tune_step", "done")
+DIALOG_KEYS = ("dialog", "dialog_opt", "dialog_step", "done")
+TUNE_KEYS = ("tune", "tune_opt", "tune_step", *DIALOG_KEYS)
 LLAVA_KEYS = ("llava", "llava_opt", "llava_step", *TUNE_KEYS)
 GROUND_KEYS = ("ground", "ground_opt", "ground_step")
 
@@ -26,7 +36,9 @@ GROUND_KEYS = ("ground", "ground_opt", "ground_step")
 class CellTrainer(Trainer):
     """warehouse-tiny's resumable run (state, log) for the cell: ``--work``/state.pt every few minutes."""
 
-    def __init__(self, work: Path, recipe: Recipe, fresh: bool, console_print=print) -> None:
+    def __init__(
+        self, work: Path, recipe: Recipe, fresh: bool, console_print=print, init_from: Path | None = None
+    ) -> None:
         self.work, self.r, self.print = work, recipe, console_print
         self.state_path = work / "state.pt"
         self.log_path = work / "train_log.jsonl"
@@ -37,6 +49,8 @@ class CellTrainer(Trainer):
         torch.manual_seed(recipe.seed)
         self.tok = make_tokenizer(work)
         self.state = torch.load(self.state_path, weights_only=False) if self.state_path.exists() else {}
+        if init_from is not None and not self.state:
+            self.start_from(Path(init_from))
         saved = self.state.get("recipe", {})
         if self.state and clip_part(saved) != clip_part(asdict(recipe)):
             raise SystemExit(f"{self.state_path} was trained with another recipe; rerun with --fresh")
@@ -48,10 +62,53 @@ class CellTrainer(Trainer):
             console_print("recipe changed after the CLIP phase: keeping CLIP, restarting the LLaVA phase")
             for key in LLAVA_KEYS:
                 self.state.pop(key, None)
-        elif self.state and saved != recipe.__dict__ and "tune" in self.state:
+        elif self.state and tune_part(saved) != tune_part(recipe.__dict__) and "tune" in self.state:
             console_print("phase 4's recipe changed: keeping the LLaVA phase, restarting phase 4")
             for key in TUNE_KEYS:
                 self.state.pop(key, None)
+        elif self.state and saved != recipe.__dict__ and "dialog" in self.state:
+            console_print("phase 5's recipe changed: keeping phase 4, restarting phase 5")
+            for key in DIALOG_KEYS:
+                self.state.pop(key, None)
+        elif self.state and saved != recipe.__dict__ and self.state.get("done"):
+            # A finished run whose recipe gained a phase (dialog_steps from 0): go on from where it ended.
+            self.state.pop("done", None)
+
+    def start_from(self, ckpt: Path) -> None:
+        """Take phases 1-4 from a trained cell checkpoint (``warehouse-cell``, or a ``--out`` of this trainer)
+        whose recipe is this one up to phase 5, so the run goes on with phase 5; SystemExit with one line when
+        the checkpoint is not one, or was trained with another recipe or tokenizer."""
+        from transformers import AutoTokenizer, CLIPModel, LlavaForConditionalGeneration
+
+        from atp_ros.warehouse.cell.model.ground_phase import GroundHeads, _Grounding
+
+        try:
+            saved = json.loads((ckpt / "recipe.json").read_text())
+        except (OSError, ValueError) as err:
+            raise SystemExit(f"--init-from {ckpt}: not a cell checkpoint ({err})") from None
+        mine = json.loads(json.dumps(tune_part(asdict(self.r))))
+        differ = sorted(k for k in mine if saved.get(k) != mine[k])
+        if differ:
+            raise SystemExit(f"--init-from {ckpt}: trained with another recipe up to phase 4 ({', '.join(differ)})")
+        if AutoTokenizer.from_pretrained(ckpt).get_vocab() != self.tok.get_vocab():
+            raise SystemExit(f"--init-from {ckpt}: its tokenizer is not the one this code builds")
+        clip = CLIPModel.from_pretrained(ckpt / "atp_text_tower", dtype=torch.float32)
+        llava = LlavaForConditionalGeneration.from_pretrained(ckpt, dtype=torch.float32)
+        heads = GroundHeads(clip.config.vision_config.hidden_size)
+        ground = _Grounding(clip, heads, torch.nn.Parameter(torch.tensor(math.log(10.0))))
+        r = self.r
+        self.print(f"phases 1-4 from {ckpt} (float16 weights, read as float32)")
+        self.save_state(
+            init_from=str(ckpt),
+            clip=clip.state_dict(),
+            clip_step=r.clip_steps,
+            ground=ground.state_dict(),
+            ground_step=r.ground_steps,
+            llava=llava.state_dict(),
+            llava_step=r.llava_steps,
+            tune=llava.state_dict(),
+            tune_step=r.tune_steps,
+        )
 
     def finished(self, out: Path) -> bool:
         """True when this recipe's run is done and its checkpoint and report are in ``out``."""
