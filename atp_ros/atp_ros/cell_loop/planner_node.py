@@ -36,6 +36,7 @@ from trajectory_msgs.msg import JointTrajectory, JointTrajectoryPoint
 from atp_ros.cell_loop import picking
 from atp_ros.cell_loop.camera import BASE_FRAME, PinholeCamera, nominal_pose
 from atp_ros.cell_loop.picking import HOLDING_QUESTION, WHERE_QUESTION, ArmModel, IkFailure, Task, TaskError
+from atp_ros.ros.callbacks import shutdown, spin
 from atp_ros.warehouse.cell import arm
 from atp_ros_msgs.action import Ask
 from atp_ros_msgs.msg import VlmAnswer
@@ -115,6 +116,8 @@ class PickPlanner(Node):
         self.pub_result = self.create_publisher(String, "~/result", RESULTS)
         self.ask = ActionClient(self, Ask, f"{self.vlm}/ask")
         self.tasks: queue.Queue[str | None] = queue.Queue()
+        self._stopping = threading.Event()
+        self._worker: threading.Thread | None = None
         self.create_subscription(String, "~/task", lambda m: self.tasks.put(m.data), RELIABLE)
 
     # --- inputs -------------------------------------------------------------------------------------------------
@@ -153,6 +156,8 @@ class PickPlanner(Node):
                 value = predicate()
                 if value:
                     return value
+                if self._stopping.is_set():
+                    raise GaveUp(cause, f"the planner stopped while waiting for {what}")
                 left = deadline - time.monotonic()
                 if left <= 0:
                     raise GaveUp(cause, f"timed out after {timeout:g} s waiting for {what}")
@@ -343,8 +348,21 @@ class PickPlanner(Node):
                 return
             self.run_task(text)
 
-    def stop(self) -> None:
+    def start(self) -> None:
+        """Serve tasks on a worker thread (the executor keeps the callbacks going meanwhile)."""
+        self._worker = threading.Thread(target=self.serve, name="pick_planner_tasks", daemon=True)
+        self._worker.start()
+
+    def stop(self, timeout: float = 5.0) -> bool:
+        """End the task in progress at its next wait and the worker; True when it ended within ``timeout``."""
+        self._stopping.set()
         self.tasks.put(None)
+        with self._lock:
+            self._lock.notify_all()
+        if self._worker is not None:
+            self._worker.join(timeout)
+            return not self._worker.is_alive()
+        return True
 
 
 def run(args: list[str] | None = None) -> int:
@@ -359,18 +377,14 @@ def run(args: list[str] | None = None) -> int:
             print(f"pick_planner: {err}", file=sys.stderr)
             return 1
         executor.add_node(node)
-        worker = threading.Thread(target=node.serve, daemon=True)
-        worker.start()
-        executor.spin()
+        node.start()
+        spin(node, executor)  # a callback's error is logged and spinning goes on
     except (KeyboardInterrupt, ExternalShutdownException):
         pass
     finally:
-        if node is not None:
-            node.stop()
-        executor.shutdown()
-        if node is not None:
-            node.destroy_node()
-        rclpy.try_shutdown()
+        # The vlm node's shutdown: later signals ignored, the worker joined before the node is destroyed
+        # (destroying it under a worker still using it crashed the process now and then).
+        shutdown(node, executor)
     return 0
 
 

@@ -35,6 +35,7 @@ from trajectory_msgs.msg import JointTrajectory
 
 from atp_ros.cell_loop.camera import BASE_FRAME, NOMINAL_FOVY, OPTICAL_FRAME, nominal_pose
 from atp_ros.cell_loop.sim import JOINT_NAMES, CellSim
+from atp_ros.ros.callbacks import shutdown, spin
 
 RELIABLE = QoSProfile(depth=10, reliability=ReliabilityPolicy.RELIABLE)
 LATCHED = QoSProfile(depth=1, reliability=ReliabilityPolicy.RELIABLE, durability=DurabilityPolicy.TRANSIENT_LOCAL)
@@ -182,15 +183,13 @@ def run(args: list[str] | None = None) -> int:
             print(f"cell_sim: {err}", file=sys.stderr)
             return 1
         executor.add_node(node)
-        executor.spin()
+        spin(node, executor)  # a callback's error is logged and spinning goes on
     except (KeyboardInterrupt, ExternalShutdownException):
         pass
     finally:
-        executor.shutdown()
+        shutdown(node, executor)  # later signals ignored; the node destroyed once the executor is idle
         if node is not None:
             node.sim.close()
-            node.destroy_node()
-        rclpy.try_shutdown()
     return 0
 
 

@@ -34,7 +34,7 @@ def guarded(cause: str, fallback: Callable | None = None) -> Callable:
 
 def spin(node: Any, executor: Executor) -> None:
     """Spin until shutdown. A callback's exception surfaces from ``spin()``: it is reported by the
-    node's ``_report`` and spinning resumes, so one failing callback never ends the node (the node's
+    node's ``_report`` (or logged) and spinning resumes, so one failing callback never ends the node (the node's
     own callbacks are guarded; rclpy's lifecycle and parameter services are not)."""
     while rclpy.ok(context=node.context):
         try:
@@ -44,8 +44,12 @@ def spin(node: Any, executor: Executor) -> None:
             raise
         except Exception as err:
             if not rclpy.ok(context=node.context):
-                return
-            node._report("callback", f"a callback failed: {type(err).__name__}: {err}")
+                return  # e.g. Ctrl-C landing inside rclpy's message conversion: shutting down, no fault
+            report = getattr(node, "_report", None)
+            if report is not None:
+                report("callback", f"a callback failed: {type(err).__name__}: {err}")
+            else:
+                node.get_logger().error(f"a callback failed: {type(err).__name__}: {err}")
 
 
 def shutdown(node: Any, executor: Executor | None) -> None:
@@ -57,8 +61,9 @@ def shutdown(node: Any, executor: Executor | None) -> None:
     """
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, signal.SIG_IGN)
-    if node is not None:
-        _quietly(node.stop, 5.0)  # ends a running decode within one token and joins the worker
+    stop = getattr(node, "stop", None)
+    if stop is not None:
+        _quietly(stop, 5.0)  # ends the work in progress (a decode within one token, a task) and joins the worker
     idle = executor is None or _quietly(executor.shutdown, 2.0)
     if node is not None and idle:  # a callback still running (a transition loading a model) keeps the node
         _quietly(node.destroy_node)
