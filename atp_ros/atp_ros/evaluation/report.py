@@ -137,7 +137,8 @@ def _markdown(results: dict, plots: list[str]) -> str:
             f"**{rec['name']}**: {metric} {_ci(m[metric])} (reference {_fmt(results.get('reference_quality'), True)}),"
             f" {m['tokens_kept']['mean']:.1f}/{m['tokens_kept']['total']} visual tokens,"
             f" p50 {m['latency_ms']['total']['p50']:.1f} ms per frame — the setting with the fewest visual tokens"
-            f" within {100 * meta['tolerance']:.1f} points of the unpruned model (ties: lower latency).",
+            f" within {100 * meta['tolerance']:.1f} points of the unpruned model"
+            " (ties: higher quality, then lower latency).",
         ]
     else:
         lines += [f"No pruned setting came within {100 * meta['tolerance']:.1f} points of the unpruned {metric}."]

@@ -333,8 +333,9 @@ def quality(summary: dict) -> tuple[str, float | None]:
 
 def recommend(rows: list[dict], tolerance: float) -> dict | None:
     """The cheapest pruned clean setting whose quality is within ``tolerance`` of the reference: fewest
-    visual tokens kept (what sets the LLM's cost and KV cache), then the lower p50 latency (measured
-    setting after setting, so noisier than the token count); None when no pruned setting is that close."""
+    visual tokens kept (what sets the LLM's cost and KV cache), then the higher quality (measured on the
+    same samples), then the lower p50 latency (measured setting after setting, so the noisiest of the
+    three); None when no pruned setting is that close."""
     clean = [r for r in rows if not r["setting"]["perturbation"] and r["setting"].get("reuse", "none") == "none"]
     ref = next((r for r in clean if r["setting"]["selector"] == KEEP_ALL), None)
     if ref is None:
@@ -349,7 +350,12 @@ def recommend(rows: list[dict], tolerance: float) -> dict | None:
             ok.append(r)
     if not ok:
         return None
-    return min(ok, key=lambda r: (r["summary"]["tokens_kept"]["mean"], r["summary"]["latency_ms"]["total"]["p50"]))
+
+    def cost(r: dict) -> tuple[float, float, float]:
+        m = r["summary"]
+        return m["tokens_kept"]["mean"], -quality(m)[1], m["latency_ms"]["total"]["p50"]
+
+    return min(ok, key=cost)
 
 
 def pareto(rows: list[dict]) -> list[dict]:

@@ -216,6 +216,30 @@ def test_metrics_on_hand_checked_cases() -> None:
     assert metrics.percentiles(list(range(101)))["p90"] == pytest.approx(90.0)
 
 
+def test_recommendation_takes_the_fewest_tokens_then_the_more_accurate_then_the_faster() -> None:
+    from atp_ros.evaluation.sweep import KEEP_ALL, recommend
+
+    def row(selector: str, tokens: float, acc: float, p50: float) -> dict:
+        summary = {
+            "accuracy": {"mean": acc},
+            "fidelity": {"mean": None},
+            "tokens_kept": {"mean": tokens},
+            "latency_ms": {"total": {"p50": p50}},
+        }
+        return {"setting": {"selector": selector, "perturbation": ""}, "summary": summary}
+
+    full = row(KEEP_ALL, 256, 0.58, 37.0)
+    atp, divprune = row("atp", 29, 0.570, 30.1), row("divprune", 29, 0.568, 28.3)
+    # Same tokens, both within 2 points: the more accurate wins though the other was measured faster.
+    assert recommend([full, atp, divprune, row("atp", 64, 0.582, 30.9)], 0.02) is atp
+    # Quality tied: the faster.
+    twin = row("uniform", 29, 0.570, 25.0)
+    assert recommend([full, atp, twin], 0.02) is twin
+    # Fewer tokens first, as long as they are within the tolerance; none within it: no recommendation.
+    assert recommend([full, atp, row("random", 16, 0.561, 20.0)], 0.02)["setting"]["selector"] == "random"
+    assert recommend([full, row("random", 16, 0.40, 20.0)], 0.02) is None
+
+
 @pytest.mark.parametrize("name", IMAGE_CORRUPTIONS)
 def test_corruptions_are_seeded_and_keep_the_frame_shape(name: str) -> None:
     img = rgb(5, 48, 64)
