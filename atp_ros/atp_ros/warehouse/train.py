@@ -179,10 +179,16 @@ def plot_learning_curve(log_path: Path, png: Path) -> None:
 
     rows = [json.loads(line) for line in log_path.read_text().splitlines() if line.strip()]
     clip = [x for x in rows if x["phase"] == "clip"]
-    lm = [x for x in rows if x["phase"] == "llava"]
-    phase3_end = len(lm)
-    # The cell model's phase 4 goes on from the LLaVA phase's weights: drawn after it on the same axis.
-    lm += [{**x, "step": phase3_end + x["step"]} for x in rows if x["phase"] == "tune"]
+    # The cell model's phases 4 and 5 go on from the LLaVA phase's weights: drawn after it on the same axis
+    # (a run started from a checkpoint, --init-from, logs phase 5 alone).
+    names = {"llava": "LLaVA (projector + LM)", "tune": "phase 4 (reworded)", "dialog": "phase 5 (dialog)"}
+    lm, starts, shown = [], [], []
+    for name in names:
+        part = [x for x in rows if x["phase"] == name]
+        if part:
+            starts.append(len(lm))
+            shown.append(names[name])
+            lm += [{**x, "step": len(lm) + x["step"]} for x in part]
     # A run resumed from another run's CLIP logs no CLIP steps: then only the LLaVA panel.
     fig, ax = plt.subplots(1, 2, figsize=(11, 4)) if clip else plt.subplots(1, 1, figsize=(7, 4))
     ax = ax if clip else [None, ax]
@@ -208,11 +214,9 @@ def plot_learning_curve(log_path: Path, png: Path) -> None:
         if vs or held:
             ax2.set_ylim(0, 1)
         ax2.plot(smooth([x["acc"] for x in lm]), color="C1", alpha=0.6, label="train answer accuracy")
-        title = "LLaVA (projector + LM)"
-        if len(lm) > phase3_end:
-            ax[1].axvline(phase3_end, color="gray", ls=":")
-            title += ", then phase 4 (reworded questions)"
-        ax[1].set(title=title, xlabel="step", ylabel="loss")
+        for start in starts[1:]:
+            ax[1].axvline(start, color="gray", ls=":")
+        ax[1].set(title=", then ".join(shown), xlabel="step", ylabel="loss")
         ax2.legend(loc="lower right")
     fig.tight_layout()
     png.parent.mkdir(parents=True, exist_ok=True)

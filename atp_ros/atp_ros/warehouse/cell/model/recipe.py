@@ -86,7 +86,7 @@ class Recipe:
     # each sequence (phase 4's rewording, every patch). Train and validation accuracy stayed level with each
     # other in every earlier phase (the model underfits), and with every patch kept the 256 image tokens
     # dominate a one-question sequence: six turns give six answers for about 1.5 times the compute.
-    dialog_steps: int = 0
+    dialog_steps: int = 1_000
     dialog_turns: int = 6
     dialog_lr: float = 3e-4
     feature_layer: int = -1  # the layer the region loss aligned with the questions' words
