@@ -86,7 +86,7 @@ def ground_losses(
     return out, acc
 
 
-class _Grounding(torch.nn.Module):
+class Grounding(torch.nn.Module):
     """The CLIP, the read-outs and the region loss's scale, saved and resumed as one state dict."""
 
     def __init__(self, clip, heads: GroundHeads, dense_scale: torch.nn.Parameter) -> None:
@@ -102,7 +102,7 @@ def ground_clip(trainer, clip, frames: Frames, progress: Progress, checkpoint_ev
     torch.manual_seed(r.seed + 1)
     clip.requires_grad_(True)
     dense_scale = torch.nn.Parameter(torch.tensor(float(trainer.state.get("dense_scale", np.log(10.0)))))
-    module = _Grounding(clip, GroundHeads(clip.config.vision_config.hidden_size), dense_scale)
+    module = Grounding(clip, GroundHeads(clip.config.vision_config.hidden_size), dense_scale)
     opt = torch.optim.AdamW(module.parameters(), lr=r.ground_lr, weight_decay=0.05)
     bf16_forward(clip.vision_model, r)
     bf16_forward(clip.text_model, r)
@@ -125,4 +125,4 @@ def ground_clip(trainer, clip, frames: Frames, progress: Progress, checkpoint_ev
     return clip.requires_grad_(False)
 
 
-__all__ = ["GroundHeads", "ground_clip", "ground_losses", "patch_targets"]
+__all__ = ["GroundHeads", "Grounding", "ground_clip", "ground_losses", "patch_targets"]

@@ -76,11 +76,11 @@ class CellTrainer(Trainer):
 
     def start_from(self, ckpt: Path) -> None:
         """Take phases 1-4 from a trained cell checkpoint (``warehouse-cell``, or a ``--out`` of this trainer)
-        whose recipe is this one up to phase 5, so the run goes on with phase 5; SystemExit with one line when
+        whose recipe matches this one through phase 4, so the run goes on with phase 5; SystemExit with one line when
         the checkpoint is not one, or was trained with another recipe or tokenizer."""
         from transformers import AutoTokenizer, CLIPModel, LlavaForConditionalGeneration
 
-        from atp_ros.warehouse.cell.model.ground_phase import GroundHeads, _Grounding
+        from atp_ros.warehouse.cell.model.ground_phase import GroundHeads, Grounding
 
         try:
             saved = json.loads((ckpt / "recipe.json").read_text())
@@ -95,7 +95,7 @@ class CellTrainer(Trainer):
         clip = CLIPModel.from_pretrained(ckpt / "atp_text_tower", dtype=torch.float32)
         llava = LlavaForConditionalGeneration.from_pretrained(ckpt, dtype=torch.float32)
         heads = GroundHeads(clip.config.vision_config.hidden_size)
-        ground = _Grounding(clip, heads, torch.nn.Parameter(torch.tensor(math.log(10.0))))
+        ground = Grounding(clip, heads, torch.nn.Parameter(torch.tensor(math.log(10.0))))
         r = self.r
         self.print(f"phases 1-4 from {ckpt} (float16 weights, read as float32)")
         self.save_state(
