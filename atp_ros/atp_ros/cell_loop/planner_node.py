@@ -36,7 +36,7 @@ from trajectory_msgs.msg import JointTrajectory, JointTrajectoryPoint
 from atp_ros.cell_loop import picking
 from atp_ros.cell_loop.camera import BASE_FRAME, PinholeCamera, nominal_pose
 from atp_ros.cell_loop.picking import HOLDING_QUESTION, WHERE_QUESTION, ArmModel, IkFailure, Task, TaskError
-from atp_ros.ros.callbacks import shutdown, spin
+from atp_ros.ros.callbacks import install_signal_handlers, shutdown, spin
 from atp_ros.warehouse.cell import arm
 from atp_ros_msgs.action import Ask
 from atp_ros_msgs.msg import VlmAnswer
@@ -367,6 +367,7 @@ class PickPlanner(Node):
 
 def run(args: list[str] | None = None) -> int:
     """Init, plan tasks on a worker thread while spinning, until Ctrl-C / SIGTERM."""
+    install_signal_handlers()  # before rclpy.init, which chains its handler to ours
     rclpy.init(args=args)
     node = None
     executor = SingleThreadedExecutor()

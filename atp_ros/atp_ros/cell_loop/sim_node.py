@@ -35,7 +35,7 @@ from trajectory_msgs.msg import JointTrajectory
 
 from atp_ros.cell_loop.camera import BASE_FRAME, NOMINAL_FOVY, OPTICAL_FRAME, nominal_pose
 from atp_ros.cell_loop.sim import JOINT_NAMES, CellSim
-from atp_ros.ros.callbacks import shutdown, spin
+from atp_ros.ros.callbacks import install_signal_handlers, shutdown, spin
 
 RELIABLE = QoSProfile(depth=10, reliability=ReliabilityPolicy.RELIABLE)
 LATCHED = QoSProfile(depth=1, reliability=ReliabilityPolicy.RELIABLE, durability=DurabilityPolicy.TRANSIENT_LOCAL)
@@ -173,6 +173,7 @@ class CellSimNode(Node):
 
 def run(args: list[str] | None = None) -> int:
     """Init, spin until Ctrl-C / SIGTERM, clean up; 1 with one line when the parameters are invalid."""
+    install_signal_handlers()  # before rclpy.init, which chains its handler to ours
     rclpy.init(args=args)
     node = None
     executor = SingleThreadedExecutor()

@@ -1,9 +1,10 @@
 """Callbacks that never end the node: a guard for each ROS callback, a spin that resumes after one
-fails, and a shutdown that no second signal interrupts."""
+fails, signals that stop a spin without an exception, and a shutdown that no second signal interrupts."""
 
 from __future__ import annotations
 
 import signal
+import threading
 from collections.abc import Callable
 from functools import wraps
 from typing import Any
@@ -32,24 +33,50 @@ def guarded(cause: str, fallback: Callable | None = None) -> Callable:
     return wrap
 
 
+_spinning = threading.Event()
+
+
+def install_signal_handlers() -> None:
+    """Route SIGINT and SIGTERM so that, while :func:`spin` runs, they stop it without an exception.
+
+    Call it before ``rclpy.init``: rclpy's own handler (which shuts the context down, so ``spin``
+    returns) then chains to this one. Python's default SIGINT handler raises ``KeyboardInterrupt``
+    wherever the main thread happens to be; inside the executor that can be halfway through building
+    an rclpy ``Task``, whose ``__del__`` then prints a traceback on the way out. Outside ``spin``
+    (building the node, an autostart loading its model) a signal still raises ``KeyboardInterrupt``,
+    so a long load is cut short.
+    """
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, _on_signal)
+
+
+def _on_signal(signum: int, frame: Any) -> None:
+    if not _spinning.is_set():
+        raise KeyboardInterrupt
+
+
 def spin(node: Any, executor: Executor) -> None:
     """Spin until shutdown. A callback's exception surfaces from ``spin()``: it is reported by the
     node's ``_report`` (or logged) and spinning resumes, so one failing callback never ends the node (the node's
     own callbacks are guarded; rclpy's lifecycle and parameter services are not)."""
-    while rclpy.ok(context=node.context):
-        try:
-            executor.spin()
-            return
-        except (KeyboardInterrupt, ExternalShutdownException):
-            raise
-        except Exception as err:
-            if not rclpy.ok(context=node.context):
-                return  # e.g. Ctrl-C landing inside rclpy's message conversion: shutting down, no fault
-            report = getattr(node, "_report", None)
-            if report is not None:
-                report("callback", f"a callback failed: {type(err).__name__}: {err}")
-            else:
-                node.get_logger().error(f"a callback failed: {type(err).__name__}: {err}")
+    _spinning.set()
+    try:
+        while rclpy.ok(context=node.context):
+            try:
+                executor.spin()
+                return
+            except (KeyboardInterrupt, ExternalShutdownException):
+                raise
+            except Exception as err:
+                if not rclpy.ok(context=node.context):
+                    return  # e.g. Ctrl-C landing inside rclpy's message conversion: shutting down, no fault
+                report = getattr(node, "_report", None)
+                if report is not None:
+                    report("callback", f"a callback failed: {type(err).__name__}: {err}")
+                else:
+                    node.get_logger().error(f"a callback failed: {type(err).__name__}: {err}")
+    finally:
+        _spinning.clear()
 
 
 def shutdown(node: Any, executor: Executor | None) -> None:

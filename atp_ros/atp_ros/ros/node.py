@@ -46,7 +46,7 @@ from atp_ros.backends.errors import ModelLoadError, ServiceUnavailable
 from atp_ros.backends.loading import release_cuda_cache
 from atp_ros.ros import diagnostics, messages, overlay, params, transport
 from atp_ros.ros.asks import AskEndpoints
-from atp_ros.ros.callbacks import guarded, shutdown, spin
+from atp_ros.ros.callbacks import guarded, install_signal_handlers, shutdown, spin
 from atp_ros.ros.worker import ERROR, WARN, BadInput, InferenceWorker, Outcome
 from atp_ros_msgs.msg import VlmAnswer
 
@@ -425,6 +425,7 @@ def _fatal(reason: str) -> int:
 
 def run(args: list[str] | None = None) -> int:
     """Init, spin until Ctrl-C / SIGTERM / shutdown, clean up; 1 with one line when it cannot start."""
+    install_signal_handlers()  # before rclpy.init, which chains its handler to ours
     rclpy.init(args=args)
     node = executor = None
     try:
