@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import sys
 import threading
 import time
 
@@ -109,3 +110,41 @@ def teardown_module() -> None:
     if EXITS:
         worst = max(EXITS, key=lambda e: e[1])
         print(f"\n{len(EXITS)} signalled exits, slowest {worst[1]:.2f} s ({worst[0]})")
+
+
+SPIN_SCRIPT = """
+import os, signal, sys, threading
+import rclpy
+from rclpy.executors import MultiThreadedExecutor
+from atp_ros.ros.callbacks import install_signal_handlers, spin
+
+install_signal_handlers()
+try:
+    os.kill(os.getpid(), signal.SIGINT)  # outside spin: a KeyboardInterrupt, so a long load is cut short
+    raise SystemExit("no KeyboardInterrupt outside spin")
+except KeyboardInterrupt:
+    pass
+rclpy.init()  # its handler chains to ours
+node = rclpy.create_node("signal_probe")
+node.create_timer(0.001, lambda: None)  # the executor builds a Task every millisecond
+executor = MultiThreadedExecutor(num_threads=2)
+executor.add_node(node)
+threading.Timer(0.5, os.kill, (os.getpid(), signal.SIG%s)).start()
+spin(node, executor)  # returns: no KeyboardInterrupt raised wherever the main thread was
+print("spin returned", rclpy.ok(), flush=True)
+executor.shutdown()
+node.destroy_node()
+"""
+
+
+@pytest.mark.parametrize("sig", ["INT", "TERM"])
+def test_a_signal_ends_spin_without_an_exception(sig) -> None:
+    """rclpy's handler chains to ours: the context shuts down and ``spin`` returns, no KeyboardInterrupt
+    landing halfway through building an rclpy Task (whose ``__del__`` then printed a traceback on exit)."""
+    env = {**os.environ, "ROS_AUTOMATIC_DISCOVERY_RANGE": "LOCALHOST"}
+    proc = subprocess.run(
+        [sys.executable, "-c", SPIN_SCRIPT % sig], capture_output=True, text=True, timeout=60, env=env
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "spin returned False" in proc.stdout
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
