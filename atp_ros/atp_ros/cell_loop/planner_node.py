@@ -175,8 +175,11 @@ class PickPlanner(Node):
             report["cause"], report["message"] = err.cause, str(err)
         report["timings"]["total_s"] = round(time.monotonic() - start, 3)
         self.pub_result.publish(String(data=json.dumps(report)))
-        level = self.get_logger().info if report["success"] else self.get_logger().warning
-        level(f"task {text!r}: {'success' if report['success'] else report['cause']}: {report['message']}")
+        # Two call sites: rclpy's logger refuses a second severity from one line (ValueError).
+        if report["success"]:
+            self.get_logger().info(f"task {text!r}: success: {report['message']}")
+        else:
+            self.get_logger().warning(f"task {text!r}: {report['cause']}: {report['message']}")
         return report
 
     def _do(self, text: str, report: dict) -> None:

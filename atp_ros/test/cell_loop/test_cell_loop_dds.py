@@ -205,3 +205,17 @@ def test_planner_drives_the_arm_to_the_conveyor(rclpy_context, tmp_path) -> None
     text = (tmp_path / "sim.log").read_text()
     assert sim.returncode == 0 and "Traceback" not in text, text[-3000:]
     assert os.environ.get("ROS_AUTOMATIC_DISCOVERY_RANGE") == "LOCALHOST"
+
+
+def test_planner_logs_a_failure_after_a_success(rclpy_context) -> None:
+    """rclpy's logger refuses a second severity from one call site: a failed task after a delivered one ended a
+    closed-loop run (grasp confirmation on) with ValueError. Each outcome is reported and the next task runs."""
+    planner = PickPlanner(context=rclpy_context, namespace=new_namespace(), confirm=False)
+    try:
+        assert planner.run_task("fly me to the moon")["cause"] == "bad_task"
+        planner._do = lambda text, report: None  # a task delivered without the simulator: only the report path
+        assert planner.run_task("bring the red box to the conveyor")["success"]
+        del planner._do
+        assert planner.run_task("fly me to the moon")["cause"] == "bad_task"
+    finally:
+        planner.destroy_node()
