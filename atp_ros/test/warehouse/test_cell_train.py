@@ -147,6 +147,33 @@ def test_curriculum_keeps_every_evidence_patch_and_grows_the_distractors_to_all(
     assert len(kept_patches(rng, r, np.zeros(NUM_PATCHES, dtype=bool), share=0.0)) == 1, "never an empty image"
 
 
+def test_phase_5_pruned_sequences_keep_every_evidence_patch_and_a_share_of_the_rest() -> None:
+    import numpy as np
+    from atp_ros.warehouse.cell.model.llava_phase import PRUNED_OTHERS, sequence_keep
+    from atp_ros.warehouse.cell.model.recipe import Recipe
+
+    r = Recipe(drop_share=0.0)
+    rng = np.random.default_rng(1)
+    masks = [np.zeros(NUM_PATCHES, dtype=bool) for _ in range(3)]
+    masks[0][[3, 4]] = True
+    masks[1][[100, 101, 117]] = True  # the third turn has no evidence patch (e.g. "is the aisle clear?")
+    evidence = {3, 4, 100, 101, 117}
+    others = NUM_PATCHES - len(evidence)
+    sizes = []
+    for _ in range(50):
+        keep = sequence_keep(rng, r, masks, pruned=1.0)
+        assert evidence <= set(keep.tolist()) and list(keep) == sorted(set(keep.tolist()))
+        sizes.append(len(keep) - len(evidence))
+    lo, hi = PRUNED_OTHERS
+    assert round(lo * others) <= min(sizes) and max(sizes) <= round(hi * others)
+    assert max(sizes) - min(sizes) > 0.1 * others, "the kept share varies from sequence to sequence"
+    assert list(sequence_keep(rng, r, masks, pruned=0.0)) == list(range(NUM_PATCHES)), "0: every patch"
+    mixed = [len(sequence_keep(rng, r, masks, pruned=0.5)) < NUM_PATCHES for _ in range(200)]
+    assert 60 < sum(mixed) < 140, "about half the sequences pruned"
+    keep = sequence_keep(rng, r, masks, share=0.0, pruned=1.0)
+    assert set(keep.tolist()) == evidence, "the curriculum's share wins while it runs"
+
+
 def test_question_first_prompt_matches_what_the_processor_renders(tmp_path) -> None:
     from atp_ros.warehouse.cell.model.llava_phase import QUESTION_FIRST_TEMPLATE, Prompts
     from atp_ros.warehouse.cell.model.recipe import make_tokenizer

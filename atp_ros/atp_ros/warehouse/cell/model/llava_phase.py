@@ -75,6 +75,11 @@ def distractor_share(r: Recipe, step: int) -> float:
     return r.distractors_start + (1.0 - r.distractors_start) * t * t
 
 
+# The share of non-evidence patches a phase-5 pruned sequence keeps, drawn uniformly: with the ~22 evidence
+# patches of ten questions (of 256) that spans keeping about 0.12-0.45 of the image, ATP's 0.11-0.4.
+PRUNED_OTHERS = (0.03, 0.4)
+
+
 def kept_patches(rng: np.random.Generator, r: Recipe, evidence: np.ndarray, share: float) -> np.ndarray:
     """Image tokens one sequence keeps: every patch's index (sometimes a random 10-100% subset), or, while
     the curriculum runs (``share`` < 1), the turns' ``evidence`` patches plus ``share`` of the others."""
@@ -89,6 +94,18 @@ def kept_patches(rng: np.random.Generator, r: Recipe, evidence: np.ndarray, shar
     return np.arange(NUM_PATCHES)
 
 
+def sequence_keep(
+    rng: np.random.Generator, r: Recipe, masks: list[np.ndarray], share: float = 1.0, pruned: float = 0.0
+) -> np.ndarray:
+    """The sorted image-token indices one sequence keeps, given its turns' evidence ``masks`` (flat bool): the
+    curriculum's ``share`` (below 1), else, with probability ``pruned``, the evidence plus a random
+    :data:`PRUNED_OTHERS` share of the other patches, else :func:`kept_patches`' every patch or random subset."""
+    evidence = np.logical_or.reduce([np.zeros(NUM_PATCHES, bool), *masks])
+    if pruned and share >= 1.0 and rng.random() < pruned:
+        share = float(rng.uniform(*PRUNED_OTHERS))
+    return kept_patches(rng, r, evidence, share)
+
+
 def llava_batch(
     prompts: Prompts,
     frames: Frames,
@@ -100,6 +117,7 @@ def llava_batch(
     noise: float = 0.0,
     extra: float = 0.0,
     hard: tuple[str, ...] | None = None,
+    pruned: float = 0.0,
 ):
     """Token ids, original position ids, attention mask, kept patches, targets and evidence positions of a
     batch of sequences (see ``warehouse.train_llava.llava_batch``: the same layout). With the question first
@@ -107,7 +125,8 @@ def llava_batch(
     the share of questions reworded with :data:`~atp_ros.warehouse.cell.noise.EXTRA_TEMPLATES`, then ``noise``
     the share perturbed by :func:`~atp_ros.warehouse.cell.noise.perturb`; ``split`` "test" words
     every question with a held-out phrasing (for measuring only). ``hard``: the kinds drawn twice as often
-    (``r.hard_kinds`` when None)."""
+    (``r.hard_kinds`` when None). ``pruned``: the share of sequences (when ``share`` is 1) that keep their
+    turns' evidence patches and a random :data:`PRUNED_OTHERS` share of the others."""
     rows, positions, image_keep, targets, evidence = [], [], [], [], []
     turns = 1 if r.question_first else r.llava_turns
     for i in idx:
@@ -117,7 +136,7 @@ def llava_batch(
         qs = [replace(q, question=perturb(q.question, rng)) if noise and rng.random() < noise else q for q in qs]
         head = prompts.head(qs[0].question if qs else "")
         masks = [patch_mask(q, truth) for q in qs]
-        keep = kept_patches(rng, r, np.logical_or.reduce([np.zeros(NUM_PATCHES, bool), *masks]), share)
+        keep = sequence_keep(rng, r, masks, share, pruned)
         ids = head + [prompts.image_id] * len(keep)
         pos = list(range(len(head))) + [len(head) + int(j) for j in keep]
         nxt = len(head) + NUM_PATCHES  # text after the image keeps its unpruned position
@@ -174,13 +193,22 @@ def train_llava(
     prompts = Prompts(trainer.tok, chat_template(r))
     ema: list[float] = []
 
-    def step_fn(noise: float, extra: float, schedule: bool, hard: tuple[str, ...] | None = None, turns: int = 0):
+    def step_fn(
+        noise: float,
+        extra: float,
+        schedule: bool,
+        hard: tuple[str, ...] | None = None,
+        turns: int = 0,
+        pruned: float = 0.0,
+    ):
         rt = replace(r, llava_turns=turns) if turns else r
 
         def one_step(rng: np.random.Generator, step: int):
             idx = np.sort(rng.choice(len(frames), size=min(r.llava_batch, len(frames)), replace=False))
             share = distractor_share(r, step) if schedule else 1.0
-            batch = llava_batch(prompts, frames, idx, rng, rt, share=share, noise=noise, extra=extra, hard=hard)
+            batch = llava_batch(
+                prompts, frames, idx, rng, rt, share=share, noise=noise, extra=extra, hard=hard, pruned=pruned
+            )
             loss, acc = llava_loss(model, feats[torch.as_tensor(idx)].float(), *batch, prompts.image_id, r)
             ema[:] = [acc if not ema else 0.98 * ema[0] + 0.02 * acc]
             info = f"loss {loss.item():.3f} acc~{ema[0]:.3f} distractors {share:.2f}"
@@ -222,10 +250,12 @@ def train_llava(
         )
     if r.dialog_steps:
         # Phase 5 goes on from phase 4's weights, fresh optimizer and schedule, phase 4's rewording, with
-        # ``dialog_turns`` questions about the image per sequence (more answers per image token computed).
+        # ``dialog_turns`` questions about the image per sequence (more answers per image token computed),
+        # ``dialog_pruned`` of the sequences on a pruned image.
         opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=r.dialog_lr, weight_decay=0.01)
         dialog = Phase("dialog", r.dialog_steps, r.dialog_lr, stream=5)
-        one_step = step_fn(r.question_noise, r.extra_phrasings, False, tuple(r.tune_hard_kinds), r.dialog_turns)
+        hard = tuple(r.tune_hard_kinds)
+        one_step = step_fn(r.question_noise, r.extra_phrasings, False, hard, r.dialog_turns, r.dialog_pruned)
         after = validate_every(r.dialog_steps)
         run_phase(trainer, dialog, model, opt, one_step, progress, checkpoint_every_s, after_step=after)
     plain_forward(model.model.language_model)

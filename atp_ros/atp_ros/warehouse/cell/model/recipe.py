@@ -89,6 +89,10 @@ class Recipe:
     dialog_steps: int = 1_000
     dialog_turns: int = 6
     dialog_lr: float = 3e-4
+    # Share of phase 5's sequences that see a pruned image: the evidence patches of all their turns plus a
+    # random ``PRUNED_OTHERS`` share of the others, as a good pruner would leave it, so the answers that
+    # need every instance (counts) or the whole frame hold under pruning. 0 draws nothing (older recipes).
+    dialog_pruned: float = 0.0
     feature_layer: int = -1  # the layer the region loss aligned with the questions' words
     # Tower layers the projector reads besides ``feature_layer`` (llava's list-valued ``vision_feature_layer``):
     # layer 0, the embeddings, carries each patch's absolute position, which the LLM needs to find "slot
@@ -141,7 +145,7 @@ QUICK = {
 _CELL_CLIP_FIELDS = (*CLIP_FIELDS, "vision_heads", "chunk")
 _GROUND_FIELDS = ("ground_steps", "ground_lr", "ground_weight", "feature_layer")
 TUNE_FIELDS = ("tune_steps", "tune_lr", "question_noise", "extra_phrasings", "tune_hard_kinds")
-DIALOG_FIELDS = ("dialog_steps", "dialog_turns", "dialog_lr")
+DIALOG_FIELDS = ("dialog_steps", "dialog_turns", "dialog_lr", "dialog_pruned")
 
 
 def clip_part(recipe: dict) -> dict:
