@@ -149,8 +149,9 @@ def test_curriculum_keeps_every_evidence_patch_and_grows_the_distractors_to_all(
 
 def test_phase_5_pruned_sequences_keep_every_evidence_patch_and_a_share_of_the_rest() -> None:
     import numpy as np
-    from atp_ros.warehouse.cell.model.llava_phase import PRUNED_OTHERS, sequence_keep
+    from atp_ros.warehouse.cell.model.llava_phase import PRUNED_OTHERS, pruned_turns, sequence_keep
     from atp_ros.warehouse.cell.model.recipe import Recipe
+    from atp_ros.warehouse.cell.questions import questions_for
 
     r = Recipe(drop_share=0.0)
     rng = np.random.default_rng(1)
@@ -161,17 +162,22 @@ def test_phase_5_pruned_sequences_keep_every_evidence_patch_and_a_share_of_the_r
     others = NUM_PATCHES - len(evidence)
     sizes = []
     for _ in range(50):
-        keep = sequence_keep(rng, r, masks, pruned=1.0)
+        keep = sequence_keep(rng, r, masks, pruned=True)
         assert evidence <= set(keep.tolist()) and list(keep) == sorted(set(keep.tolist()))
         sizes.append(len(keep) - len(evidence))
     lo, hi = PRUNED_OTHERS
     assert round(lo * others) <= min(sizes) and max(sizes) <= round(hi * others)
     assert max(sizes) - min(sizes) > 0.1 * others, "the kept share varies from sequence to sequence"
-    assert list(sequence_keep(rng, r, masks, pruned=0.0)) == list(range(NUM_PATCHES)), "0: every patch"
-    mixed = [len(sequence_keep(rng, r, masks, pruned=0.5)) < NUM_PATCHES for _ in range(200)]
-    assert 60 < sum(mixed) < 140, "about half the sequences pruned"
-    keep = sequence_keep(rng, r, masks, share=0.0, pruned=1.0)
+    assert list(sequence_keep(rng, r, masks, pruned=False)) == list(range(NUM_PATCHES)), "unpruned: every patch"
+    keep = sequence_keep(rng, r, masks, share=0.0, pruned=True)
     assert set(keep.tolist()) == evidence, "the curriculum's share wins while it runs"
+
+    # A clear aisle has no evidence patch, so a pruned image would give its answer away: never asked there.
+    truth = random_still(11).truth
+    qs = questions_for(truth, rng, 60, "train")
+    assert {q.kind for q in qs} >= {"aisle", "count"}
+    kept = pruned_turns(qs)
+    assert "aisle" not in {q.kind for q in kept} and kept == [q for q in qs if q.kind != "aisle"]
 
 
 def test_question_first_prompt_matches_what_the_processor_renders(tmp_path) -> None:
