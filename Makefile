@@ -44,12 +44,13 @@ train-tiny: setup
 	@$(ENV) python -m atp_ros.warehouse.train --out out/warehouse-tiny --work out/train-tiny $(TRAIN_ARGS)
 
 # The rendered cell's model (#20): resumable, rerun to continue from out/train-cell.
-# Phases 1-5 (out/warehouse-cell-5), then phase 5 once more with ten questions per image from its checkpoint,
-# as the bundled eleventh attempt was trained (docs/warehouse.md); the second run reuses the rendered frames.
+# Phases 1-5 (out/warehouse-cell-5), then phase 5 once more from its checkpoint with ten questions per image,
+# 40% of them on pruned images, as the bundled fourteenth attempt was trained (docs/warehouse.md); the second
+# run reuses the rendered frames.
 train-cell: setup
 	@$(ENV) python -m atp_ros.warehouse.cell.model --out out/warehouse-cell-5 --work out/train-cell $(TRAIN_ARGS)
 	@[ -d out/train-cell-2/frames ] || { mkdir -p out/train-cell-2 && cp -al out/train-cell/frames out/train-cell-2/frames; }
-	@$(ENV) python -m atp_ros.warehouse.cell.model --init-from out/warehouse-cell-5 --set dialog_turns=10 \
+	@$(ENV) python -m atp_ros.warehouse.cell.model --init-from out/warehouse-cell-5 --set dialog_turns=10 --set dialog_pruned=0.4 \
 		--out out/warehouse-cell --work out/train-cell-2 $(TRAIN_ARGS)
 
 # The robot-arm loop (#24): cell_sim + vlm_node + the pick planner (CELL_ARGS="--model DIR ...").
