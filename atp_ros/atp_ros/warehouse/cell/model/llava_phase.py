@@ -80,8 +80,8 @@ def distractor_share(r: Recipe, step: int) -> float:
 # patches of ten questions (of 256) that spans keeping about 0.12-0.45 of the image, ATP's 0.11-0.4.
 PRUNED_OTHERS = (0.03, 0.4)
 # Kinds a pruned sequence does not ask. "Is the aisle clear?" has no evidence when it is (only the blockers
-# when it is not), so a pruned image would show its answer in which patches are left; trained on that, the
-# thirteenth attempt answered `clear` for blocked aisles on full frames (aisle 0.85 -> 0.59).
+# when it is not), so on a pruned image which patches are left would give the answer away. Leaving it out
+# did not by itself bring the aisle back on full frames (docs/warehouse.md, the fourteenth attempt).
 WHOLE_FRAME_KINDS = ("aisle",)
 
 
