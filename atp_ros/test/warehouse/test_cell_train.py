@@ -197,3 +197,36 @@ def test_question_first_prompt_matches_what_the_processor_renders(tmp_path) -> N
     ids, _, offset = prompts.turn(question, "red", first=True)
     assert prompts.head(question) == tok(before, add_special_tokens=False)["input_ids"]
     assert ids[:offset] == tok(after, add_special_tokens=False)["input_ids"]
+
+
+def test_phase_5_contrast_turns_ask_about_items_whose_color_the_other_kind_shares() -> None:
+    import numpy as np
+    from atp_ros.warehouse.cell.model.llava_phase import with_contrast
+    from atp_ros.warehouse.cell.questions import candidates, contrast_questions, questions_for
+
+    rng = np.random.default_rng(3)
+    for seed in (9, 15, 20):  # frames with a same-color box and tote on the racking
+        truth = random_still(seed).truth
+        shelf = {(o.color, o.kind) for o in truth.objects if o.place == "shelf" and o.kind in ("box", "tote")}
+        qs = contrast_questions(truth, rng, 40, "train")
+        assert len(qs) == 40 and {q.kind for q in qs} >= {"where", "which_level", "exists"}
+        for q in qs:
+            refs = (q.slots["a"], q.slots["b"]) if q.kind == "left_right" else (q.slots,)
+            other = {"box": "tote", "tote": "box"}
+            assert any((ref["color"], other[ref["object_kind"]]) in shelf for ref in refs), q
+            assert (q.slots, q.answer) in [(s, a) for s, a, _ in candidates(truth, q.kind)], "answers from the truth"
+        # The answer is the named kind's place, not its same-color twin's.
+        for q in (q for q in qs if q.kind == "where"):
+            ref = q.slots
+            items = [o for o in truth.objects if o.place == "shelf" and o.color == ref["color"]]
+            named = [f"{o.level}-{o.slot}" for o in items if o.kind == ref["object_kind"]]
+            twins = [f"{o.level}-{o.slot}" for o in items if o.kind != ref["object_kind"]]
+            assert named == [q.answer] and twins and q.answer not in twins
+        turns = questions_for(truth, rng, 10, "train")
+        assert with_contrast(turns, truth, rng, 0.0, "train") == turns
+        mixed = with_contrast(turns, truth, rng, 1.0, "train")
+        assert len(mixed) == len(turns) and len({q.question for q in mixed}) == len(mixed), "wordings stay distinct"
+        replaced = [q for q, t in zip(mixed, turns, strict=True) if q is not t]
+        assert len(replaced) >= len(turns) // 2 and all(
+            q.kind in ("where", "which_level", "exists", "left_right") for q in replaced
+        )

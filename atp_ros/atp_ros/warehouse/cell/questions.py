@@ -48,6 +48,7 @@ __all__ = [
     "Question",
     "accepted_answers",
     "candidates",
+    "contrast_questions",
     "phrasings",
     "questions_for",
     "render_question",
@@ -317,6 +318,40 @@ def candidates(truth: CellTruth, kind: str) -> list[Candidate]:
     if kind not in _CANDIDATES:
         raise ValueError(f"unknown question kind {kind!r} (known: {', '.join(KINDS)})")
     return _CANDIDATES[kind](truth)
+
+
+# Kinds whose question names an item by color and object kind ("the red box"), so that a same-color item of
+# the other kind on the racking (a red tote) is the wrong one: the answer depends on telling box from tote.
+CONTRAST_KINDS = ("where", "which_level", "exists", "left_right")
+
+
+def _has_twin(truth: CellTruth, ref: dict) -> bool:
+    """Whether the racking holds an item of ``ref``'s color and the other shelf kind."""
+    return any(
+        o.color == ref["color"] and o.kind in SHELF_KINDS and o.kind != ref["object_kind"] for o in _shelf(truth)
+    )
+
+
+def contrast_candidates(truth: CellTruth, kind: str) -> list[Candidate]:
+    """The candidates of a :data:`CONTRAST_KINDS` kind whose named item (either, for left/right) has a same-color
+    twin of the other kind on the racking: answered from the color alone they go wrong half the time."""
+    refs = (lambda s: (s["a"], s["b"])) if kind == "left_right" else (lambda s: (s,))
+    return [c for c in candidates(truth, kind) if any(_has_twin(truth, ref) for ref in refs(c[0]))]
+
+
+def contrast_questions(truth: CellTruth, rng: np.random.Generator, n: int, split: str) -> list[Question]:
+    """Up to ``n`` questions worded for ``split`` from :func:`contrast_candidates`, the kinds taken uniformly among
+    those the frame allows. A frame without a same-color box and tote still gives ``exists`` questions about the
+    kind that is not there ("is there a red tote?" with only a red box): answered from the color, they say yes."""
+    pools = {kind: contrast_candidates(truth, kind) for kind in CONTRAST_KINDS}
+    kinds = [kind for kind in CONTRAST_KINDS if pools[kind]]
+    if not kinds:
+        return []
+    out = []
+    for _ in range(n):
+        kind = kinds[int(rng.integers(len(kinds)))]
+        out.append(_draw(kind, pools[kind], rng, split, False))
+    return out
 
 
 def _draw(kind: str, pool: list[Candidate], rng: np.random.Generator, split: str, held_out_only: bool) -> Question:

@@ -16,7 +16,7 @@ from atp_ros.warehouse.cell.model.data import Frames, draw_questions, patch_mask
 from atp_ros.warehouse.cell.model.loop import Phase, run_phase
 from atp_ros.warehouse.cell.model.recipe import NUM_PATCHES, Recipe, bf16_forward, llava_feature_layers, plain_forward
 from atp_ros.warehouse.cell.noise import perturb, reword
-from atp_ros.warehouse.cell.questions import Question
+from atp_ros.warehouse.cell.questions import Question, contrast_questions
 from atp_ros.warehouse.train_llava import llava_config, llava_loss, pad_rows
 
 if TYPE_CHECKING:
@@ -116,6 +116,26 @@ def pruned_turns(questions: list[Question]) -> list[Question]:
     return [q for q in questions if q.kind not in WHOLE_FRAME_KINDS]
 
 
+def with_contrast(
+    questions: list[Question], truth, rng: np.random.Generator, share: float, split: str
+) -> list[Question]:
+    """``questions`` with each turn replaced, at probability ``share``, by a question about an item that has a
+    same-color twin of the other kind on the racking (:func:`~atp_ros.warehouse.cell.questions.contrast_questions`),
+    wordings kept distinct; unchanged when the frame has no such pair."""
+    pool = contrast_questions(truth, rng, len(questions), split)
+    if not pool:
+        return questions
+    seen = {q.question for q in questions}
+    out = []
+    for q, c in zip(questions, pool, strict=True):
+        if rng.random() < share and c.question not in seen:
+            seen.add(c.question)
+            out.append(c)
+        else:
+            out.append(q)
+    return out
+
+
 def llava_batch(
     prompts: Prompts,
     frames: Frames,
@@ -128,6 +148,7 @@ def llava_batch(
     extra: float = 0.0,
     hard: tuple[str, ...] | None = None,
     pruned: float = 0.0,
+    twins: float = 0.0,
 ):
     """Token ids, original position ids, attention mask, kept patches, targets and evidence positions of a
     batch of sequences (see ``warehouse.train_llava.llava_batch``: the same layout). With the question first
@@ -136,13 +157,15 @@ def llava_batch(
     the share perturbed by :func:`~atp_ros.warehouse.cell.noise.perturb`; ``split`` "test" words
     every question with a held-out phrasing (for measuring only). ``hard``: the kinds drawn twice as often
     (``r.hard_kinds`` when None). ``pruned``: the share of sequences (when ``share`` is 1) that keep their
-    turns' evidence patches and a random :data:`PRUNED_OTHERS` share of the others (:func:`pruned_turns`)."""
+    turns' evidence patches and a random :data:`PRUNED_OTHERS` share of the others (:func:`pruned_turns`).
+    ``twins``: the share of turns replaced by :func:`with_contrast` (0 draws nothing more)."""
     rows, positions, image_keep, targets, evidence = [], [], [], [], []
     turns = 1 if r.question_first else r.llava_turns
     for i in idx:
         truth = frames.truths[int(i)]
         prune = bool(pruned) and share >= 1.0 and rng.random() < pruned
         qs = draw_questions(truth, rng, turns, split, r.hard_kinds if hard is None else hard, held_out=split == "test")
+        qs = with_contrast(qs, truth, rng, twins, split) if twins else qs
         qs = pruned_turns(qs) if prune else qs
         qs = [replace(q, question=reword(q.kind, q.slots, rng)) if extra and rng.random() < extra else q for q in qs]
         qs = [replace(q, question=perturb(q.question, rng)) if noise and rng.random() < noise else q for q in qs]
@@ -212,6 +235,7 @@ def train_llava(
         hard: tuple[str, ...] | None = None,
         turns: int = 0,
         pruned: float = 0.0,
+        twins: float = 0.0,
     ):
         rt = replace(r, llava_turns=turns) if turns else r
 
@@ -219,7 +243,17 @@ def train_llava(
             idx = np.sort(rng.choice(len(frames), size=min(r.llava_batch, len(frames)), replace=False))
             share = distractor_share(r, step) if schedule else 1.0
             batch = llava_batch(
-                prompts, frames, idx, rng, rt, share=share, noise=noise, extra=extra, hard=hard, pruned=pruned
+                prompts,
+                frames,
+                idx,
+                rng,
+                rt,
+                share=share,
+                noise=noise,
+                extra=extra,
+                hard=hard,
+                pruned=pruned,
+                twins=twins,
             )
             loss, acc = llava_loss(model, feats[torch.as_tensor(idx)].float(), *batch, prompts.image_id, r)
             ema[:] = [acc if not ema else 0.98 * ema[0] + 0.02 * acc]
@@ -263,11 +297,14 @@ def train_llava(
     if r.dialog_steps:
         # Phase 5 goes on from phase 4's weights, fresh optimizer and schedule, phase 4's rewording, with
         # ``dialog_turns`` questions about the image per sequence (more answers per image token computed),
-        # ``dialog_pruned`` of the sequences on a pruned image.
+        # ``dialog_pruned`` of the sequences on a pruned image, ``dialog_twins`` of the turns about a same-color
+        # box or tote where the frame has both.
         opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=r.dialog_lr, weight_decay=0.01)
         dialog = Phase("dialog", r.dialog_steps, r.dialog_lr, stream=5)
         hard = tuple(r.tune_hard_kinds)
-        one_step = step_fn(r.question_noise, r.extra_phrasings, False, hard, r.dialog_turns, r.dialog_pruned)
+        one_step = step_fn(
+            r.question_noise, r.extra_phrasings, False, hard, r.dialog_turns, r.dialog_pruned, r.dialog_twins
+        )
         after = validate_every(r.dialog_steps)
         run_phase(trainer, dialog, model, opt, one_step, progress, checkpoint_every_s, after_step=after)
     plain_forward(model.model.language_model)

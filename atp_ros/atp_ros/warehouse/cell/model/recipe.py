@@ -93,6 +93,10 @@ class Recipe:
     # random ``PRUNED_OTHERS`` share of the others, as a good pruner would leave it, so the answers that
     # need every instance (counts) or the whole frame hold under pruning. 0 draws nothing (older recipes).
     dialog_pruned: float = 0.0
+    # Share of phase 5's turns, on frames with a same-color box and tote on the racking, replaced by a question
+    # about one of them (``questions.contrast_questions``): answered from the color alone such questions go
+    # wrong half the time, and in the random draw they are too rare to teach the object kind. 0 draws nothing.
+    dialog_twins: float = 0.0
     feature_layer: int = -1  # the layer the region loss aligned with the questions' words
     # Tower layers the projector reads besides ``feature_layer`` (llava's list-valued ``vision_feature_layer``):
     # layer 0, the embeddings, carries each patch's absolute position, which the LLM needs to find "slot
@@ -145,7 +149,7 @@ QUICK = {
 _CELL_CLIP_FIELDS = (*CLIP_FIELDS, "vision_heads", "chunk")
 _GROUND_FIELDS = ("ground_steps", "ground_lr", "ground_weight", "feature_layer")
 TUNE_FIELDS = ("tune_steps", "tune_lr", "question_noise", "extra_phrasings", "tune_hard_kinds")
-DIALOG_FIELDS = ("dialog_steps", "dialog_turns", "dialog_lr", "dialog_pruned")
+DIALOG_FIELDS = ("dialog_steps", "dialog_turns", "dialog_lr", "dialog_pruned", "dialog_twins")
 
 
 def clip_part(recipe: dict) -> dict:
