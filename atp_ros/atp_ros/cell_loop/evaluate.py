@@ -62,13 +62,15 @@ class Scored:
     where_correct: bool
     holding_correct: bool | None
     report: dict
+    contrast: bool = False  # the item's color is shared by an item of the other kind on the racking
 
 
 def choose_task(frame_truth: dict, seed: int) -> tuple[str, dict] | None:
     """A task about an item a `where` question can name in this frame (unique color and kind, visible), chosen by
-    ``seed``; (task text, that object's truth) or None when the frame has none."""
+    ``seed``; (task text, that object's truth) or None when the frame has none. The truth's ``contrast`` says
+    whether an item of the other kind (a tote for a box) has the same color on the racking."""
     from atp_ros.cell_loop.picking import Task
-    from atp_ros.warehouse.cell.questions import candidates
+    from atp_ros.warehouse.cell.questions import candidates, is_contrast
     from atp_ros.warehouse.cell.truth import CellTruth
 
     truth = CellTruth.from_json(frame_truth)
@@ -77,7 +79,8 @@ def choose_task(frame_truth: dict, seed: int) -> tuple[str, dict] | None:
         return None
     slots, answer, _ = pool[int(np.random.default_rng(seed).integers(len(pool)))]
     obj = next(o for o in truth.objects if (o.color, o.kind) == (slots["color"], slots["object_kind"]))
-    return Task(slots["color"], slots["object_kind"]).text(), {"id": obj.id, "where": answer, "color": obj.color}
+    target = {"id": obj.id, "where": answer, "color": obj.color, "contrast": is_contrast(truth, "where", slots)}
+    return Task(slots["color"], slots["object_kind"]).text(), target
 
 
 def score(setting: str, seed: int, task: str, target: dict, report: dict, grasped: list[int]) -> Scored:
@@ -104,7 +107,8 @@ def score(setting: str, seed: int, task: str, target: dict, report: dict, graspe
             cause = "wrong_confirmation"
         else:
             cause = "other"
-    return Scored(setting, seed, task, success, cause, where_correct, holding_correct, report)
+    contrast = bool(target.get("contrast", False))
+    return Scored(setting, seed, task, success, cause, where_correct, holding_correct, report, contrast)
 
 
 def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
@@ -139,6 +143,7 @@ def summarize(results: list[Scored], settings: list[str]) -> dict:
         rows = [r for r in results if r.setting == s]
         n, k = len(rows), sum(r.success for r in rows)
         held = [r.holding_correct for r in rows if r.holding_correct is not None]
+        twin = [r for r in rows if r.contrast]
 
         def median(key: str, rows=rows) -> float | None:
             values = [r.report["timings"][key] for r in rows if key in r.report.get("timings", {})]
@@ -152,6 +157,13 @@ def summarize(results: list[Scored], settings: list[str]) -> dict:
             "vs_first": paired_difference(per_seed[settings[0]], per_seed[s]) if s != settings[0] else None,
             "causes": {c: sum(r.cause == c for r in rows) for c in EVAL_CAUSES if any(r.cause == c for r in rows)},
             "where_accuracy": round(sum(r.where_correct for r in rows) / n, 3) if n else None,
+            "where_accuracy_contrast": round(sum(r.where_correct for r in twin) / len(twin), 3) if twin else None,
+            "where_accuracy_otherwise": (
+                round(sum(r.where_correct for r in rows if not r.contrast) / (n - len(twin)), 3)
+                if n > len(twin)
+                else None
+            ),
+            "contrast_tasks": len(twin),
             "holding_accuracy": round(sum(held) / len(held), 3) if held else None,
             "holding_asked": len(held),
             "ask_s_p50": median("ask_s"),
@@ -188,6 +200,17 @@ def markdown(summary: dict, meta: dict) -> str:
             f"| {s} | {tokens} | {rate} | {delta} | {causes} | {v['where_accuracy']} | {held} | {v['ask_s_p50']} "
             f"| {v['inference_ms_p50']} | {v['task_s_p50']} |"
         )
+    first = next(iter(summary.values()), None)
+    if first and first.get("contrast_tasks"):
+        lines += [
+            "",
+            f"`where` accuracy on the {first['contrast_tasks']} tasks whose item's color an item of the other kind "
+            "shares on the racking (a red tote for the red box), and on the others: "
+            + "; ".join(
+                f"{s} {v['where_accuracy_contrast']} and {v['where_accuracy_otherwise']}" for s, v in summary.items()
+            )
+            + ".",
+        ]
     return "\n".join(lines) + "\n"
 
 

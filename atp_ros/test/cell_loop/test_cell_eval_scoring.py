@@ -37,6 +37,11 @@ def test_choose_task_names_a_unique_visible_item() -> None:
     assert len(same) == 1 and same[0]["id"] == target["id"]
     assert target["where"] == f"{same[0]['level']}-{same[0]['slot']}"
     assert evaluate.choose_task(truth, 1000) == (task, target)  # seeded
+    other = {"box": "tote", "tote": "box"}[parsed.kind]
+    twin = [o for o in truth["objects"] if o["place"] == "shelf" and (o["color"], o["kind"]) == (parsed.color, other)]
+    assert target["contrast"] == bool(twin)
+    contrasts = {evaluate.choose_task(truth, s)[1]["contrast"] for s in range(1000, 1040)}
+    assert contrasts == {True, False}, "this frame has items with and without a same-color twin of the other kind"
     assert evaluate.choose_task({**truth, "objects": []}, 1) is None
 
 
@@ -87,7 +92,21 @@ def test_summary_table_and_plot(tmp_path) -> None:
     assert full["success_ci95"][0] < 0.6 < full["success_ci95"][1]
     assert full["causes"] == {"wrong_answer": 1, "other": 1} and full["where_accuracy"] == 0.8
     assert summary["random_0.25"]["tasks"] == 0
+    assert full["contrast_tasks"] == 0 and full["where_accuracy_contrast"] is None
     table = evaluate.markdown(summary, META)
+    assert "other kind" not in table
+    # Tasks whose item's color the other kind shares are counted apart: seeds 3 and 4 here (one right, one not).
+    twin = TARGET | {"contrast": True}
+    mixed = rows[:3] + [evaluate.score("full", s, "t", twin, rows[s].report, [7]) for s in (3, 4)]
+    split = evaluate.summarize(mixed, ["full"])["full"]
+    assert (split["contrast_tasks"], split["where_accuracy_contrast"], split["where_accuracy_otherwise"]) == (
+        2,
+        0.5,
+        1.0,
+    )
+    assert "on the 2 tasks whose item's color an item of the other kind shares" in evaluate.markdown(
+        {"full": split}, META
+    )
     assert "| full | 64 of 256 | 3/5 (" in table and "Interrupted" not in table
     assert "Interrupted: the table covers the tasks done" in evaluate.markdown(summary, META | {"interrupted": True})
     evaluate.plot(summary, tmp_path / "success.png")

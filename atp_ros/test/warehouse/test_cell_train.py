@@ -25,6 +25,10 @@ def test_quick_train_loads_answers_and_resumes(tmp_path) -> None:
     report = json.loads((out / "metrics.json").read_text())
     assert set(report["settings"]) == {"full", "atp_0.25", "atp_0.11", "random_0.11"}
     assert report["settings"]["atp_0.25"]["tokens_kept"] == pytest.approx(0.25 * NUM_PATCHES, abs=1)
+    # Contrast questions (a same-color box and tote on the racking) are scored apart from their kinds' others.
+    split = report["settings"]["full"]["contrast"]
+    assert set(split) == {"contrast", "same_kinds_otherwise"}
+    assert 0 < split["contrast"]["n"] + split["same_kinds_otherwise"]["n"] <= report["settings"]["full"]["n"]
     assert (out / "learning_curve.png").stat().st_size > 0
     assert (out / "atp_text_tower" / "config.json").is_file()
     assert sum(f.stat().st_size for f in out.rglob("*.safetensors")) <= MAX_MB * 1e6

@@ -49,6 +49,7 @@ __all__ = [
     "accepted_answers",
     "candidates",
     "contrast_questions",
+    "is_contrast",
     "phrasings",
     "questions_for",
     "render_question",
@@ -332,11 +333,19 @@ def _has_twin(truth: CellTruth, ref: dict) -> bool:
     )
 
 
+def is_contrast(truth: CellTruth, kind: str, slots: dict) -> bool:
+    """Whether a question of ``kind`` with ``slots`` names an item (either, for left/right) whose color an item
+    of the other object kind shares on the racking, so that the color alone does not decide the answer."""
+    if kind not in CONTRAST_KINDS:
+        return False
+    refs = (slots["a"], slots["b"]) if kind == "left_right" else (slots,)
+    return any(_has_twin(truth, ref) for ref in refs)
+
+
 def contrast_candidates(truth: CellTruth, kind: str) -> list[Candidate]:
-    """The candidates of a :data:`CONTRAST_KINDS` kind whose named item (either, for left/right) has a same-color
-    twin of the other kind on the racking: answered from the color alone they go wrong half the time."""
-    refs = (lambda s: (s["a"], s["b"])) if kind == "left_right" else (lambda s: (s,))
-    return [c for c in candidates(truth, kind) if any(_has_twin(truth, ref) for ref in refs(c[0]))]
+    """The candidates of a :data:`CONTRAST_KINDS` kind that :func:`is_contrast`: answered from the color alone
+    they go wrong half the time."""
+    return [c for c in candidates(truth, kind) if is_contrast(truth, kind, c[0])]
 
 
 def contrast_questions(truth: CellTruth, rng: np.random.Generator, n: int, split: str) -> list[Question]:

@@ -1,5 +1,6 @@
 """The end-of-training report (``metrics.json``): test-split accuracy per kind through ``load_backend``,
-with ATP at two keep ratios and the random selector, plus the frame latency at 640 x 480."""
+with ATP at two keep ratios and the random selector, on the contrast questions apart (an item named by color and
+object kind whose color the other kind shares on the racking), plus the frame latency at 640 x 480."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from atp_ros.method import AtpConfig
 from atp_ros.warehouse.cell.episodes import random_still
 from atp_ros.warehouse.cell.model.data import frame_seed
 from atp_ros.warehouse.cell.model.recipe import Recipe
-from atp_ros.warehouse.cell.questions import questions_for
+from atp_ros.warehouse.cell.questions import is_contrast, questions_for
 
 TEST_SIZE = (640, 480)  # the camera's frame
 SETTINGS = {
@@ -27,31 +28,42 @@ SETTINGS = {
 }
 
 
-def test_samples(r: Recipe, progress: Progress) -> dict[str, list[Sample]]:
+def test_samples(r: Recipe, progress: Progress) -> tuple[dict[str, list[Sample]], set[str]]:
     """Questions on test frames (seeds no training or validation frame uses) at 640 x 480: ``held_out``
-    words every one with a phrasing training never saw, ``all`` draws from every test phrasing."""
+    words every one with a phrasing training never saw, ``all`` draws from every test phrasing; and the keys
+    of the questions that :func:`~atp_ros.warehouse.cell.questions.is_contrast`."""
     rng = np.random.default_rng([r.seed, 7])
     out: dict[str, list[Sample]] = {"held_out": [], "all": []}
+    contrast: set[str] = set()
     task = progress.add_task("render test", total=r.test_images, info="")
     for i in range(r.test_images):
         frame = random_still(frame_seed("test", r.seed, i), width=TEST_SIZE[0], height=TEST_SIZE[1])
         for name, held in (("held_out", True), ("all", False)):
             for j, q in enumerate(questions_for(frame.truth, rng, r.test_per_image, "test", held_out_only=held)):
                 boxes = tuple(tuple(float(v) for v in b) for b in q.evidence)
-                out[name].append(Sample(f"test:{name}:{i}:{j}", frame.rgb, q.question, q.answers, boxes, kind=q.kind))
+                key = f"test:{name}:{i}:{j}"
+                out[name].append(Sample(key, frame.rgb, q.question, q.answers, boxes, kind=q.kind))
+                if is_contrast(frame.truth, q.kind, q.slots):
+                    contrast.add(key)
         progress.advance(task)
-    return out
+    return out, contrast
 
 
-def score(backend, samples: list[Sample], atp: AtpConfig) -> dict:
-    """Accuracy overall and per kind, and the mean visual tokens kept, for one setting."""
+def score(backend, samples: list[Sample], atp: AtpConfig, contrast: frozenset[str] | set[str] = frozenset()) -> dict:
+    """Accuracy overall, per kind and on the ``contrast`` keys' questions against the other questions of the
+    same kinds, and the mean visual tokens kept, for one setting."""
     records = answer_samples(backend, samples, atp, max_new_tokens=3, batch=16, reseed_random=True)
     by_kind: dict[str, list[float]] = {}
+    split: dict[str, list[float]] = {"contrast": [], "same_kinds_otherwise": []}
+    kinds = {s.kind for s in samples if s.key in contrast}
     for rec, s in zip(records, samples, strict=True):
         by_kind.setdefault(s.kind, []).append(rec["accuracy"])
+        if s.kind in kinds:
+            split["contrast" if s.key in contrast else "same_kinds_otherwise"].append(rec["accuracy"])
     return {
         "accuracy": float(np.mean([rec["accuracy"] for rec in records])),
         "per_kind": {k: float(np.mean(v)) for k, v in sorted(by_kind.items())},
+        "contrast": {k: {"accuracy": float(np.mean(v)) if v else None, "n": len(v)} for k, v in split.items()},
         "tokens_kept": float(np.mean([rec["kept"] for rec in records])),
         "n": len(records),
     }
@@ -78,7 +90,7 @@ def evaluate(out: Path, r: Recipe, progress: Progress) -> dict:
     from atp_ros.backends import load_backend
 
     backend = load_backend(str(out), device="cpu")
-    samples = test_samples(r, progress)
+    samples, contrast = test_samples(r, progress)
     held_out = samples["held_out"]
     task = progress.add_task("test", total=len(SETTINGS) + 1, info="")
     report: dict = {
@@ -86,9 +98,9 @@ def evaluate(out: Path, r: Recipe, progress: Progress) -> dict:
         "settings": {},
     }
     for name, cfg in SETTINGS.items():
-        report["settings"][name] = score(backend, held_out, cfg)
+        report["settings"][name] = score(backend, held_out, cfg, contrast)
         progress.update(task, advance=1, info=f"{name} {report['settings'][name]['accuracy']:.3f}")
-    report["full_all_phrasings"] = score(backend, samples["all"], SETTINGS["full"])
+    report["full_all_phrasings"] = score(backend, samples["all"], SETTINGS["full"], contrast)
     acc = {name: row["accuracy"] for name, row in report["settings"].items()}
     report["summary"] = {
         "atp_0.25_over_full": acc["atp_0.25"] / max(acc["full"], 1e-9),
