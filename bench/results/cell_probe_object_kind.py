@@ -1,0 +1,75 @@
+"""Probe (outside the package): does a cell model's image side tell a box from a tote? A logistic read-out of the
+object kind from the mean feature over each shelf item's patches (at least 30% visible), on the tower's projector
+input and on the projector's output (what the LLM gets), trained on 70% of the items and scored on the rest.
+Frames are the training run's cached stills (``--work``'s ``frames/``), rendered by ``make train-cell``.
+
+Run: PYTHONPATH=atp_ros python bench/results/cell_probe_object_kind.py --model out/warehouse-cell \\
+    --frames out/train-cell-2/frames [--chunks 4]
+"""
+
+import argparse
+import glob
+import json
+
+import numpy as np
+import torch
+from atp_ros.warehouse.cell.model.recipe import GRID, normalize
+from atp_ros.warehouse.cell.truth import CellTruth
+from atp_ros.warehouse.scenes import evidence_mask
+from transformers import LlavaForConditionalGeneration
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", required=True)
+    ap.add_argument("--frames", required=True)
+    ap.add_argument("--chunks", type=int, default=4)
+    args = ap.parse_args()
+    torch.manual_seed(0)
+    model = LlavaForConditionalGeneration.from_pretrained(args.model, torch_dtype=torch.float32).eval()
+    layers = model.config.vision_feature_layer
+    layers = layers if isinstance(layers, list) else [layers]
+    feats: dict[str, list] = {"tower": [], "projector": []}
+    labels = []
+    for path in sorted(glob.glob(f"{args.frames}/train-*.npz"))[: args.chunks]:
+        z = np.load(path)
+        truths = [CellTruth.from_json(d) for d in json.loads(str(z["truth"]))]
+        for s in range(0, len(truths), 25):
+            with torch.no_grad():
+                hidden = model.model.vision_tower(normalize(z["rgb"][s : s + 25]), output_hidden_states=True)
+                tower = torch.cat([hidden.hidden_states[i][:, 1:] for i in layers], -1)
+                projected = model.model.multi_modal_projector(tower)
+            for b, truth in enumerate(truths[s : s + 25]):
+                for o in truth.objects:
+                    if o.place != "shelf" or o.kind not in ("box", "tote") or o.box is None or o.visible_fraction < 0.3:
+                        continue
+                    mask = evidence_mask([o.box], (truth.height, truth.width), (GRID, GRID)).reshape(-1)
+                    if mask.any():
+                        m = torch.from_numpy(mask)
+                        feats["tower"].append(tower[b][m].mean(0))
+                        feats["projector"].append(projected[b][m].mean(0))
+                        labels.append(o.kind == "tote")
+    y = torch.tensor(labels).float()
+    order = torch.randperm(len(y))
+    y, n = y[order], int(0.7 * len(y))
+    print(f"{len(y)} shelf items, tote share {y.mean():.3f} (majority {max(y.mean(), 1 - y.mean()):.3f})")
+    for name, rows in feats.items():
+        x = torch.stack(rows)[order]
+        x = (x - x[:n].mean(0)) / (x[:n].std(0) + 1e-6)
+        w = torch.zeros(x.shape[1], requires_grad=True)
+        bias = torch.zeros(1, requires_grad=True)
+        opt = torch.optim.Adam([w, bias], lr=1e-2)
+        for _ in range(500):
+            loss = (
+                torch.nn.functional.binary_cross_entropy_with_logits(x[:n] @ w + bias, y[:n]) + 1e-3 * w.square().sum()
+            )
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        with torch.no_grad():
+            held = (((x[n:] @ w + bias) > 0).float() == y[n:]).float().mean()
+        print(f"{name} ({x.shape[1]} features): held-out accuracy {held:.3f}")
+
+
+if __name__ == "__main__":
+    main()
