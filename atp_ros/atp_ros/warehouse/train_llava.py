@@ -140,15 +140,30 @@ def attention_to_evidence_loss(
     return torch.stack(losses).mean() if losses else hidden_in.new_zeros(())
 
 
-def llava_loss(model, feats: Tensor, ids, pos, mask, image_keep, targets, evidence, image_token_id, r: Recipe):
+def llava_loss(
+    model,
+    feats: Tensor,
+    ids,
+    pos,
+    mask,
+    image_keep,
+    targets,
+    evidence,
+    image_token_id,
+    r: Recipe,
+    image_labels: tuple[Tensor, int, float] | None = None,
+):
     """Cross-entropy on answer + EOS positions (+ attention supervision); image placeholders filled
-    with the projected kept features."""
+    with the projected kept features. ``image_labels`` (token ids per kept image token in order, -100 for none;
+    a decoder layer; a weight) adds a read-out of those tokens from the image positions' hidden states entering
+    that layer through the final norm and ``lm_head`` (no new parameters)."""
     lm = model.model.language_model
     embeds = lm.embed_tokens(ids)  # (B, T, D)
     kept = torch.cat([feats[b, torch.as_tensor(k)] for b, k in enumerate(image_keep)])  # (sum K, D_vis)
     projected = model.model.multi_modal_projector(kept.float())
     embeds = embeds.masked_scatter((ids == image_token_id)[..., None].expand_as(embeds), projected)
-    out = lm(inputs_embeds=embeds, attention_mask=mask, position_ids=pos, output_hidden_states=r.sup_weight > 0)
+    hidden_states = r.sup_weight > 0 or image_labels is not None
+    out = lm(inputs_embeds=embeds, attention_mask=mask, position_ids=pos, output_hidden_states=hidden_states)
     hidden = out.last_hidden_state
     rows = torch.tensor([b for b, t in enumerate(targets) for _ in t])
     cols = torch.tensor([p for t in targets for p, _ in t])
@@ -160,6 +175,11 @@ def llava_loss(model, feats: Tensor, ids, pos, mask, image_keep, targets, eviden
         hidden_in, detach = out.hidden_states[r.sup_layer], getattr(r, "sup_detach_keys", False)
         sup = attention_to_evidence_loss(lm, hidden_in, pos, evidence, r.sup_layer, r.sup_heads, detach)
         loss = loss + r.sup_weight * sup
+    if image_labels is not None:
+        labels, layer, weight = image_labels
+        at_images = out.hidden_states[layer][ids == image_token_id]  # (sum K, D), the order of image_keep
+        if bool((labels >= 0).any()):
+            loss = loss + weight * F.cross_entropy(model.lm_head(lm.norm(at_images)), labels, ignore_index=-100)
     return loss, float(acc)
 
 

@@ -75,9 +75,11 @@ def test_init_from_a_checkpoint_runs_only_phase_5_and_a_phase_5_change_reruns_on
     assert phases == ["dialog", "dialog"]
     assert load_backend(str(out), device="cpu").joint is not None
 
-    # Another phase 5 (more turns) retrains phase 5 alone, from the same phase-4 weights.
+    # Another phase 5 (more turns, contrast turns, the kind read-out) retrains phase 5 alone, from the same
+    # phase-4 weights.
     shutil.rmtree(out)
-    assert main(["--out", str(out), "--work", str(work), "--quick", "--set", "dialog_turns=3"]) == 0
+    more = ["--set", "dialog_turns=3", "--set", "dialog_twins=0.5", "--set", "dialog_kind_weight=0.5"]
+    assert main(["--out", str(out), "--work", str(work), "--quick", *more]) == 0
     assert "restarting phase 5" in capsys.readouterr().out
     rows = [json.loads(line) for line in (work / "train_log.jsonl").read_text().splitlines()]
     assert [x["phase"] for x in rows] == ["dialog", "dialog"]
@@ -234,3 +236,30 @@ def test_phase_5_contrast_turns_ask_about_items_whose_color_the_other_kind_share
         assert len(replaced) >= len(turns) // 2 and all(
             q.kind in ("where", "which_level", "exists", "left_right") for q in replaced
         )
+
+
+def test_phase_5_kind_read_out_labels_each_shelf_items_patches_with_its_kind() -> None:
+    import numpy as np
+    from atp_ros.warehouse.cell.model.llava_phase import KIND_MIN_VISIBLE, kind_labels
+    from atp_ros.warehouse.cell.model.recipe import GRID
+    from atp_ros.warehouse.cell.questions import contrast_questions
+    from atp_ros.warehouse.scenes import evidence_mask
+
+    ids = {"box": 11, "tote": 12}
+    truth = random_still(9).truth  # a same-color box and tote on the racking
+    labels = kind_labels(truth, ids)
+    assert labels.shape == (NUM_PATCHES,) and set(np.unique(labels)) == {-100, 11, 12}
+    items = [o for o in truth.objects if o.place == "shelf" and o.kind in ids and o.box is not None]
+    for o in items:
+        mask = evidence_mask([o.box], (truth.height, truth.width), (GRID, GRID)).reshape(-1)
+        own = labels[mask]
+        if o.visible_fraction >= KIND_MIN_VISIBLE:
+            assert set(own.tolist()) <= {ids[o.kind], -100} and (own == ids[o.kind]).any(), o
+    covered = np.logical_or.reduce(
+        [evidence_mask([o.box], (truth.height, truth.width), (GRID, GRID)).reshape(-1) for o in items]
+    )
+    assert (labels[~covered] == -100).all(), "patches showing no shelf item are not labelled"
+
+    # Without a same-color box and tote on the racking there is no contrast question to ask.
+    lone = random_still(5).truth
+    assert contrast_questions(lone, np.random.default_rng(0), 5, "train") == []

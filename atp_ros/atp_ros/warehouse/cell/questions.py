@@ -349,9 +349,12 @@ def contrast_candidates(truth: CellTruth, kind: str) -> list[Candidate]:
 
 
 def contrast_questions(truth: CellTruth, rng: np.random.Generator, n: int, split: str) -> list[Question]:
-    """Up to ``n`` questions worded for ``split`` from :func:`contrast_candidates`, the kinds taken uniformly among
-    those the frame allows. A frame without a same-color box and tote still gives ``exists`` questions about the
-    kind that is not there ("is there a red tote?" with only a red box): answered from the color, they say yes."""
+    """``n`` questions worded for ``split`` from :func:`contrast_candidates`, the kinds taken uniformly among
+    those the frame allows; none when the racking holds no same-color box and tote (such a frame would give only
+    ``exists`` questions about the kind that is not there, and a flood of those taught ``no``)."""
+    shelf = {(o.color, o.kind) for o in _shelf(truth)}
+    if not any((color, "box") in shelf and (color, "tote") in shelf for color, _ in shelf):
+        return []
     pools = {kind: contrast_candidates(truth, kind) for kind in CONTRAST_KINDS}
     kinds = [kind for kind in CONTRAST_KINDS if pools[kind]]
     if not kinds:

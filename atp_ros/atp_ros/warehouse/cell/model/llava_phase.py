@@ -14,9 +14,17 @@ from torch import Tensor
 from atp_ros.testing.tiny.llava import CHAT_TEMPLATE, IMAGE_TOKEN
 from atp_ros.warehouse.cell.model.data import Frames, draw_questions, patch_mask
 from atp_ros.warehouse.cell.model.loop import Phase, run_phase
-from atp_ros.warehouse.cell.model.recipe import NUM_PATCHES, Recipe, bf16_forward, llava_feature_layers, plain_forward
+from atp_ros.warehouse.cell.model.recipe import (
+    GRID,
+    NUM_PATCHES,
+    Recipe,
+    bf16_forward,
+    llava_feature_layers,
+    plain_forward,
+)
 from atp_ros.warehouse.cell.noise import perturb, reword
 from atp_ros.warehouse.cell.questions import Question, contrast_questions
+from atp_ros.warehouse.scenes import evidence_mask
 from atp_ros.warehouse.train_llava import llava_config, llava_loss, pad_rows
 
 if TYPE_CHECKING:
@@ -109,6 +117,23 @@ def sequence_keep(
     if pruned and share >= 1.0:
         share = float(rng.uniform(*PRUNED_OTHERS))
     return kept_patches(rng, r, evidence, share)
+
+
+KIND_MIN_VISIBLE = 0.3  # an item less visible than this teaches no patch its kind
+
+
+def kind_labels(truth, kind_ids: dict[str, int]) -> np.ndarray:
+    """Per patch (flat, ``NUM_PATCHES``): the token id of the object kind (``kind_ids``: "box", "tote") of the shelf
+    item it shows, -100 where it shows none or items of both kinds."""
+    labels = np.full(NUM_PATCHES, -100, dtype=np.int64)
+    seen = np.zeros((len(kind_ids), NUM_PATCHES), dtype=bool)
+    kinds = list(kind_ids)
+    for o in truth.objects:
+        if o.place == "shelf" and o.kind in kind_ids and o.box is not None and o.visible_fraction >= KIND_MIN_VISIBLE:
+            seen[kinds.index(o.kind)] |= evidence_mask([o.box], (truth.height, truth.width), (GRID, GRID)).reshape(-1)
+    for k, kind in enumerate(kinds):
+        labels[seen[k] & (seen.sum(0) == 1)] = kind_ids[kind]
+    return labels
 
 
 def pruned_turns(questions: list[Question]) -> list[Question]:
@@ -236,8 +261,10 @@ def train_llava(
         turns: int = 0,
         pruned: float = 0.0,
         twins: float = 0.0,
+        kind_weight: float = 0.0,
     ):
         rt = replace(r, llava_turns=turns) if turns else r
+        kind_ids = {k: trainer.tok(k, add_special_tokens=False)["input_ids"][0] for k in ("box", "tote")}
 
         def one_step(rng: np.random.Generator, step: int):
             idx = np.sort(rng.choice(len(frames), size=min(r.llava_batch, len(frames)), replace=False))
@@ -255,7 +282,13 @@ def train_llava(
                 pruned=pruned,
                 twins=twins,
             )
-            loss, acc = llava_loss(model, feats[torch.as_tensor(idx)].float(), *batch, prompts.image_id, r)
+            aux = None
+            if kind_weight:
+                labels = np.concatenate(
+                    [kind_labels(frames.truths[int(i)], kind_ids)[k] for i, k in zip(idx, batch[3], strict=True)]
+                )
+                aux = (torch.from_numpy(labels), r.sup_layer, kind_weight)
+            loss, acc = llava_loss(model, feats[torch.as_tensor(idx)].float(), *batch, prompts.image_id, r, aux)
             ema[:] = [acc if not ema else 0.98 * ema[0] + 0.02 * acc]
             info = f"loss {loss.item():.3f} acc~{ema[0]:.3f} distractors {share:.2f}"
             return loss, {"loss": loss.item(), "acc": acc, "distractors": round(share, 4)}, info
@@ -298,12 +331,19 @@ def train_llava(
         # Phase 5 goes on from phase 4's weights, fresh optimizer and schedule, phase 4's rewording, with
         # ``dialog_turns`` questions about the image per sequence (more answers per image token computed),
         # ``dialog_pruned`` of the sequences on a pruned image, ``dialog_twins`` of the turns about a same-color
-        # box or tote where the frame has both.
+        # box or tote where the frame has both, and the image tokens' object-kind read-out at ``dialog_kind_weight``.
         opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=r.dialog_lr, weight_decay=0.01)
         dialog = Phase("dialog", r.dialog_steps, r.dialog_lr, stream=5)
         hard = tuple(r.tune_hard_kinds)
         one_step = step_fn(
-            r.question_noise, r.extra_phrasings, False, hard, r.dialog_turns, r.dialog_pruned, r.dialog_twins
+            r.question_noise,
+            r.extra_phrasings,
+            False,
+            hard,
+            r.dialog_turns,
+            r.dialog_pruned,
+            r.dialog_twins,
+            r.dialog_kind_weight,
         )
         after = validate_every(r.dialog_steps)
         run_phase(trainer, dialog, model, opt, one_step, progress, checkpoint_every_s, after_step=after)

@@ -97,6 +97,10 @@ class Recipe:
     # about one of them (``questions.contrast_questions``): answered from the color alone such questions go
     # wrong half the time, and in the random draw they are too rare to teach the object kind. 0 draws nothing.
     dialog_twins: float = 0.0
+    # Weight of phase 5's object-kind read-out: each kept image token on a shelf box or tote is taught to name
+    # its kind ("box" / "tote" through the final norm and lm_head) from its hidden state entering decoder layer
+    # ``sup_layer``, where the supervised heads look the question's item up. 0 adds nothing.
+    dialog_kind_weight: float = 0.0
     feature_layer: int = -1  # the layer the region loss aligned with the questions' words
     # Tower layers the projector reads besides ``feature_layer`` (llava's list-valued ``vision_feature_layer``):
     # layer 0, the embeddings, carries each patch's absolute position, which the LLM needs to find "slot
@@ -149,7 +153,7 @@ QUICK = {
 _CELL_CLIP_FIELDS = (*CLIP_FIELDS, "vision_heads", "chunk")
 _GROUND_FIELDS = ("ground_steps", "ground_lr", "ground_weight", "feature_layer")
 TUNE_FIELDS = ("tune_steps", "tune_lr", "question_noise", "extra_phrasings", "tune_hard_kinds")
-DIALOG_FIELDS = ("dialog_steps", "dialog_turns", "dialog_lr", "dialog_pruned", "dialog_twins")
+DIALOG_FIELDS = ("dialog_steps", "dialog_turns", "dialog_lr", "dialog_pruned", "dialog_twins", "dialog_kind_weight")
 
 
 def clip_part(recipe: dict) -> dict:
