@@ -45,13 +45,17 @@ train-tiny: setup
 
 # The rendered cell's model (#20): resumable, rerun to continue from out/train-cell.
 # Phases 1-5 (out/warehouse-cell-5), then phase 5 once more from its checkpoint with ten questions per image,
-# 40% of them on pruned images, as the bundled fourteenth attempt was trained (docs/warehouse.md); the second
-# run reuses the rendered frames.
+# 40% of them on pruned images (the fourteenth attempt, out/warehouse-cell-14), then a third phase 5 of 600
+# steps from that with contrast turns and the object-kind read-out, as the bundled sixteenth attempt was
+# trained (docs/warehouse.md); the later runs reuse the rendered frames.
 train-cell: setup
 	@$(ENV) python -m atp_ros.warehouse.cell.model --out out/warehouse-cell-5 --work out/train-cell $(TRAIN_ARGS)
-	@[ -d out/train-cell-2/frames ] || { mkdir -p out/train-cell-2 && cp -al out/train-cell/frames out/train-cell-2/frames; }
+	@for w in train-cell-2 train-cell-3; do [ -d out/$$w/frames ] || { mkdir -p out/$$w && cp -al out/train-cell/frames out/$$w/frames; }; done
 	@$(ENV) python -m atp_ros.warehouse.cell.model --init-from out/warehouse-cell-5 --set dialog_turns=10 --set dialog_pruned=0.4 \
-		--out out/warehouse-cell --work out/train-cell-2 $(TRAIN_ARGS)
+		--out out/warehouse-cell-14 --work out/train-cell-2 $(TRAIN_ARGS)
+	@$(ENV) python -m atp_ros.warehouse.cell.model --init-from out/warehouse-cell-14 --set dialog_steps=600 --set dialog_turns=10 \
+		--set dialog_pruned=0.4 --set dialog_twins=0.3 --set dialog_kind_weight=0.5 \
+		--out out/warehouse-cell --work out/train-cell-3 $(TRAIN_ARGS)
 
 # The robot-arm loop (#24): cell_sim + vlm_node + the pick planner (CELL_ARGS="--model DIR ...").
 # The bundled warehouse-cell cannot yet name a held box, so the planner's grasp confirmation is off by default
