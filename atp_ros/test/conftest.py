@@ -34,6 +34,7 @@ except ImportError:  # no install space sourced: the tests that need ROS skip
 
 
 _STARTED = time.time()
+_EXIT: dict[str, int] = {}
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
@@ -41,6 +42,19 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     from atp_ros.testing.shm import remove_orphaned_segments
 
     remove_orphaned_segments(_STARTED - 1.0)
+    _EXIT["status"] = int(exitstatus)
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_unconfigure(config: pytest.Config) -> None:
+    """Leave with the session's exit status once pytest is done (report printed, cache written), skipping the
+    interpreter's teardown: after a green full run, tearing down torch, MuJoCo's EGL contexts and rclpy in one
+    process segfaulted once under load, turning the run red. The node's ``main()`` leaves the same way
+    (docs/node.md). ``ATP_ROS_TEST_TEARDOWN=1`` keeps the normal teardown."""
+    if "status" in _EXIT and os.environ.get("ATP_ROS_TEST_TEARDOWN") != "1":
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(_EXIT["status"])
 
 
 def pytest_report_header(config: pytest.Config) -> list[str]:
