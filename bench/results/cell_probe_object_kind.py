@@ -1,10 +1,12 @@
 """Probe (outside the package): does a cell model's image side tell a box from a tote? A logistic read-out of the
 object kind from the mean feature over each shelf item's patches (at least 30% visible), on the tower's projector
 input and on the projector's output (what the LLM gets), trained on 70% of the items and scored on the rest.
-Frames are the training run's cached stills (``--work``'s ``frames/``), rendered by ``make train-cell``.
+Frames are the training run's cached stills (``--work``'s ``frames/``), rendered by ``make train-cell``: the
+training split's first chunks by default, or ``--split val`` (the 300 validation stills no phase trains on; use
+them for a model whose tower was trained with a kind read-out, ``dialog_tower_steps``).
 
 Run: PYTHONPATH=atp_ros python bench/results/cell_probe_object_kind.py --model out/warehouse-cell \\
-    --frames out/train-cell-2/frames [--chunks 4]
+    --frames out/train-cell-2/frames [--chunks 4] [--split val]
 """
 
 import argparse
@@ -24,6 +26,7 @@ def main() -> None:
     ap.add_argument("--model", required=True)
     ap.add_argument("--frames", required=True)
     ap.add_argument("--chunks", type=int, default=4)
+    ap.add_argument("--split", choices=("train", "val"), default="train")
     args = ap.parse_args()
     torch.manual_seed(0)
     model = LlavaForConditionalGeneration.from_pretrained(args.model, torch_dtype=torch.float32).eval()
@@ -31,7 +34,7 @@ def main() -> None:
     layers = layers if isinstance(layers, list) else [layers]
     feats: dict[str, list] = {"tower": [], "projector": []}
     labels = []
-    for path in sorted(glob.glob(f"{args.frames}/train-*.npz"))[: args.chunks]:
+    for path in sorted(glob.glob(f"{args.frames}/{args.split}-*.npz"))[: args.chunks]:
         z = np.load(path)
         truths = [CellTruth.from_json(d) for d in json.loads(str(z["truth"]))]
         for s in range(0, len(truths), 25):

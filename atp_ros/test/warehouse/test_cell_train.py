@@ -7,6 +7,7 @@ import json
 import shutil
 
 import pytest
+import torch
 
 pytest.importorskip("atp_ros.warehouse.cell.scene")  # sets MUJOCO_GL (egl) before MuJoCo loads
 
@@ -75,14 +76,30 @@ def test_init_from_a_checkpoint_runs_only_phase_5_and_a_phase_5_change_reruns_on
     assert phases == ["dialog", "dialog"]
     assert load_backend(str(out), device="cpu").joint is not None
 
-    # Another phase 5 (more turns, contrast turns, the kind read-out) retrains phase 5 alone, from the same
-    # phase-4 weights.
+    # Another phase 5 (more turns, contrast turns, the kind read-outs, the tower touched up) retrains phase 5
+    # alone, from the same phase-4 weights.
     shutil.rmtree(out)
     more = ["--set", "dialog_turns=3", "--set", "dialog_twins=0.5", "--set", "dialog_kind_weight=0.5"]
+    more += ["--set", "dialog_tower_steps=2"]
     assert main(["--out", str(out), "--work", str(work), "--quick", *more]) == 0
     assert "restarting phase 5" in capsys.readouterr().out
     rows = [json.loads(line) for line in (work / "train_log.jsonl").read_text().splitlines()]
-    assert [x["phase"] for x in rows] == ["dialog", "dialog"]
+    assert [x["phase"] for x in rows] == ["retower", "retower", "dialog", "dialog"]
+    assert all("kind" in x for x in rows[:2])
+    # The touched tower is the one the LLaVA reads and the one ATP's text tower pairs with.
+    from safetensors.torch import load_file
+
+    def tower(ckpt):
+        llava = {k.split("vision_tower.", 1)[1]: v for k, v in load_file(ckpt / "model.safetensors").items()
+                 if "vision_tower." in k}  # fmt: skip
+        clip = {k.split("vision_model.", 1)[1]: v for k, v in load_file(ckpt / "atp_text_tower" / "model.safetensors")
+                .items() if k.startswith("vision_model.")}  # fmt: skip
+        return llava, clip
+
+    touched, paired = tower(out)
+    before, _ = tower(first)
+    assert touched.keys() == paired.keys() and all(torch.equal(touched[k], paired[k]) for k in touched)
+    assert any(not torch.equal(touched[k], before[k].to(touched[k].dtype)) for k in touched)
 
     # A checkpoint of another recipe (before phase 5) is refused with one line, nothing trained.
     with pytest.raises(SystemExit) as refused:
@@ -240,7 +257,7 @@ def test_phase_5_contrast_turns_ask_about_items_whose_color_the_other_kind_share
 
 def test_phase_5_kind_read_out_labels_each_shelf_items_patches_with_its_kind() -> None:
     import numpy as np
-    from atp_ros.warehouse.cell.model.llava_phase import KIND_MIN_VISIBLE, kind_labels
+    from atp_ros.warehouse.cell.model.ground_phase import KIND_MIN_VISIBLE, kind_labels
     from atp_ros.warehouse.cell.model.recipe import GRID
     from atp_ros.warehouse.cell.questions import contrast_questions
     from atp_ros.warehouse.scenes import evidence_mask
@@ -263,3 +280,28 @@ def test_phase_5_kind_read_out_labels_each_shelf_items_patches_with_its_kind() -
     # Without a same-color box and tote on the racking there is no contrast question to ask.
     lone = random_still(5).truth
     assert contrast_questions(lone, np.random.default_rng(0), 5, "train") == []
+
+
+def test_phase_5_supervises_the_attention_of_the_first_contrast_turn(tmp_path) -> None:
+    import numpy as np
+    from atp_ros.warehouse.cell.model.data import Frames
+    from atp_ros.warehouse.cell.model.llava_phase import Prompts, chat_template, llava_batch
+    from atp_ros.warehouse.cell.model.recipe import Recipe, make_tokenizer, pixels
+
+    r = Recipe(llava_turns=6, sup_turns=1)
+    tok = make_tokenizer(tmp_path)
+    prompts = Prompts(tok, chat_template(r))
+    stills = [random_still(seed) for seed in (9, 15, 20)]  # each with a same-color box and tote on the racking
+    frames = Frames(np.stack([pixels(s.rgb) for s in stills]), [s.truth for s in stills])
+    idx = np.arange(len(frames))
+
+    def supervised(sup_contrast: bool) -> list[list[int]]:
+        # The answer-predicting positions whose attention is supervised, per sequence.
+        batch = llava_batch(prompts, frames, idx, np.random.default_rng(7), r, twins=0.5, sup_contrast=sup_contrast)
+        return [[pos for pos, _ in rows] for rows in batch[-1]]
+
+    plain, with_contrast_turn = supervised(False), supervised(True)
+    assert all(len(rows) <= 1 for rows in plain), "sup_turns=1: the first turn only"
+    # The same draws, so the same sequences; each gains its first contrast turn (all three frames have one).
+    assert all(set(a) <= set(b) for a, b in zip(plain, with_contrast_turn, strict=True))
+    assert sum(len(b) - len(a) for a, b in zip(plain, with_contrast_turn, strict=True)) >= 2

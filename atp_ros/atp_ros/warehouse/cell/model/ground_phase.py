@@ -8,6 +8,11 @@ This phase goes on training the CLIP with its two losses plus linear read-outs, 
 feature layer the LLaVA consumes, of each patch's row and column, of the shelf slot its object
 stands in and of the letter on it. The read-outs are discarded afterwards: the checkpoint keeps
 the stock ``CLIPModel``.
+
+The same losses, plus a read-out of the object kind (box or tote) of each shelf-item patch, make
+phase 5's tower touch-up (recipe ``dialog_tower_steps``): phase 1b left the kind only weakly in the
+features (a linear probe of an item's patches reads it little better than the majority class), and
+a question about the red box where a red tote also stands can be answered only from it.
 """
 
 from __future__ import annotations
@@ -30,18 +35,35 @@ NO_LABEL = len(LABELS)  # a shelf object without a readable letter
 IGNORE = -100  # cross-entropy's ignore index
 LABEL_MIN_VISIBLE = 0.6
 SLOT_MIN_VISIBLE = 0.3
+KIND_MIN_VISIBLE = 0.3  # an item less visible than this teaches no patch its kind
+KINDS = {"box": 0, "tote": 1}  # the kind read-out's classes
 
 
 class GroundHeads(torch.nn.Module):
     """Linear read-outs of a patch feature ``(..., D)``: row and column (``GRID`` each), slot (12 + none)
-    and letter (6 + none)."""
+    and letter (6 + none); with ``kind``, also the shelf item's kind (:data:`KINDS`)."""
 
-    def __init__(self, dim: int) -> None:
+    def __init__(self, dim: int, kind: bool = False) -> None:
         super().__init__()
         self.row = torch.nn.Linear(dim, GRID)
         self.col = torch.nn.Linear(dim, GRID)
         self.slot = torch.nn.Linear(dim, NO_SLOT + 1)
         self.label = torch.nn.Linear(dim, NO_LABEL + 1)
+        self.kind = torch.nn.Linear(dim, len(KINDS)) if kind else None
+
+
+def kind_labels(truth: CellTruth, kind_ids: dict[str, int]) -> np.ndarray:
+    """Per patch (flat, ``NUM_PATCHES``): the id ``kind_ids`` gives the object kind ("box", "tote") of the shelf
+    item it shows, ``IGNORE`` where it shows none or items of both kinds."""
+    labels = np.full(NUM_PATCHES, IGNORE, dtype=np.int64)
+    seen = np.zeros((len(kind_ids), NUM_PATCHES), dtype=bool)
+    kinds = list(kind_ids)
+    for o in truth.objects:
+        if o.place == "shelf" and o.kind in kind_ids and o.box is not None and o.visible_fraction >= KIND_MIN_VISIBLE:
+            seen[kinds.index(o.kind)] |= evidence_mask([o.box], (truth.height, truth.width), (GRID, GRID)).reshape(-1)
+    for k, kind in enumerate(kinds):
+        labels[seen[k] & (seen.sum(0) == 1)] = kind_ids[kind]
+    return labels
 
 
 def patch_targets(truth: CellTruth) -> tuple[np.ndarray, np.ndarray]:
@@ -63,7 +85,8 @@ def ground_losses(
     clip, heads: GroundHeads, px: Tensor, truths: list[CellTruth], r: Recipe
 ) -> tuple[dict[str, Tensor], dict[str, float]]:
     """The read-out cross-entropies of one batch of frames (``px``: normalized ``(B, 3, S, S)``) and the
-    slot and letter read-outs' accuracy on shelf-object patches (the losses are dominated by empty patches)."""
+    slot, letter (and kind) read-outs' accuracy on shelf-object patches (the losses are dominated by empty
+    patches)."""
     hs = clip.vision_model(pixel_values=px, output_hidden_states=True).hidden_states
     feats = hs[r.feature_layer][:, 1:]  # (B, N, D): what the LLaVA projector reads
     grid = torch.arange(NUM_PATCHES)
@@ -78,9 +101,19 @@ def ground_losses(
     }
     if (label != IGNORE).any():
         out["label"] = F.cross_entropy(heads.label(flat), label.reshape(-1), ignore_index=IGNORE)
+    kind = None
+    if heads.kind is not None:
+        kind = torch.as_tensor(np.stack([kind_labels(t, KINDS) for t in truths]))
+        if (kind != IGNORE).any():
+            out["kind"] = F.cross_entropy(heads.kind(flat), kind.reshape(-1), ignore_index=IGNORE)
     with torch.no_grad():
+        if kind is not None and (kind != IGNORE).any():
+            on_item = kind != IGNORE
+            acc = {"kind_acc": float((heads.kind(feats).argmax(-1) == kind)[on_item].float().mean())}
+        else:
+            acc = {}
         on, read = slot != NO_SLOT, label >= 0
-        acc = {"slot_acc": float((heads.slot(feats).argmax(-1) == slot)[on].float().mean()) if on.any() else 0.0}
+        acc["slot_acc"] = float((heads.slot(feats).argmax(-1) == slot)[on].float().mean()) if on.any() else 0.0
         if read.any():
             acc["label_acc"] = float((heads.label(feats).argmax(-1) == label)[read].float().mean())
     return out, acc
@@ -99,11 +132,33 @@ def ground_clip(trainer, clip, frames: Frames, progress: Progress, checkpoint_ev
     r = trainer.r
     if r.ground_steps <= 0:
         return clip
-    torch.manual_seed(r.seed + 1)
+    phase = Phase("ground", r.ground_steps, r.ground_lr, stream=2)
+    return _ground(trainer, clip, frames, phase, False, progress, checkpoint_every_s)
+
+
+def touch_up_tower(trainer, clip, frames: Frames, progress: Progress, checkpoint_every_s: float):
+    """Phase 5's tower touch-up (``dialog_tower_steps``): phase 1b's losses plus the kind read-out, from phase 1b's
+    read-outs where the state has them, resumed and checkpointed as ``retower``; returns the frozen CLIP."""
+    r = trainer.r
+    if r.dialog_tower_steps <= 0:
+        return clip
+    phase = Phase("retower", r.dialog_tower_steps, r.dialog_tower_lr, stream=6)
+    return _ground(trainer, clip, frames, phase, True, progress, checkpoint_every_s)
+
+
+def _ground(trainer, clip, frames: Frames, phase: Phase, kind: bool, progress: Progress, checkpoint_every_s: float):
+    r = trainer.r
+    torch.manual_seed(r.seed + phase.stream - 1)
     clip.requires_grad_(True)
-    dense_scale = torch.nn.Parameter(torch.tensor(float(trainer.state.get("dense_scale", np.log(10.0)))))
-    module = Grounding(clip, GroundHeads(clip.config.vision_config.hidden_size), dense_scale)
-    opt = torch.optim.AdamW(module.parameters(), lr=r.ground_lr, weight_decay=0.05)
+    scale = trainer.state["ground"]["dense_scale"] if kind and "ground" in trainer.state else None
+    scale = float(scale) if scale is not None else float(trainer.state.get("dense_scale", np.log(10.0)))
+    dense_scale = torch.nn.Parameter(torch.tensor(scale))
+    module = Grounding(clip, GroundHeads(clip.config.vision_config.hidden_size, kind=kind), dense_scale)
+    if kind and phase.name not in trainer.state and "ground" in trainer.state:
+        # Phase 1b's read-outs, trained on these features, so their first gradients into the tower are not noise.
+        saved = {k.removeprefix("heads."): v for k, v in trainer.state["ground"].items() if k.startswith("heads.")}
+        module.heads.load_state_dict(saved, strict=False)
+    opt = torch.optim.AdamW(module.parameters(), lr=phase.lr, weight_decay=0.05)
     bf16_forward(clip.vision_model, r)
     bf16_forward(clip.text_model, r)
 
@@ -118,11 +173,19 @@ def ground_clip(trainer, clip, frames: Frames, progress: Progress, checkpoint_ev
         text = f"region {r_loss.item():.3f} " + " ".join(f"{k} {v:.2f}" for k, v in logged.items() if "acc" in k)
         return g_loss + r_loss + r.ground_weight * aux, logged, text
 
-    run_phase(trainer, Phase("ground", r.ground_steps, r.ground_lr, stream=2), module, opt, one_step, progress,
-              checkpoint_every_s)  # fmt: skip
+    run_phase(trainer, phase, module, opt, one_step, progress, checkpoint_every_s)
     plain_forward(clip.vision_model)
     plain_forward(clip.text_model)
     return clip.requires_grad_(False)
 
 
-__all__ = ["GroundHeads", "Grounding", "ground_clip", "ground_losses", "patch_targets"]
+__all__ = [
+    "KINDS",
+    "GroundHeads",
+    "Grounding",
+    "ground_clip",
+    "ground_losses",
+    "kind_labels",
+    "patch_targets",
+    "touch_up_tower",
+]

@@ -3,6 +3,7 @@ features, then on reworded questions, then several reworded questions per image.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import replace
 from typing import TYPE_CHECKING
 
@@ -13,9 +14,9 @@ from torch import Tensor
 
 from atp_ros.testing.tiny.llava import CHAT_TEMPLATE, IMAGE_TOKEN
 from atp_ros.warehouse.cell.model.data import Frames, draw_questions, patch_mask
+from atp_ros.warehouse.cell.model.ground_phase import kind_labels
 from atp_ros.warehouse.cell.model.loop import Phase, run_phase
 from atp_ros.warehouse.cell.model.recipe import (
-    GRID,
     NUM_PATCHES,
     Recipe,
     bf16_forward,
@@ -23,8 +24,7 @@ from atp_ros.warehouse.cell.model.recipe import (
     plain_forward,
 )
 from atp_ros.warehouse.cell.noise import perturb, reword
-from atp_ros.warehouse.cell.questions import Question, contrast_questions
-from atp_ros.warehouse.scenes import evidence_mask
+from atp_ros.warehouse.cell.questions import Question, contrast_questions, is_contrast
 from atp_ros.warehouse.train_llava import llava_config, llava_loss, pad_rows
 
 if TYPE_CHECKING:
@@ -119,23 +119,6 @@ def sequence_keep(
     return kept_patches(rng, r, evidence, share)
 
 
-KIND_MIN_VISIBLE = 0.3  # an item less visible than this teaches no patch its kind
-
-
-def kind_labels(truth, kind_ids: dict[str, int]) -> np.ndarray:
-    """Per patch (flat, ``NUM_PATCHES``): the token id of the object kind (``kind_ids``: "box", "tote") of the shelf
-    item it shows, -100 where it shows none or items of both kinds."""
-    labels = np.full(NUM_PATCHES, -100, dtype=np.int64)
-    seen = np.zeros((len(kind_ids), NUM_PATCHES), dtype=bool)
-    kinds = list(kind_ids)
-    for o in truth.objects:
-        if o.place == "shelf" and o.kind in kind_ids and o.box is not None and o.visible_fraction >= KIND_MIN_VISIBLE:
-            seen[kinds.index(o.kind)] |= evidence_mask([o.box], (truth.height, truth.width), (GRID, GRID)).reshape(-1)
-    for k, kind in enumerate(kinds):
-        labels[seen[k] & (seen.sum(0) == 1)] = kind_ids[kind]
-    return labels
-
-
 def pruned_turns(questions: list[Question]) -> list[Question]:
     """The questions a pruned sequence asks: all but the :data:`WHOLE_FRAME_KINDS`."""
     return [q for q in questions if q.kind not in WHOLE_FRAME_KINDS]
@@ -174,6 +157,7 @@ def llava_batch(
     hard: tuple[str, ...] | None = None,
     pruned: float = 0.0,
     twins: float = 0.0,
+    sup_contrast: bool = False,
 ):
     """Token ids, original position ids, attention mask, kept patches, targets and evidence positions of a
     batch of sequences (see ``warehouse.train_llava.llava_batch``: the same layout). With the question first
@@ -183,7 +167,8 @@ def llava_batch(
     every question with a held-out phrasing (for measuring only). ``hard``: the kinds drawn twice as often
     (``r.hard_kinds`` when None). ``pruned``: the share of sequences (when ``share`` is 1) that keep their
     turns' evidence patches and a random :data:`PRUNED_OTHERS` share of the others (:func:`pruned_turns`).
-    ``twins``: the share of turns replaced by :func:`with_contrast` (0 draws nothing more)."""
+    ``twins``: the share of turns replaced by :func:`with_contrast` (0 draws nothing more). ``sup_contrast``: the
+    first turn that :func:`~atp_ros.warehouse.cell.questions.is_contrast` has its attention supervised too."""
     rows, positions, image_keep, targets, evidence = [], [], [], [], []
     turns = 1 if r.question_first else r.llava_turns
     for i in idx:
@@ -197,6 +182,8 @@ def llava_batch(
         head = prompts.head(qs[0].question if qs else "")
         masks = [patch_mask(q, truth) for q in qs]
         keep = sequence_keep(rng, r, masks, share, prune)
+        contrast = [t for t, q in enumerate(qs) if sup_contrast and is_contrast(truth, q.kind, q.slots)]
+        supervised = {*range(r.sup_turns), *contrast[:1]}
         ids = head + [prompts.image_id] * len(keep)
         pos = list(range(len(head))) + [len(head) + int(j) for j in keep]
         nxt = len(head) + NUM_PATCHES  # text after the image keeps its unpruned position
@@ -210,7 +197,7 @@ def llava_batch(
             nxt += len(tids)
             tgt += [(start + off - 1, ans), (start + off, prompts.tok.eos_token_id)]
             seq = [slot_of[int(j)] for j in np.flatnonzero(masks[t]) if int(j) in slot_of]
-            if seq and t < r.sup_turns:
+            if seq and t in supervised:
                 ev_rows.append((start + off - 1, seq))
         rows.append(ids)
         positions.append(pos)
@@ -242,9 +229,11 @@ def train_llava(
     val: tuple[Frames, Tensor],
     progress: Progress,
     checkpoint_every_s: float,
+    dialog_tower: Callable[[], tuple[object, Tensor, Tensor]] | None = None,
 ):
     """Phase 3 (and 4 and 5, when ``tune_steps`` and ``dialog_steps``), resumed from ``trainer.state`` and
-    checkpointed into it; validation accuracy every 250 steps."""
+    checkpointed into it; validation accuracy every 250 steps. ``dialog_tower`` gives phase 5's CLIP and its
+    train and validation features when phase 5 reads another tower than phases 3 and 4 (``dialog_tower_steps``)."""
     r = trainer.r
     frames, feats = train
     model = new_llava(r, trainer.tok, clip)
@@ -262,6 +251,7 @@ def train_llava(
         pruned: float = 0.0,
         twins: float = 0.0,
         kind_weight: float = 0.0,
+        sup_contrast: bool = False,
     ):
         rt = replace(r, llava_turns=turns) if turns else r
         kind_ids = {k: trainer.tok(k, add_special_tokens=False)["input_ids"][0] for k in ("box", "tote")}
@@ -281,6 +271,7 @@ def train_llava(
                 hard=hard,
                 pruned=pruned,
                 twins=twins,
+                sup_contrast=sup_contrast,
             )
             aux = None
             if kind_weight:
@@ -327,11 +318,16 @@ def train_llava(
             checkpoint_every_s,
             after_step=validate_every(r.tune_steps),
         )
+    if r.dialog_steps and dialog_tower is not None:
+        tower, feats, val_feats = dialog_tower()
+        model.model.vision_tower.load_state_dict(tower.vision_model.state_dict())
+        val = (val[0], val_feats)
     if r.dialog_steps:
         # Phase 5 goes on from phase 4's weights, fresh optimizer and schedule, phase 4's rewording, with
         # ``dialog_turns`` questions about the image per sequence (more answers per image token computed),
         # ``dialog_pruned`` of the sequences on a pruned image, ``dialog_twins`` of the turns about a same-color
-        # box or tote where the frame has both, and the image tokens' object-kind read-out at ``dialog_kind_weight``.
+        # box or tote where the frame has both (the first of them attention-supervised with ``dialog_sup_contrast``),
+        # and the image tokens' object-kind read-out at ``dialog_kind_weight``.
         opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=r.dialog_lr, weight_decay=0.01)
         dialog = Phase("dialog", r.dialog_steps, r.dialog_lr, stream=5)
         hard = tuple(r.tune_hard_kinds)
@@ -344,6 +340,7 @@ def train_llava(
             r.dialog_pruned,
             r.dialog_twins,
             r.dialog_kind_weight,
+            r.dialog_sup_contrast,
         )
         after = validate_every(r.dialog_steps)
         run_phase(trainer, dialog, model, opt, one_step, progress, checkpoint_every_s, after_step=after)

@@ -101,6 +101,15 @@ class Recipe:
     # its kind ("box" / "tote" through the final norm and lm_head) from its hidden state entering decoder layer
     # ``sup_layer``, where the supervised heads look the question's item up. 0 adds nothing.
     dialog_kind_weight: float = 0.0
+    # Phase 5 supervises the attention of each sequence's first contrast turn as well as its first ``sup_turns``:
+    # asked "where is the red box?" and "where is the red tote?" about one frame, the sixteenth and seventeenth
+    # attempts gave the same slot for both, so the question's kind word had no part in the item's lookup.
+    dialog_sup_contrast: bool = False
+    # Phase 5's tower touch-up, before its LLaVA steps: the CLIP goes on with phase 1b's losses plus a read-out of
+    # each shelf item's kind (box or tote) for this many steps at ``dialog_tower_lr``; phase 5 then reads the
+    # touched tower's features. 0 keeps phase 1b's tower.
+    dialog_tower_steps: int = 0
+    dialog_tower_lr: float = 3e-4
     feature_layer: int = -1  # the layer the region loss aligned with the questions' words
     # Tower layers the projector reads besides ``feature_layer`` (llava's list-valued ``vision_feature_layer``):
     # layer 0, the embeddings, carries each patch's absolute position, which the LLM needs to find "slot
@@ -153,7 +162,17 @@ QUICK = {
 _CELL_CLIP_FIELDS = (*CLIP_FIELDS, "vision_heads", "chunk")
 _GROUND_FIELDS = ("ground_steps", "ground_lr", "ground_weight", "feature_layer")
 TUNE_FIELDS = ("tune_steps", "tune_lr", "question_noise", "extra_phrasings", "tune_hard_kinds")
-DIALOG_FIELDS = ("dialog_steps", "dialog_turns", "dialog_lr", "dialog_pruned", "dialog_twins", "dialog_kind_weight")
+DIALOG_FIELDS = (
+    "dialog_steps",
+    "dialog_turns",
+    "dialog_lr",
+    "dialog_pruned",
+    "dialog_twins",
+    "dialog_kind_weight",
+    "dialog_sup_contrast",
+    "dialog_tower_steps",
+    "dialog_tower_lr",
+)
 
 
 def clip_part(recipe: dict) -> dict:

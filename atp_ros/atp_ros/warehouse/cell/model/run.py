@@ -14,7 +14,7 @@ from rich.progress import Progress, TextColumn, TimeElapsedColumn
 from atp_ros.warehouse.cell.model.clip_phase import features, train_clip
 from atp_ros.warehouse.cell.model.data import render_frames
 from atp_ros.warehouse.cell.model.evaluate import evaluate
-from atp_ros.warehouse.cell.model.ground_phase import ground_clip
+from atp_ros.warehouse.cell.model.ground_phase import ground_clip, touch_up_tower
 from atp_ros.warehouse.cell.model.llava_phase import chat_template, train_llava
 from atp_ros.warehouse.cell.model.recipe import (
     IMAGE_SIZE,
@@ -27,7 +27,7 @@ from atp_ros.warehouse.cell.model.recipe import (
 )
 from atp_ros.warehouse.train import Trainer, plot_learning_curve, save_checkpoint
 
-DIALOG_KEYS = ("dialog", "dialog_opt", "dialog_step", "done")
+DIALOG_KEYS = ("retower", "retower_opt", "retower_step", "dialog", "dialog_opt", "dialog_step", "done")
 TUNE_KEYS = ("tune", "tune_opt", "tune_step", *DIALOG_KEYS)
 LLAVA_KEYS = ("llava", "llava_opt", "llava_step", *TUNE_KEYS)
 GROUND_KEYS = ("ground", "ground_opt", "ground_step")
@@ -137,9 +137,35 @@ class CellTrainer(Trainer):
             clip = timed("ground", ground_clip, self, clip, frames, progress, checkpoint_every_s)
             feats = timed("features", features, clip, frames, r, progress, "features train")
             val_feats = timed("features", features, clip, val, r, progress, "features val")
+            towers, inner = [clip], time.monotonic()
+
+            def dialog_tower():
+                # Phase 5's tower: touched up (``dialog_tower_steps``) in place, its features computed again.
+                nonlocal inner
+                t = time.monotonic()
+                towers.append(timed("tower", touch_up_tower, self, clip, frames, progress, checkpoint_every_s))
+                out = (
+                    towers[-1],
+                    timed("features", features, towers[-1], frames, r, progress, "features train (phase 5)"),
+                    timed("features", features, towers[-1], val, r, progress, "features val (phase 5)"),
+                )
+                inner = time.monotonic() - t
+                return out
+
             model = timed(
-                "llava", train_llava, self, clip, (frames, feats), (val, val_feats), progress, checkpoint_every_s
+                "llava",
+                train_llava,
+                self,
+                clip,
+                (frames, feats),
+                (val, val_feats),
+                progress,
+                checkpoint_every_s,
+                dialog_tower if r.dialog_tower_steps else None,
             )
+            clip = towers[-1]
+            if len(towers) > 1:
+                times["llava"] -= inner  # the touch-up and its features are counted as "tower" and "features"
             save_cell_checkpoint(out, model, clip, self.tok, r)
             plot_learning_curve(self.log_path, out / "learning_curve.png")
             report = timed("test", evaluate, out, r, progress)
