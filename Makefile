@@ -44,18 +44,25 @@ train-tiny: setup
 	@$(ENV) python -m atp_ros.warehouse.train --out out/warehouse-tiny --work out/train-tiny $(TRAIN_ARGS)
 
 # The rendered cell's model (#20): resumable, rerun to continue from out/train-cell.
-# Phases 1-5 (out/warehouse-cell-5), then phase 5 once more from its checkpoint with ten questions per image,
-# 40% of them on pruned images (the fourteenth attempt, out/warehouse-cell-14), then a third phase 5 of 600
-# steps from that with contrast turns and the object-kind read-out, as the bundled sixteenth attempt was
-# trained (docs/warehouse.md); the later runs reuse the rendered frames.
+# Phases 1-5 (out/warehouse-cell-5), then phase 5 again from each checkpoint, as the bundled eighteenth attempt was
+# trained (docs/warehouse.md): ten questions per image, 40% of them on pruned images (the fourteenth,
+# out/warehouse-cell-14); 600 steps with contrast turns and the object-kind read-out (the sixteenth); the same after
+# a tower touch-up that teaches the CLIP the box/tote kind (the seventeenth); 600 steps on that tower with more
+# contrast turns, the first of each attention-supervised (the eighteenth). The later runs reuse the rendered frames.
+CELL_DIALOG := --set dialog_turns=10 --set dialog_pruned=0.4
+CELL_KIND := --set dialog_steps=600 $(CELL_DIALOG) --set dialog_kind_weight=0.5
 train-cell: setup
 	@$(ENV) python -m atp_ros.warehouse.cell.model --out out/warehouse-cell-5 --work out/train-cell $(TRAIN_ARGS)
-	@for w in train-cell-2 train-cell-3; do [ -d out/$$w/frames ] || { mkdir -p out/$$w && cp -al out/train-cell/frames out/$$w/frames; }; done
-	@$(ENV) python -m atp_ros.warehouse.cell.model --init-from out/warehouse-cell-5 --set dialog_turns=10 --set dialog_pruned=0.4 \
+	@for w in train-cell-2 train-cell-3 train-cell-4 train-cell-5; do \
+		[ -d out/$$w/frames ] || { mkdir -p out/$$w && cp -al out/train-cell/frames out/$$w/frames; }; done
+	@$(ENV) python -m atp_ros.warehouse.cell.model --init-from out/warehouse-cell-5 $(CELL_DIALOG) \
 		--out out/warehouse-cell-14 --work out/train-cell-2 $(TRAIN_ARGS)
-	@$(ENV) python -m atp_ros.warehouse.cell.model --init-from out/warehouse-cell-14 --set dialog_steps=600 --set dialog_turns=10 \
-		--set dialog_pruned=0.4 --set dialog_twins=0.3 --set dialog_kind_weight=0.5 \
-		--out out/warehouse-cell --work out/train-cell-3 $(TRAIN_ARGS)
+	@$(ENV) python -m atp_ros.warehouse.cell.model --init-from out/warehouse-cell-14 $(CELL_KIND) --set dialog_twins=0.3 \
+		--out out/warehouse-cell-16 --work out/train-cell-3 $(TRAIN_ARGS)
+	@$(ENV) python -m atp_ros.warehouse.cell.model --init-from out/warehouse-cell-16 $(CELL_KIND) --set dialog_twins=0.3 \
+		--set dialog_tower_steps=400 --out out/warehouse-cell-17 --work out/train-cell-4 $(TRAIN_ARGS)
+	@$(ENV) python -m atp_ros.warehouse.cell.model --init-from out/warehouse-cell-17 $(CELL_KIND) --set dialog_twins=0.5 \
+		--set dialog_sup_contrast=true --out out/warehouse-cell --work out/train-cell-5 $(TRAIN_ARGS)
 
 # The robot-arm loop (#24): cell_sim + vlm_node + the pick planner (CELL_ARGS="--model DIR ...").
 # The bundled warehouse-cell cannot yet name a held box, so the planner's grasp confirmation is off by default
