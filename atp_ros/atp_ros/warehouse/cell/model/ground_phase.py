@@ -138,7 +138,8 @@ def ground_clip(trainer, clip, frames: Frames, progress: Progress, checkpoint_ev
 
 def touch_up_tower(trainer, clip, frames: Frames, progress: Progress, checkpoint_every_s: float):
     """Phase 5's tower touch-up (``dialog_tower_steps``): phase 1b's losses plus the kind read-out, from phase 1b's
-    read-outs where the state has them, resumed and checkpointed as ``retower``; returns the frozen CLIP."""
+    read-outs where the state has them, resumed and checkpointed as ``retower``; trains ``clip`` in place and returns
+    it frozen."""
     r = trainer.r
     if r.dialog_tower_steps <= 0:
         return clip

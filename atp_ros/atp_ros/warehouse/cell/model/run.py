@@ -137,17 +137,17 @@ class CellTrainer(Trainer):
             clip = timed("ground", ground_clip, self, clip, frames, progress, checkpoint_every_s)
             feats = timed("features", features, clip, frames, r, progress, "features train")
             val_feats = timed("features", features, clip, val, r, progress, "features val")
-            towers, inner = [clip], time.monotonic()
+            inner = 0.0
 
             def dialog_tower():
-                # Phase 5's tower: touched up (``dialog_tower_steps``) in place, its features computed again.
+                # Phase 5's tower: ``clip`` touched up in place (``dialog_tower_steps``), its features computed again.
                 nonlocal inner
                 t = time.monotonic()
-                towers.append(timed("tower", touch_up_tower, self, clip, frames, progress, checkpoint_every_s))
+                timed("tower", touch_up_tower, self, clip, frames, progress, checkpoint_every_s)
                 out = (
-                    towers[-1],
-                    timed("features", features, towers[-1], frames, r, progress, "features train (phase 5)"),
-                    timed("features", features, towers[-1], val, r, progress, "features val (phase 5)"),
+                    clip,
+                    timed("features", features, clip, frames, r, progress, "features train (phase 5)"),
+                    timed("features", features, clip, val, r, progress, "features val (phase 5)"),
                 )
                 inner = time.monotonic() - t
                 return out
@@ -163,9 +163,7 @@ class CellTrainer(Trainer):
                 checkpoint_every_s,
                 dialog_tower if r.dialog_tower_steps else None,
             )
-            clip = towers[-1]
-            if len(towers) > 1:
-                times["llava"] -= inner  # the touch-up and its features are counted as "tower" and "features"
+            times["llava"] -= inner  # the touch-up and its features are counted as "tower" and "features"
             save_cell_checkpoint(out, model, clip, self.tok, r)
             plot_learning_curve(self.log_path, out / "learning_curve.png")
             report = timed("test", evaluate, out, r, progress)
