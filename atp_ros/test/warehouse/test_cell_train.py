@@ -80,8 +80,9 @@ def test_init_from_a_checkpoint_runs_only_phase_5_and_a_phase_5_change_reruns_on
     # alone, from the same phase-4 weights.
     shutil.rmtree(out)
     more = ["--set", "dialog_turns=3", "--set", "dialog_twins=0.5", "--set", "dialog_kind_weight=0.5"]
-    more += ["--set", "dialog_tower_steps=2"]
+    more += ["--set", "dialog_tower_steps=2", "--set", "dialog_hard_kinds=holding,empty_slot"]
     assert main(["--out", str(out), "--work", str(work), "--quick", *more]) == 0
+    assert json.loads((out / "recipe.json").read_text())["dialog_hard_kinds"] == ["holding", "empty_slot"]
     assert "restarting phase 5" in capsys.readouterr().out
     rows = [json.loads(line) for line in (work / "train_log.jsonl").read_text().splitlines()]
     assert [x["phase"] for x in rows] == ["retower", "retower", "dialog", "dialog"]
@@ -117,7 +118,11 @@ def test_recipe_overrides_are_typed_and_a_bad_one_is_one_message(capsys) -> None
 
     got = recipe_overrides(["bf16=false", "llava_turns=6", "hard_kinds=where,count", "llava_lr=5e-4"])
     assert got == {"bf16": False, "llava_turns": 6, "hard_kinds": ("where", "count"), "llava_lr": 5e-4}
-    for bad, says in ((["--set", "nope=1"], "FIELD=VALUE"), (["--set", "bf16=maybe"], "is not a bool")):
+    for bad, says in (
+        (["--set", "nope=1"], "FIELD=VALUE"),
+        (["--set", "bf16=maybe"], "is not a bool"),
+        (["--set", "dialog_hard_kinds=holding,holdng"], "'holdng' is not a question kind"),
+    ):
         with pytest.raises(SystemExit) as exit_info:
             main(["--quick", *bad])
         assert exit_info.value.code == 2 and says in capsys.readouterr().err

@@ -7,6 +7,7 @@ import sys
 from dataclasses import fields
 from pathlib import Path
 
+from atp_ros.warehouse.cell.grammar import TEMPLATES
 from atp_ros.warehouse.cell.model import QUICK, Recipe
 from atp_ros.warehouse.cell.model import __doc__ as DOC
 
@@ -68,6 +69,9 @@ def recipe_overrides(items: list[str]) -> dict:
                 out[name] = kind(text)
         except ValueError:
             raise ValueError(f"--set {item!r}: {text!r} is not a {kind.__name__}") from None
+        unknown = [v for v in out[name] if v not in TEMPLATES] if name.endswith("hard_kinds") else []
+        if unknown:
+            raise ValueError(f"--set {item!r}: {unknown[0]!r} is not a question kind (known: {', '.join(TEMPLATES)})")
     return out
 
 

@@ -327,10 +327,11 @@ def train_llava(
         # ``dialog_turns`` questions about the image per sequence (more answers per image token computed),
         # ``dialog_pruned`` of the sequences on a pruned image, ``dialog_twins`` of the turns about a same-color
         # box or tote where the frame has both (the first of them attention-supervised with ``dialog_sup_contrast``),
-        # and the image tokens' object-kind read-out at ``dialog_kind_weight``.
+        # the image tokens' object-kind read-out at ``dialog_kind_weight``, and ``dialog_hard_kinds`` (else phase
+        # 4's) drawn twice as often.
         opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=r.dialog_lr, weight_decay=0.01)
         dialog = Phase("dialog", r.dialog_steps, r.dialog_lr, stream=5)
-        hard = tuple(r.tune_hard_kinds)
+        hard = tuple(r.dialog_hard_kinds or r.tune_hard_kinds)
         one_step = step_fn(
             r.question_noise,
             r.extra_phrasings,

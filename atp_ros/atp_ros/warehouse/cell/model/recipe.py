@@ -110,6 +110,8 @@ class Recipe:
     # touched tower's features. 0 keeps phase 1b's tower.
     dialog_tower_steps: int = 0
     dialog_tower_lr: float = 3e-4
+    # Kinds phase 5 draws twice as often; empty keeps phase 4's ``tune_hard_kinds`` (the earlier attempts).
+    dialog_hard_kinds: tuple[str, ...] = ()
     feature_layer: int = -1  # the layer the region loss aligned with the questions' words
     # Tower layers the projector reads besides ``feature_layer`` (llava's list-valued ``vision_feature_layer``):
     # layer 0, the embeddings, carries each patch's absolute position, which the LLM needs to find "slot
@@ -172,6 +174,7 @@ DIALOG_FIELDS = (
     "dialog_sup_contrast",
     "dialog_tower_steps",
     "dialog_tower_lr",
+    "dialog_hard_kinds",
 )
 
 
