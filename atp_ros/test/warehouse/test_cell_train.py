@@ -310,3 +310,31 @@ def test_phase_5_supervises_the_attention_of_the_first_contrast_turn(tmp_path) -
     # The same draws, so the same sequences; each gains its first contrast turn (all three frames have one).
     assert all(set(a) <= set(b) for a, b in zip(plain, with_contrast_turn, strict=True))
     assert sum(len(b) - len(a) for a, b in zip(plain, with_contrast_turn, strict=True)) >= 2
+
+
+def test_phase_5_words_a_share_of_its_questions_with_the_second_extra_set(tmp_path) -> None:
+    import re
+
+    import numpy as np
+    from atp_ros.warehouse.cell.model.data import Frames
+    from atp_ros.warehouse.cell.model.llava_phase import Prompts, chat_template, llava_batch
+    from atp_ros.warehouse.cell.model.recipe import Recipe, make_tokenizer, pixels
+    from atp_ros.warehouse.cell.noise import MORE_TEMPLATES
+
+    r = Recipe(llava_turns=6)
+    tok = make_tokenizer(tmp_path)
+    prompts = Prompts(tok, chat_template(r))
+    stills = [random_still(seed) for seed in (9, 15, 20)]
+    frames = Frames(np.stack([pixels(s.rgb) for s in stills]), [s.truth for s in stills])
+    idx = np.arange(len(frames))
+
+    def texts(more: float) -> list[str]:
+        ids = llava_batch(prompts, frames, idx, np.random.default_rng(7), r, more=more)[0]
+        return [tok.decode(row, skip_special_tokens=True) for row in ids.tolist()]
+
+    # Each template as a pattern, its placeholders wildcards, to spot its renderings in a decoded sequence.
+    patterns = [re.sub(r"\\\{[a-z_]+\\\}", ".+?", re.escape(t)) for ts in MORE_TEMPLATES.values() for t in ts]
+    found = lambda text: sum(bool(re.search(p, text)) for p in patterns)  # noqa: E731
+    # Off: none of its phrasings; on: most questions in them.
+    assert sum(found(t) for t in texts(0.0)) == 0
+    assert sum(found(t) for t in texts(1.0)) >= len(frames) * r.llava_turns // 2

@@ -338,18 +338,20 @@ def test_wording_noise_keeps_the_meaning_words_and_is_seeded(truth_a):
 def test_extra_phrasings_are_far_from_the_held_out_ones_and_render_every_kind(truth_a):
     import difflib
 
-    from atp_ros.warehouse.cell.noise import EXTRA_TEMPLATES, reword
+    from atp_ros.warehouse.cell.noise import EXTRA_TEMPLATES, MORE_TEMPLATES, reword
 
     def words(t: str) -> list[str]:
         return re.sub(r"[^a-z{} ]", "", t.lower()).split()
 
-    assert set(EXTRA_TEMPLATES) == set(KINDS)
-    for kind, templates in EXTRA_TEMPLATES.items():
-        for t in templates:
-            assert t not in grammar.TEMPLATES[kind]
-            # Phase 4 trains on these: none may copy a held-out phrasing's shape, or the test would flatter.
-            for held in phrasings(kind, "test", held_out_only=True):
-                assert difflib.SequenceMatcher(None, words(t), words(held)).ratio() <= 0.7, (t, held)
-    for q in questions_for(truth_a, np.random.default_rng(0), 40, "train"):
-        text = reword(q.kind, q.slots, np.random.default_rng(1))
-        assert "{" not in text and text != q.question
+    for table in (EXTRA_TEMPLATES, MORE_TEMPLATES):
+        assert set(table) == set(KINDS)
+        for kind, templates in table.items():
+            for t in templates:
+                assert t not in grammar.TEMPLATES[kind]
+                # Phases 4 and 5 train on these: none may copy a held-out phrasing's shape, or the test would flatter.
+                for held in phrasings(kind, "test", held_out_only=True):
+                    assert difflib.SequenceMatcher(None, words(t), words(held)).ratio() <= 0.7, (t, held)
+        for q in questions_for(truth_a, np.random.default_rng(0), 40, "train"):
+            text = reword(q.kind, q.slots, np.random.default_rng(1), table)
+            assert "{" not in text and text != q.question
+    assert not set(EXTRA_TEMPLATES["aisle"]) & set(MORE_TEMPLATES["aisle"])

@@ -237,9 +237,118 @@ EXTRA_TEMPLATES: dict[str, tuple[str, ...]] = {
 }
 
 
-def reword(kind: str, slots: dict, rng: np.random.Generator) -> str:
-    """The question ``(kind, slots)`` in one of :data:`EXTRA_TEMPLATES`' phrasings."""
+# A second set, for phase 5's ``dialog_more_phrasings`` only (kept apart so phase 4 trains as it did): other
+# sentence shapes per kind, most of them shapes that another kind's answers fit (a yes/no question about the
+# aisle answered clear or blocked, a "what has ... got" answered with a color), so the kind has to come from
+# the words that name it.
+MORE_TEMPLATES: dict[str, tuple[str, ...]] = {
+    "color_at": (
+        "which colour does the {obj} at {slot} on the {level} {shelf} have?",
+        "is the {obj} in {slot} on the {level} {shelf} red, blue or another color?",
+        "{slot} on the {level} {shelf} holds a {obj}; its color?",
+        "say the color of the {level} {shelf}'s {obj} in {slot}.",
+        "what shade is the {obj} at {slot}, {level} {shelf}?",
+        "do you know which color the {obj} in {slot} of the {level} {shelf} has?",
+    ),
+    "label_at": (
+        "which letter does the {obj} at {slot} on the {level} {shelf} carry?",
+        "is there a letter on the {obj} in {slot} of the {level} {shelf}? which one?",
+        "{slot} on the {level} {shelf}: the {obj}'s letter?",
+        "what character is printed on the {level} {shelf}'s {obj} in {slot}?",
+        "read out the marking of the {obj} at {slot} on the {level} {shelf}.",
+        "which letter can i see on the {obj}, {level} {shelf}, {slot}?",
+    ),
+    "count": (
+        "are there many {color} {items} on the {shelves}? how many?",
+        "if you count the {color} {items} on the {shelves}, what do you get?",
+        "how many {items} of color {color} do the {shelves} hold?",
+        "do you know how many {color} {items} are on the {shelves}?",
+        "{color} {items}: what number do you count on the {shelves}?",
+        "give me a count of every {color} one on the {shelves}.",
+    ),
+    "exists": (
+        "do the {shelves} have any {color} {objs}?",
+        "has anyone put {a_color} {obj} on the {shelves}?",
+        "is there one {color} {obj} or more on the {shelves}?",
+        "is {a_color} {obj} among the {items} on the {shelves}?",
+        "check the {shelves} for {a_color} {obj}: is one there?",
+        "does {a_color} {obj} appear on the {shelves}?",
+    ),
+    "which_level": (
+        "what level of the {shelves} has the {color} {obj}, top, middle or bottom?",
+        "is the {color} {obj} up high, in the middle or down low: which {shelf}?",
+        "for the {color} {obj}, name the {shelf}: top, middle or bottom.",
+        "do you know which {shelf} carries the {color} {obj}?",
+        "top, middle or bottom {shelf} for the {color} {obj}?",
+        "which {shelf} has the {color} {obj} been put on?",
+    ),
+    "left_right": (
+        "is the {a} more to the left or more to the right than the {b}?",
+        "does the {a} sit left of the {b} or right of it?",
+        "seen from the camera, the {a} is on which side of the {b}?",
+        "left of the {b} or right of the {b}: where is the {a}?",
+        "do you see the {a} towards the left of the {b} or towards its right?",
+        "which way from the {b} is the {a}, left or right?",
+    ),
+    "gripper": (
+        "did the {arm} pick anything up?",
+        "is the {arm} carrying a box or a tote?",
+        "has the {arm} grabbed an item yet?",
+        "does the {arm} hold an item right now, yes or no?",
+        "is there an item between the fingers of the {arm}?",
+        "is the {arm} busy holding something?",
+    ),
+    "aisle": (
+        "is there a cone or a pallet in the {aisle}?",
+        "does anything stand in the way in the {aisle}?",
+        "are there boxes or cones on the {aisle}?",
+        "is something lying in the {aisle}?",
+        "can a robot get through the {aisle}?",
+        "has anything been left in the {aisle}?",
+        "is the {aisle} in front of the shelves free of things?",
+        "do i have a free {aisle}?",
+    ),
+    "where": (
+        "name the {shelf} and {slotn} where the {color} {obj} is kept.",
+        "do you know where the {color} {obj} is?",
+        "has the {color} {obj} got a place on the {shelves}? where?",
+        "which {slotn} of which {shelf} has the {color} {obj}?",
+        "show me where the {color} {obj} sits on the {shelves}.",
+        "is the {color} {obj} somewhere on the {shelves}? tell me where.",
+    ),
+    "empty_slot": (
+        "is a {slotn} free on the {level} {shelf}? which one?",
+        "what {slotn} has no box or tote on the {level} {shelf}?",
+        "has the {level} {shelf} got an empty {slotn}? which?",
+        "where could i put a tote on the {level} {shelf}?",
+        "does the {level} {shelf} have a gap? which {slotn}?",
+        "which {slotn} is missing an item on the {level} {shelf}?",
+    ),
+    "holding": (
+        "what has the {arm} picked up?",
+        "which color is the item the {arm} carries?",
+        "what did the {arm} take off the shelf?",
+        "is the {arm} holding the red, blue or another item?",
+        "what is the {arm} clutching?",
+        "the {arm} holds what?",
+        "what's between the fingers of the {arm}?",
+    ),
+    "count_level": (
+        "how many {items} has the {level} {shelf} got?",
+        "are there many {items} on the {level} {shelf}? how many?",
+        "what total of {items} do you find on the {level} {shelf}?",
+        "do you know how many {items} are on the {level} {shelf}?",
+        "{level} {shelf}: count of {items}?",
+        "count up the {items} placed on the {level} {shelf}.",
+    ),
+}
+
+
+def reword(
+    kind: str, slots: dict, rng: np.random.Generator, table: dict[str, tuple[str, ...]] = EXTRA_TEMPLATES
+) -> str:
+    """The question ``(kind, slots)`` in one of ``table``'s phrasings (:data:`EXTRA_TEMPLATES` by default)."""
     from atp_ros.warehouse.cell.grammar import render_template
 
-    options = EXTRA_TEMPLATES[kind]
+    options = table[kind]
     return render_template(options[int(rng.integers(len(options)))], slots, rng)

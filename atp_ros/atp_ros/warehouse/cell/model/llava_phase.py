@@ -23,7 +23,7 @@ from atp_ros.warehouse.cell.model.recipe import (
     llava_feature_layers,
     plain_forward,
 )
-from atp_ros.warehouse.cell.noise import perturb, reword
+from atp_ros.warehouse.cell.noise import MORE_TEMPLATES, perturb, reword
 from atp_ros.warehouse.cell.questions import Question, contrast_questions, is_contrast
 from atp_ros.warehouse.train_llava import llava_config, llava_loss, pad_rows
 
@@ -158,6 +158,7 @@ def llava_batch(
     pruned: float = 0.0,
     twins: float = 0.0,
     sup_contrast: bool = False,
+    more: float = 0.0,
 ):
     """Token ids, original position ids, attention mask, kept patches, targets and evidence positions of a
     batch of sequences (see ``warehouse.train_llava.llava_batch``: the same layout). With the question first
@@ -168,7 +169,8 @@ def llava_batch(
     (``r.hard_kinds`` when None). ``pruned``: the share of sequences (when ``share`` is 1) that keep their
     turns' evidence patches and a random :data:`PRUNED_OTHERS` share of the others (:func:`pruned_turns`).
     ``twins``: the share of turns replaced by :func:`with_contrast` (0 draws nothing more). ``sup_contrast``: the
-    first turn that :func:`~atp_ros.warehouse.cell.questions.is_contrast` has its attention supervised too."""
+    first turn that :func:`~atp_ros.warehouse.cell.questions.is_contrast` has its attention supervised too. ``more``:
+    the share of questions then reworded with :data:`~atp_ros.warehouse.cell.noise.MORE_TEMPLATES`."""
     rows, positions, image_keep, targets, evidence = [], [], [], [], []
     turns = 1 if r.question_first else r.llava_turns
     for i in idx:
@@ -178,6 +180,11 @@ def llava_batch(
         qs = with_contrast(qs, truth, rng, twins, split) if twins else qs
         qs = pruned_turns(qs) if prune else qs
         qs = [replace(q, question=reword(q.kind, q.slots, rng)) if extra and rng.random() < extra else q for q in qs]
+        if more:  # no draw when off, so the earlier recipes' batches stay what they were
+            qs = [
+                replace(q, question=reword(q.kind, q.slots, rng, MORE_TEMPLATES)) if rng.random() < more else q
+                for q in qs
+            ]
         qs = [replace(q, question=perturb(q.question, rng)) if noise and rng.random() < noise else q for q in qs]
         head = prompts.head(qs[0].question if qs else "")
         masks = [patch_mask(q, truth) for q in qs]
@@ -252,6 +259,7 @@ def train_llava(
         twins: float = 0.0,
         kind_weight: float = 0.0,
         sup_contrast: bool = False,
+        more: float = 0.0,
     ):
         rt = replace(r, llava_turns=turns) if turns else r
         kind_ids = {k: trainer.tok(k, add_special_tokens=False)["input_ids"][0] for k in ("box", "tote")}
@@ -272,6 +280,7 @@ def train_llava(
                 pruned=pruned,
                 twins=twins,
                 sup_contrast=sup_contrast,
+                more=more,
             )
             aux = None
             if kind_weight:
@@ -342,6 +351,7 @@ def train_llava(
             r.dialog_twins,
             r.dialog_kind_weight,
             r.dialog_sup_contrast,
+            r.dialog_more_phrasings,
         )
         after = validate_every(r.dialog_steps)
         run_phase(trainer, dialog, model, opt, one_step, progress, checkpoint_every_s, after_step=after)

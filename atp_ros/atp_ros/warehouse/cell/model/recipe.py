@@ -112,6 +112,9 @@ class Recipe:
     dialog_tower_lr: float = 3e-4
     # Kinds phase 5 draws twice as often; empty keeps phase 4's ``tune_hard_kinds`` (the earlier attempts).
     dialog_hard_kinds: tuple[str, ...] = ()
+    # Share of phase 5's questions worded with ``noise.MORE_TEMPLATES`` (sentence shapes another kind's answers
+    # fit). 0 draws nothing (the earlier attempts).
+    dialog_more_phrasings: float = 0.0
     feature_layer: int = -1  # the layer the region loss aligned with the questions' words
     # Tower layers the projector reads besides ``feature_layer`` (llava's list-valued ``vision_feature_layer``):
     # layer 0, the embeddings, carries each patch's absolute position, which the LLM needs to find "slot
@@ -175,6 +178,7 @@ DIALOG_FIELDS = (
     "dialog_tower_steps",
     "dialog_tower_lr",
     "dialog_hard_kinds",
+    "dialog_more_phrasings",
 )
 
 
