@@ -1,4 +1,4 @@
-"""Phase 4's reworded training questions: phrasings beyond the grammar's templates, and wording noise.
+"""The reworded training questions of phases 4 and 5: phrasings beyond the grammar's templates, and wording noise.
 
 A model trained on a dozen templates per kind learns the templates' shapes: on phrasings it never
 saw, it answers with another kind's words ("is there an obstacle in the lane?" -> ``no``). The
