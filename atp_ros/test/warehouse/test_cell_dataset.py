@@ -14,6 +14,7 @@ from ament_index_python.packages import get_package_prefix
 pytest.importorskip("mujoco")
 from atp_ros.warehouse.cell.grammar import phrasings
 from atp_ros.warehouse.cell.questions import ANSWERS
+from atp_ros.warehouse.scenes import SPLITS
 from rosbags.highlevel import AnyReader
 from rosbags.typesys import Stores, get_typestore
 
@@ -73,3 +74,14 @@ def test_bad_arguments_are_one_line(tmp_path) -> None:
     proc = _run("generate", "--world", "flat", "--held-out-only", "--out", str(tmp_path / "x"))
     assert proc.returncode == 2 and "--held-out-only goes with --world cell" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_every_split_the_cli_offers_generates(tmp_path) -> None:
+    # --split validation is offered by the CLI; the cell's questions must accept it too (not only "val").
+    out = tmp_path / "val"
+    proc = _run(
+        "generate", "--split", "validation", "--count", "1", "--seed", "3", "--size", "160x120", "--out", str(out)
+    )
+    assert proc.returncode == 0, proc.stderr
+    rows = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+    assert rows and all(row["seed"] == SPLITS["validation"] + 3 for row in rows)

@@ -205,14 +205,16 @@ def test_phrasings_and_held_out_split():
         assert len(every) >= 12 and len(set(every)) == len(every)
         assert len(held) >= 3 and len(held) >= len(every) // 4
         assert set(train) | set(held) == set(every) and not set(train) & set(held)
-        assert phrasings(kind, "val") == train
+        assert phrasings(kind, "val") == phrasings(kind, "validation") == train
     with pytest.raises(ValueError):
         phrasings("color_at", "train", held_out_only=True)
     with pytest.raises(ValueError):
         phrasings("nope", "train")
 
 
-@pytest.mark.parametrize("split,held_out_only", [("train", False), ("val", False), ("test", True)])
+@pytest.mark.parametrize(
+    "split,held_out_only", [("train", False), ("val", False), ("validation", False), ("test", True)]
+)
 def test_questions_use_only_their_splits_phrasings(truth_a, truth_b, truth_c, split, held_out_only):
     for seed, truth in enumerate((truth_a, truth_b, truth_c)):
         for q in questions_for(truth, np.random.default_rng(seed), 60, split, held_out_only):
@@ -256,7 +258,7 @@ def test_deterministic_per_seed(truth_b):
     assert draw(5) == draw(5)
     assert [q.question for q in draw(5)] != [q.question for q in draw(6)]
     with pytest.raises(ValueError):
-        questions_for(truth_b, np.random.default_rng(0), 1, "validation")
+        questions_for(truth_b, np.random.default_rng(0), 1, "holdout")
 
 
 def test_answer_vocabulary():

@@ -16,7 +16,9 @@ import numpy as np
 
 from atp_ros.warehouse.cell.truth import SLOTS
 
-SPLITS = ("train", "val", "test")
+# "validation" is the split's name on the command line (scenes.SPLITS), "val" the trainer's; both word
+# questions with the training phrasings.
+SPLITS = ("train", "val", "validation", "test")
 
 # Placeholders: {obj}/{objs} noun of slots["object_kind"] (singular/plural), {color},
 # {a_color} (with its article), {level} an adjective for slots["level"], {shelf} a level noun,
