@@ -92,11 +92,12 @@ cell-eval: setup
 docs: setup
 	@$(ENV) python tools/gen_docs.py
 
-# A warehouse test-split bag with ground truth, then the sweep, robustness and a live replay through the node.
-EVAL_BAG ?= out/eval/warehouse_test_bag
+# A test-split episode of the rendered cell recorded as a bag with ground truth (30 s at 10 Hz, a new standing
+# question every 5 frames), then the sweep on warehouse-cell, robustness and a live replay through the node.
+EVAL_BAG ?= out/eval/cell_test_bag
 eval: setup
-	@$(ENV) test -d $(EVAL_BAG) || python -m atp_ros.warehouse.cli bag --world flat --split test --count 150 --rate 10 --out $(EVAL_BAG)
-	@$(ENV) python -m atp_ros.evaluation.cli --bag $(EVAL_BAG) --out out/eval/report --alphas 1,0.5,0 --masses 0.5 \
+	@$(ENV) test -d $(EVAL_BAG) || python -m atp_ros.warehouse.cli bag --split test --count 300 --rate 10 --out $(EVAL_BAG)
+	@$(ENV) python -m atp_ros.evaluation.cli --bag $(EVAL_BAG) --out out/eval/report --alphas 0.5,1,0 --masses 0.5 \
 		--corruptions all --severities 1,3 --question-perturbations all --live --live-frames 60 $(EVAL_ARGS)
 
 MODEL ?= warehouse-tiny

@@ -13,7 +13,8 @@ setup(
     version=version,
     packages=find_packages(exclude=["test"]),
     # The bundled checkpoints (warehouse-tiny, warehouse-cell: safetensors, configs, tokenizer) ship inside the package.
-    package_data={"atp_ros": ["models/*/*", "models/*/*/*", "warehouse/cell/assets/*"]},
+    # apps/demo_episode: the recorded cell episode `make demo` replays where the cell cannot be rendered.
+    package_data={"atp_ros": ["models/*/*", "models/*/*/*", "warehouse/cell/assets/*", "apps/demo_episode/*"]},
     data_files=[
         ("share/ament_index/resource_index/packages", ["resource/" + package_name]),
         ("share/" + package_name, ["package.xml"]),

@@ -62,8 +62,8 @@ def generate_launch_description() -> LaunchDescription:
             DeclareLaunchArgument(
                 "model_id",
                 default_value="",
-                description="VLM checkpoint: warehouse-tiny (bundled), hub id (cached) or local directory "
-                "(empty: model_id of params_file, warehouse-tiny in the shipped one)",
+                description="VLM checkpoint: warehouse-cell or warehouse-tiny (bundled), hub id (cached) or local "
+                "directory (empty: model_id of params_file, warehouse-cell in the shipped one)",
             ),
             DeclareLaunchArgument(
                 "params_file", default_value=default_params, description="YAML file with the node's parameters"

@@ -1,16 +1,17 @@
 """``make demo``: the atp_vlm node answering questions about a warehouse camera stream over DDS.
 
 Starts the installed ``vlm_node`` in its own process (exactly what ``ros2 run atp_ros
-vlm_node`` starts) with the bundled ``warehouse-tiny`` model, streams 640x480 warehouse frames
-(test split) on ``/demo/image`` at camera rate with standing questions that change every few
-frames on ``/demo/atp_vlm/query``, and prints every ``VlmAnswer`` next to the frame's ground
-truth, kept tokens and latency. ``--world flat`` (the default) streams the 2D world the bundled
-model knows; ``--world cell --model DIR`` a continuous episode of the rendered cell (the arm
-picking and placing, the conveyor and the aisle changing; rendered live with MuJoCo, or replayed
-from a bag recorded by ``warehouse bag`` with ``--bag``) for a model trained on it
-(``make train-cell``). Ends with the share of frames answered, accuracy and latency
-percentiles, and writes the overlays (kept patches in color, pruned ones dark, kept areas
-outlined: the paper's Figure 3), a frame strip and an animated GIF to ``out/demo/``.
+vlm_node`` starts) with the bundled ``warehouse-cell`` model and streams a continuous test-split
+episode of the rendered warehouse cell (the arm picking and placing, the conveyor and the aisle
+changing; rendered live with MuJoCo, or replayed from a bag recorded by ``warehouse bag`` with
+``--bag``, or from the recorded episode shipped with the demo when the cell cannot be rendered here)
+as 640x480 frames on ``/demo/image`` at camera rate, with standing questions that
+change every few frames on ``/demo/atp_vlm/query``. It prints every ``VlmAnswer`` next to the
+frame's ground truth, kept tokens and latency. ``--world flat`` streams the retired 2D world's
+stills to the bundled ``warehouse-tiny`` instead. Ends with the share of frames answered,
+accuracy and latency percentiles, and writes the overlays (kept patches in color, pruned ones
+dark, kept areas outlined: the paper's Figure 3), a frame strip and an animated GIF to
+``out/demo/``.
 """
 
 from __future__ import annotations
@@ -44,6 +45,10 @@ FLAT_QUESTIONS: tuple[dict, ...] = (
     {"kind": "exists", "color": "green", "object_kind": "tote"},
 )
 FRAME_SIZE = (480, 640)  # a VGA camera
+WORLD_MODELS = {"cell": "warehouse-cell", "flat": "warehouse-tiny"}  # the bundled model trained on each world
+# The demo's episode recorded for machines that cannot render (no EGL/OSMesa): 60 frames of test episode 0 at
+# 5 Hz as JPEG, made with `warehouse bag --count 60 --rate 5 --question-every 10 --jpeg 90 --out DIR`.
+RECORDED_EPISODE = Path(__file__).resolve().parent / "demo_episode"
 
 
 @dataclass(frozen=True)
@@ -57,8 +62,8 @@ class Item:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="python -m atp_ros.apps.demo", description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default="warehouse-tiny", help="bundled name, checkpoint dir or hub id")
-    ap.add_argument("--world", choices=("flat", "cell"), default="flat", help="which warehouse the camera shows")
+    ap.add_argument("--model", default="", help="bundled name, checkpoint dir or hub id (default: the world's model)")
+    ap.add_argument("--world", choices=tuple(WORLD_MODELS), default="cell", help="which warehouse the camera shows")
     ap.add_argument("--frames", type=int, default=60, help="camera frames to publish")
     ap.add_argument("--rate", type=float, default=5.0, help="camera rate in Hz")
     ap.add_argument("--keep-ratio", type=float, default=0.25, help="ATP keep ratio")
@@ -71,6 +76,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         ap.error("--frames and --question-every must be >= 1, --rate > 0, --keep-ratio in (0, 1]")
     if args.bag and not Path(args.bag).is_dir():
         ap.error(f"--bag {args.bag}: no such bag directory")
+    args.model = args.model or WORLD_MODELS[args.world]
     return args
 
 
@@ -98,12 +104,25 @@ def live_items(episode: int, frames: int, rate: float, question_every: int) -> I
         yield Item(frame.rgb, standing[2] if standing else "", accepted_answers(answered[0]) if answered else ())
 
 
+def bag_image_topic(bag: Path) -> str:
+    """The camera topic of a bag written by ``warehouse bag``: raw, or ``.../compressed`` when recorded with --jpeg."""
+    from rosbags.highlevel import AnyReader
+    from rosbags.typesys import Stores, get_typestore
+
+    from atp_ros.warehouse.cli import IMAGE_TOPIC
+
+    with AnyReader([bag], default_typestore=get_typestore(Stores.ROS2_HUMBLE)) as reader:
+        topics = {c.topic for c in reader.connections}
+    compressed = f"{IMAGE_TOPIC}/compressed"
+    return compressed if IMAGE_TOPIC not in topics and compressed in topics else IMAGE_TOPIC
+
+
 def bag_items(bag: Path, frames: int) -> Iterator[Item]:
     """A recorded episode: its frames, the question standing at each, and ``ground_truth.jsonl``'s answers."""
     from atp_ros.evaluation.sources import read_bag
-    from atp_ros.warehouse.cli import IMAGE_TOPIC, QUERY_TOPIC
+    from atp_ros.warehouse.cli import QUERY_TOPIC
 
-    for s in read_bag(bag, IMAGE_TOPIC, QUERY_TOPIC, limit=frames).samples:
+    for s in read_bag(bag, bag_image_topic(bag), QUERY_TOPIC, limit=frames).samples:
         yield Item(s.image, s.question, tuple(s.answers))
 
 
@@ -219,7 +238,10 @@ def main(argv: list[str] | None = None) -> int:
     out = _fresh_out(Path(args.out))
     if args.world == "cell" and not args.bag:
         why = rendering_error()
-        if why:
+        if why and RECORDED_EPISODE.is_dir():
+            console.print(f"[yellow]cannot render the cell here ({why});[/] replaying the recorded test episode")
+            args.bag = str(RECORDED_EPISODE)
+        elif why:
             hint = "record an episode with `python -m atp_ros.warehouse.cli bag --world cell --out BAG`, pass --bag BAG"
             console.print(f"[red]cannot render the cell here ({why});[/] {hint}")
             return 1

@@ -2,7 +2,7 @@
 
     evaluate --bag BAG [--image-topic /camera/image_raw] [--query-topic /atp_vlm/query] [--truth FILE]
     evaluate --dataset DIR          (warehouse samples.jsonl, VQAv2-style or GQA-style JSON + images/)
-        [--model warehouse-tiny] [--keep-ratios 0.6,0.4,0.25,0.11] [--alphas 0.5] [--selectors atp,random,...]
+        [--model warehouse-cell] [--keep-ratios 0.6,0.4,0.25,0.11] [--alphas 0.5] [--selectors atp,random,...]
         [--normalization minmax] [--reuse none,answer] [--corruptions all] [--question-perturbations all]
         [--live] --out DIR
 
@@ -85,7 +85,7 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument(
         "--truth", type=Path, help="ground truth JSONL keyed by image stamp (default: BAG/ground_truth.jsonl)"
     )
-    ap.add_argument("--model", default="warehouse-tiny", help="anything load_backend accepts")
+    ap.add_argument("--model", default="warehouse-cell", help="anything load_backend accepts")
     ap.add_argument("--text-encoder", default="", help="joint-space text tower (default: the model's own rule)")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--dtype", default="auto")

@@ -252,7 +252,8 @@ def _live_figures(args, setting: Setting, done: dict, samples, sent, received, r
         status = find_status(deserialize_message(raw, DiagnosticArray), target) if topic == "/diagnostics" else None
         if status is not None:
             values = status_values(status)
-            received_by_node = int(values.get("frames_received", 0))
+            # The last /diagnostics (1 Hz) can predate the last frames; every frame answered did arrive.
+            received_by_node = max(int(values.get("frames_received", 0)), int(figures.get("frames_answered", 0)))
             figures["node_frames_received"] = received_by_node
             figures["node_frames_dropped_busy"] = int(values.get("frames_dropped", 0))
             figures["frames_lost_in_transport"] = max(len(sent) - received_by_node, 0)

@@ -49,8 +49,8 @@ PARAMS: tuple[Param, ...] = (
     Param("ray.timeout_s", 10.0, "a Ray request slower than this counts as the service being down", 0.1, 3600.0),
     Param(
         "model_id",
-        "warehouse-tiny",
-        "VLM checkpoint: warehouse-tiny (bundled), hub id or local directory (families: README, Supported models)",
+        "warehouse-cell",
+        "VLM checkpoint: warehouse-cell or warehouse-tiny (bundled), hub id or local directory (families: README)",
     ),
     Param("text_encoder_id", "", "CLIP/SigLIP text tower for S_inter; empty = derived from the model"),
     Param("device", "auto", "auto (CUDA if present, else CPU), cpu, cuda, cuda:N"),

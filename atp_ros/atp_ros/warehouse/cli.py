@@ -6,9 +6,10 @@
         ``--held-out-only`` (test split) asks only phrasings never trained on
     warehouse bag --count 100 --rate 10 --out BAG [--split test] [--size 640x480] [--question-every 5]
         one continuous episode of the cell (the arm at work) as a rosbag2 (mcap): /camera/image_raw
-        (sensor_msgs/Image rgb8, stamped), /atp_vlm/query (std_msgs/String, a new standing question
-        every few frames) and BAG/ground_truth.jsonl, one line per frame keyed by its stamp: the
-        question in force, answer(s), evidence boxes.
+        (sensor_msgs/Image rgb8, stamped; ``--jpeg Q``: CompressedImage on /camera/image_raw/compressed),
+        /atp_vlm/query (std_msgs/String, a new standing question every few frames) and
+        BAG/ground_truth.jsonl, one line per frame keyed by its stamp: the question in force,
+        answer(s), evidence boxes.
     --world flat: the 2D world of warehouse-tiny instead (independent stills, 8 template questions,
         no ``slots``; default size 336 for generate).
 
@@ -19,6 +20,7 @@ inside the split. The same arguments write the same files.
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import sys
 from collections.abc import Callable
@@ -91,22 +93,27 @@ class BagWriter:
 
     START_NS = 1_700_000_000 * 10**9
 
-    def __init__(self, out: Path, image_topic: str, query_topic: str) -> None:
+    def __init__(self, out: Path, image_topic: str, query_topic: str, jpeg: int = 0) -> None:
+        """``jpeg`` > 0: frames as ``CompressedImage`` (JPEG of that quality) on ``<image_topic>/compressed``,
+        the topic image_transport's compressed plugin publishes; 0: raw ``rgb8`` ``Image`` on ``image_topic``."""
         from rosbags.rosbag2 import StoragePlugin, Writer
         from rosbags.typesys import Stores, get_typestore
 
         if out.exists():
             raise FileExistsError(f"{out} exists; choose a new --out (rosbag2 will not overwrite)")
+        if not 0 <= jpeg <= 100:
+            raise ValueError(f"JPEG quality {jpeg} is not in [1, 100] (0: raw frames)")
         self.ts = get_typestore(Stores.ROS2_HUMBLE)  # Image/String/Header are identical from Humble to Kilted
         self._writer = Writer(out, version=9, storage_plugin=StoragePlugin.MCAP)
-        self._topics = (image_topic, query_topic)
+        self.jpeg = jpeg
+        self.image_topic = f"{image_topic}/compressed" if jpeg else image_topic
+        self._topics = (self.image_topic, query_topic)
 
     def __enter__(self) -> BagWriter:
         self._writer.open()
         t = self.ts.types
-        self._img = self._writer.add_connection(
-            self._topics[0], t["sensor_msgs/msg/Image"].__msgtype__, typestore=self.ts
-        )
+        kind = "sensor_msgs/msg/CompressedImage" if self.jpeg else "sensor_msgs/msg/Image"
+        self._img = self._writer.add_connection(self._topics[0], t[kind].__msgtype__, typestore=self.ts)
         self._query = self._writer.add_connection(
             self._topics[1], t["std_msgs/msg/String"].__msgtype__, typestore=self.ts
         )
@@ -125,21 +132,36 @@ class BagWriter:
 
     def write_image(self, rgb: np.ndarray, stamp: int, frame_id: str = "camera_color_optical_frame") -> None:
         t = self.ts.types
-        Img, Header, Time = t["sensor_msgs/msg/Image"], t["std_msgs/msg/Header"], t["builtin_interfaces/msg/Time"]
+        Header, Time = t["std_msgs/msg/Header"], t["builtin_interfaces/msg/Time"]
         h, w = rgb.shape[:2]
         header = Header(stamp=Time(sec=stamp // 10**9, nanosec=stamp % 10**9), frame_id=frame_id)
-        msg = Img(header=header, height=h, width=w, encoding="rgb8", is_bigendian=0, step=w * 3, data=rgb.reshape(-1))
+        if self.jpeg:
+            buf = io.BytesIO()
+            Image.fromarray(np.ascontiguousarray(rgb)).save(buf, "JPEG", quality=self.jpeg)
+            Img = t["sensor_msgs/msg/CompressedImage"]
+            msg = Img(header=header, format="rgb8; jpeg compressed bgr8", data=np.frombuffer(buf.getvalue(), np.uint8))
+        else:
+            Img = t["sensor_msgs/msg/Image"]
+            msg = Img(header=header, height=h, width=w, encoding="rgb8", is_bigendian=0, step=w * 3,
+                      data=rgb.reshape(-1))  # fmt: skip
         self._writer.write(self._img, stamp, self.ts.serialize_cdr(msg, Img.__msgtype__))
 
 
 def write_bag(
-    out: Path, split: str, count: int, seed: int, rate: float, size: tuple[int, int], question_every: int
+    out: Path,
+    split: str,
+    count: int,
+    seed: int,
+    rate: float,
+    size: tuple[int, int],
+    question_every: int,
+    jpeg: int = 0,
 ) -> int:
     """Write a flat-world bag (independent stills) and its ground-truth sidecar; returns the number of frames."""
     rng = np.random.default_rng([split_seed(split, seed), 11])
     truth_lines = []
     params: dict = {}
-    with BagWriter(out, IMAGE_TOPIC, QUERY_TOPIC) as bag:
+    with BagWriter(out, IMAGE_TOPIC, QUERY_TOPIC, jpeg) as bag:
         for i in tqdm(range(count), desc="bag frames", unit="frame"):
             stamp = bag.stamp(i, rate)
             scene_seed = split_seed(split, seed + i)
@@ -180,6 +202,8 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--out", type=Path, required=True)
     b.add_argument("--size", type=parse_size, default=(480, 640), help="N or WIDTHxHEIGHT (default 640x480)")
     b.add_argument("--question-every", type=int, default=5, help="frames per standing question")
+    b.add_argument("--jpeg", type=int, default=0, metavar="QUALITY",
+                   help="frames as JPEG CompressedImage of this quality on <topic>/compressed (0: raw)")  # fmt: skip
     for p in (g, b):
         p.add_argument("--world", choices=WORLDS, default="cell",
                        help="cell: the rendered 3D cell (warehouse-cell); flat: 2D world (warehouse-tiny)")  # fmt: skip
@@ -195,6 +219,8 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("--seed and --count must stay inside the split's 1,000,000 scenes")
     if args.cmd == "bag" and not 0 < args.rate <= 1000:
         ap.error("--rate must be in (0, 1000] Hz")
+    if args.cmd == "bag" and not 0 <= args.jpeg <= 100:
+        ap.error("--jpeg must be a JPEG quality in [1, 100], or 0 for raw frames")
     try:
         if args.cmd == "generate" and args.world == "cell":
             from atp_ros.warehouse.cell import dataset
@@ -210,7 +236,9 @@ def main(argv: list[str] | None = None) -> int:
             writer = write_bag
             if args.world == "cell":
                 from atp_ros.warehouse.cell.dataset import write_bag as writer
-            n = writer(args.out, args.split, args.count, args.seed, args.rate, args.size, args.question_every)
+            n = writer(
+                args.out, args.split, args.count, args.seed, args.rate, args.size, args.question_every, args.jpeg
+            )
             print(f"wrote {n} frames to {args.out} (ground truth: {args.out / TRUTH_FILE})")
     except (OSError, ValueError) as err:
         print(f"warehouse: error: {err}", file=sys.stderr)

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import itertools
+import os
+import re
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -45,3 +49,30 @@ def test_saved_pictures_show_each_answer(tmp_path) -> None:
 
     with Image.open(tmp_path / "stream.gif") as gif:
         assert gif.n_frames == 3
+
+
+def test_defaults_stream_the_cell_to_its_model() -> None:
+    args = demo.parse_args([])
+    assert (args.world, args.model) == ("cell", "warehouse-cell")
+    assert demo.parse_args(["--world", "flat"]).model == "warehouse-tiny"
+    assert demo.parse_args(["--world", "flat", "--model", "/ckpt"]).model == "/ckpt"
+
+
+def test_recorded_episode_ships_with_truth_on_most_frames() -> None:
+    items = list(demo.bag_items(demo.RECORDED_EPISODE, 60))
+    assert len(items) == 60 and all(i.rgb.shape == (*demo.FRAME_SIZE, 3) for i in items)
+    assert len({i.question for i in items}) >= 4 and all(i.question for i in items)  # standing questions change
+    assert sum(bool(i.answers) for i in items) >= 50
+
+
+def test_demo_replays_the_recorded_episode_where_the_cell_cannot_render(tmp_path) -> None:
+    """`make demo`'s command on a machine where MuJoCo cannot render: the shipped episode into the node over DDS."""
+    env = {**os.environ, "MUJOCO_GL": "nope"}  # an invalid GL backend fails like a machine without EGL/OSMesa
+    cmd = [sys.executable, "-m", "atp_ros.apps.demo", "--frames", "10", "--rate", "5", "--out", str(tmp_path)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    out = re.sub(r"\s+", " ", proc.stdout)  # rich wraps long lines
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "replaying the recorded test episode" in out and "model: warehouse-cell" in out
+    answered = re.search(r"(\d+)/10 frames answered", out)
+    assert answered and int(answered.group(1)) >= 1, out
+    assert (tmp_path / "overlays.png").is_file() and "Traceback" not in proc.stderr

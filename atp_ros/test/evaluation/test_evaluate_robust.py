@@ -137,6 +137,7 @@ def test_an_interrupted_write_keeps_the_old_file(tmp_path: Path) -> None:
 
 def _evaluate(gqa: Path, out: Path, capsys) -> tuple[int, str, str]:
     argv = ["--dataset", gqa, "--out", out, "--keep-ratios", "0.25", "--alphas", "1", "--selectors", "atp"]
+    argv += ["--model", "warehouse-tiny"]  # the CLI's default is warehouse-cell
     code = main([str(a) for a in [*argv, "--bootstrap", "10"]])
     captured = capsys.readouterr()
     return code, captured.out, captured.err

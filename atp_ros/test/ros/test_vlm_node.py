@@ -394,7 +394,7 @@ def test_shipped_params_file_applies_in_a_namespace(ros_ctx) -> None:
             values = {name: p.value for name, p in node.get_parameters_by_prefix("").items()}
         finally:
             node.destroy_node()
-        assert values.get("model_id") == "warehouse-tiny", (ns, values)
+        assert values.get("model_id") == "warehouse-cell", (ns, values)
         with_default = {name for name, spec in params.BY_NAME.items() if spec.default != ()}  # `cameras`: unset
         assert with_default <= set(values), with_default - set(values)
         assert all(params.check(name, values[name]) is None for name in with_default)

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from ament_index_python.packages import get_package_prefix
 
-pytest.importorskip("mujoco")
+pytest.importorskip("atp_ros.warehouse.cell.scene")  # sets MUJOCO_GL (egl) before MuJoCo loads
 from atp_ros.warehouse.cell.grammar import phrasings
 from atp_ros.warehouse.cell.questions import ANSWERS
 from atp_ros.warehouse.scenes import SPLITS
@@ -85,3 +85,27 @@ def test_every_split_the_cli_offers_generates(tmp_path) -> None:
     assert proc.returncode == 0, proc.stderr
     rows = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
     assert rows and all(row["seed"] == SPLITS["validation"] + 3 for row in rows)
+
+
+def test_jpeg_bag_holds_compressed_frames_close_to_the_raw_ones(tmp_path) -> None:
+    from atp_ros.evaluation.sources import read_bag
+
+    raw, jpeg = tmp_path / "raw", tmp_path / "jpeg"
+    common = ("--count", "6", "--rate", "10", "--size", "320x240", "--question-every", "3")
+    assert _run("bag", *common, "--out", str(raw)).returncode == 0
+    proc = _run("bag", *common, "--jpeg", "90", "--out", str(jpeg))
+    assert proc.returncode == 0, proc.stderr
+    with AnyReader([jpeg], default_typestore=get_typestore(Stores.ROS2_HUMBLE)) as reader:
+        topics = {c.topic: c.msgtype for c in reader.connections}
+    assert topics["/camera/image_raw/compressed"] == "sensor_msgs/msg/CompressedImage"
+    assert "/camera/image_raw" not in topics
+    a = read_bag(raw, "/camera/image_raw", "/atp_vlm/query").samples
+    b = read_bag(jpeg, "/camera/image_raw/compressed", "/atp_vlm/query").samples
+    assert [s.key for s in a] == [s.key for s in b] and [s.answers for s in a] == [s.answers for s in b]
+    for x, y in zip(a, b, strict=True):  # same pixels up to JPEG loss, colors in the same channel order
+        assert x.image.shape == y.image.shape == (240, 320, 3)
+        loss = np.abs(x.image.astype(int) - y.image.astype(int)).mean()
+        swapped = np.abs(x.image[..., ::-1].astype(int) - y.image.astype(int)).mean()
+        assert loss < 8 and loss < swapped / 2, (loss, swapped)
+    bad = _run("bag", *common, "--jpeg", "101", "--out", str(tmp_path / "bad"))
+    assert bad.returncode == 2 and "--jpeg must be" in bad.stderr and "Traceback" not in bad.stderr

@@ -68,15 +68,23 @@ def episode_frames(split: str, seed: int, size: tuple[int, int], rate: float) ->
 
 
 def write_bag(
-    out: Path, split: str, count: int, seed: int, rate: float, size: tuple[int, int], question_every: int
+    out: Path,
+    split: str,
+    count: int,
+    seed: int,
+    rate: float,
+    size: tuple[int, int],
+    question_every: int,
+    jpeg: int = 0,
 ) -> int:
-    """Record ``count`` frames of one episode, standing questions and the ground-truth sidecar."""
+    """Record ``count`` frames of one episode, standing questions and the ground-truth sidecar (``jpeg`` > 0:
+    frames as JPEG ``CompressedImage`` of that quality)."""
     from atp_ros.warehouse.cli import IMAGE_TOPIC, QUERY_TOPIC, TRUTH_FILE, BagWriter
 
     rng = np.random.default_rng([split_seed(split, seed), 17])
     standing: tuple[str, dict, str] | None = None
     truth_lines = []
-    with BagWriter(out, IMAGE_TOPIC, QUERY_TOPIC) as bag:
+    with BagWriter(out, IMAGE_TOPIC, QUERY_TOPIC, jpeg) as bag:
         frames = episode_frames(split, seed, size, rate)
         for i, frame in zip(tqdm(range(count), desc="cell bag frames", unit="frame"), frames, strict=False):
             stamp = bag.stamp(i, rate)
