@@ -50,15 +50,17 @@ train-tiny: setup
 # a tower touch-up that teaches the CLIP the box/tote kind (the seventeenth); 600 steps on that tower with more
 # contrast turns, the first of each attention-supervised (the eighteenth); 600 steps drawing the weakest kinds twice
 # (the nineteenth); 400 steps drawing the aisle, gripper, holding, empty-slot and left/right kinds twice (the
-# twentieth); the same with 30% of the questions in a second set of phrasings (the twenty-first, bundled).
+# twentieth); the same with 30% of the questions in a second set of phrasings (the twenty-first); 600 steps drawing
+# the weak kinds twice with half the questions in the second set (the twenty-second, bundled).
 # The later runs reuse the rendered frames.
 CELL_DIALOG := --set dialog_turns=10 --set dialog_pruned=0.4
 CELL_KIND := --set dialog_steps=600 $(CELL_DIALOG) --set dialog_kind_weight=0.5
 CELL_CONTRAST := $(CELL_KIND) --set dialog_twins=0.5 --set dialog_sup_contrast=true
 CELL_ARM_KINDS := aisle,gripper,holding,empty_slot,left_right
+CELL_WEAK_KINDS := holding,gripper,left_right,count,count_level,empty_slot
 train-cell: setup
 	@$(ENV) python -m atp_ros.warehouse.cell.model --out out/warehouse-cell-5 --work out/train-cell $(TRAIN_ARGS)
-	@for w in train-cell-2 train-cell-3 train-cell-4 train-cell-5 train-cell-6 train-cell-7 train-cell-8; do \
+	@for w in train-cell-2 train-cell-3 train-cell-4 train-cell-5 train-cell-6 train-cell-7 train-cell-8 train-cell-9; do \
 		[ -d out/$$w/frames ] || { mkdir -p out/$$w && cp -al out/train-cell/frames out/$$w/frames; }; done
 	@$(ENV) python -m atp_ros.warehouse.cell.model --init-from out/warehouse-cell-5 $(CELL_DIALOG) \
 		--out out/warehouse-cell-14 --work out/train-cell-2 $(TRAIN_ARGS)
@@ -76,7 +78,10 @@ train-cell: setup
 		--out out/warehouse-cell-20 --work out/train-cell-7 $(TRAIN_ARGS)
 	@$(ENV) python -m atp_ros.warehouse.cell.model --init-from out/warehouse-cell-20 $(CELL_CONTRAST) \
 		--set dialog_steps=400 --set dialog_hard_kinds=$(CELL_ARM_KINDS) --set dialog_more_phrasings=0.3 \
-		--out out/warehouse-cell --work out/train-cell-8 $(TRAIN_ARGS)
+		--out out/warehouse-cell-21 --work out/train-cell-8 $(TRAIN_ARGS)
+	@$(ENV) python -m atp_ros.warehouse.cell.model --init-from out/warehouse-cell-21 $(CELL_CONTRAST) \
+		--set dialog_hard_kinds=$(CELL_WEAK_KINDS) --set dialog_more_phrasings=0.5 \
+		--out out/warehouse-cell --work out/train-cell-9 $(TRAIN_ARGS)
 
 # The robot-arm loop (#24): cell_sim + vlm_node + the pick planner (CELL_ARGS="--model DIR ...").
 # The bundled warehouse-cell cannot yet name a held box, so the planner's grasp confirmation is off by default
