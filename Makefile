@@ -105,9 +105,12 @@ eval: setup
 	@$(ENV) python -m atp_ros.evaluation.cli --bag $(EVAL_BAG) --out out/eval/report --alphas 0.5,1,0 --masses 0.5 \
 		--corruptions all --severities 1,3 --question-perturbations all --live --live-frames 60 $(EVAL_ARGS)
 
-MODEL ?= warehouse-tiny
+# The bundled warehouse-cell on the cell's questions (docs/model_card_cell.md); MODEL=warehouse-tiny: the flat
+# world's model on its own questions (docs/model_card.md).
+MODEL ?= warehouse-cell
+CARD_WORLD ?= $(if $(findstring warehouse-tiny,$(MODEL)),flat,cell)
 model-card: setup
-	@$(ENV) python -m atp_ros.warehouse.model_card --model $(MODEL) --out out/model_card $(CARD_ARGS)
+	@$(ENV) python -m atp_ros.warehouse.model_card --model $(MODEL) --world $(CARD_WORLD) --out out/model_card $(CARD_ARGS)
 
 lint: setup
 	@. $(VENV)/bin/activate && ruff check . && ruff format --check .

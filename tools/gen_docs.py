@@ -26,6 +26,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 VLM_YAML = ROOT / "atp_ros" / "config" / "vlm.yaml"
 MODEL_CARD_JSON = ROOT / "docs" / "model_card.json"
+MODEL_CARD_CELL_JSON = ROOT / "docs" / "model_card_cell.json"
 FLOPS_JSON = ROOT / "bench" / "results" / "flops.json"
 REALISTIC_JSON = ROOT / "bench" / "results" / "realistic.json"
 NODE_JSON = ROOT / "bench" / "results" / "node.json"
@@ -242,12 +243,22 @@ def serve_streams() -> str:
     return "\n".join(lines)
 
 
-def model_card_tables() -> str:
-    """The tables ``make model-card`` writes to ``model_card.md``, from ``docs/model_card.json``."""
+def _card_tables(path: Path) -> str:
+    """The tables ``make model-card`` writes to ``model_card.md``, from a copy of its ``model_card.json``."""
     from atp_ros.warehouse.model_card import markdown
 
-    report = json.loads(MODEL_CARD_JSON.read_text())
+    report = json.loads(path.read_text())
     return markdown(report, report["validation"]).rstrip("\n")
+
+
+def model_card_tables() -> str:
+    """warehouse-tiny's model card tables (``docs/model_card.json``)."""
+    return _card_tables(MODEL_CARD_JSON)
+
+
+def model_card_cell_tables() -> str:
+    """warehouse-cell's model card tables (``docs/model_card_cell.json``)."""
+    return _card_tables(MODEL_CARD_CELL_JSON)
 
 
 def _summary(path: Path) -> str:
@@ -278,6 +289,7 @@ BLOCKS: dict[str, tuple[str, Callable[[], str]]] = {
     "readme-parameters": ("README.md", readme_parameters),
     "headline": ("README.md", headline),
     "model-card": ("docs/model_card.md", model_card_tables),
+    "model-card-cell": ("docs/model_card_cell.md", model_card_cell_tables),
     "modules": ("docs/architecture.md", module_index),
     "node-throughput": ("docs/performance.md", node_throughput),
     "serve-streams": ("docs/serving.md", serve_streams),
