@@ -152,17 +152,20 @@ def llava_loss(
     image_token_id,
     r: Recipe,
     image_labels: tuple[Tensor, int, float] | None = None,
+    image_choices: tuple[Tensor, int, float, Tensor] | None = None,
 ):
     """Cross-entropy on answer + EOS positions (+ attention supervision); image placeholders filled
     with the projected kept features. ``image_labels`` (token ids per kept image token in order, -100 for none;
     a decoder layer; a weight) adds a read-out of those tokens from the image positions' hidden states entering
-    that layer through the final norm and ``lm_head`` (no new parameters)."""
+    that layer through the final norm and ``lm_head`` (no new parameters). ``image_choices`` (indices into its
+    last element, a set of token ids, per kept image token, -100 for none; a layer; a weight; the token ids) adds
+    such a read-out among those tokens only, so it can share a layer with ``image_labels``."""
     lm = model.model.language_model
     embeds = lm.embed_tokens(ids)  # (B, T, D)
     kept = torch.cat([feats[b, torch.as_tensor(k)] for b, k in enumerate(image_keep)])  # (sum K, D_vis)
     projected = model.model.multi_modal_projector(kept.float())
     embeds = embeds.masked_scatter((ids == image_token_id)[..., None].expand_as(embeds), projected)
-    hidden_states = r.sup_weight > 0 or image_labels is not None
+    hidden_states = r.sup_weight > 0 or image_labels is not None or image_choices is not None
     out = lm(inputs_embeds=embeds, attention_mask=mask, position_ids=pos, output_hidden_states=hidden_states)
     hidden = out.last_hidden_state
     rows = torch.tensor([b for b, t in enumerate(targets) for _ in t])
@@ -180,6 +183,12 @@ def llava_loss(
         at_images = out.hidden_states[layer][ids == image_token_id]  # (sum K, D), the order of image_keep
         if bool((labels >= 0).any()):
             loss = loss + weight * F.cross_entropy(model.lm_head(lm.norm(at_images)), labels, ignore_index=-100)
+    if image_choices is not None:
+        labels, layer, weight, among = image_choices
+        if bool((labels >= 0).any()):
+            at_images = out.hidden_states[layer][ids == image_token_id]
+            logits = F.linear(lm.norm(at_images), model.lm_head.weight[among])  # (sum K, len(among))
+            loss = loss + weight * F.cross_entropy(logits, labels, ignore_index=-100)
     return loss, float(acc)
 
 

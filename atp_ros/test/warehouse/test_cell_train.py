@@ -80,6 +80,7 @@ def test_init_from_a_checkpoint_runs_only_phase_5_and_a_phase_5_change_reruns_on
     # alone, from the same phase-4 weights.
     shutil.rmtree(out)
     more = ["--set", "dialog_turns=3", "--set", "dialog_twins=0.5", "--set", "dialog_kind_weight=0.5"]
+    more += ["--set", "dialog_letter_weight=0.5"]
     more += ["--set", "dialog_tower_steps=2", "--set", "dialog_hard_kinds=holding,empty_slot"]
     assert main(["--out", str(out), "--work", str(work), "--quick", *more]) == 0
     assert json.loads((out / "recipe.json").read_text())["dialog_hard_kinds"] == ["holding", "empty_slot"]
@@ -285,6 +286,34 @@ def test_phase_5_kind_read_out_labels_each_shelf_items_patches_with_its_kind() -
     # Without a same-color box and tote on the racking there is no contrast question to ask.
     lone = random_still(5).truth
     assert contrast_questions(lone, np.random.default_rng(0), 5, "train") == []
+
+
+def test_phase_5_letter_read_out_labels_each_readable_boxs_patches_with_its_letter() -> None:
+    import numpy as np
+    from atp_ros.warehouse.cell.model.ground_phase import LABEL_MIN_VISIBLE, letter_labels
+    from atp_ros.warehouse.cell.model.recipe import GRID
+    from atp_ros.warehouse.cell.truth import LABELS
+    from atp_ros.warehouse.scenes import evidence_mask
+
+    truth = random_still(9).truth
+    labels = letter_labels(truth)
+    assert labels.shape == (NUM_PATCHES,) and set(np.unique(labels)) <= {-100, *range(len(LABELS))}
+    readable = [
+        o
+        for o in truth.objects
+        if o.place == "shelf" and o.label is not None and o.box and o.visible_fraction >= LABEL_MIN_VISIBLE
+    ]
+    assert readable, "the still has letter-carrying boxes on the racking"
+    named = {int(v) for v in labels[labels >= 0]}
+    assert named <= {LABELS.index(o.label) for o in readable}
+    for o in readable:
+        mask = evidence_mask([o.box], (truth.height, truth.width), (GRID, GRID)).reshape(-1)
+        assert (labels[mask] >= 0).any(), o
+    shelf = [o for o in truth.objects if o.place == "shelf" and o.box]
+    covered = np.logical_or.reduce(
+        [evidence_mask([o.box], (truth.height, truth.width), (GRID, GRID)).reshape(-1) for o in shelf]
+    )
+    assert (labels[~covered] == -100).all(), "patches showing no shelf item are not labelled"
 
 
 def test_phase_5_supervises_the_attention_of_the_first_contrast_turn(tmp_path) -> None:

@@ -66,6 +66,13 @@ def kind_labels(truth: CellTruth, kind_ids: dict[str, int]) -> np.ndarray:
     return labels
 
 
+def letter_labels(truth: CellTruth) -> np.ndarray:
+    """Per patch (flat, ``NUM_PATCHES``): the index in ``LABELS`` of the readable letter of the shelf box it shows,
+    ``IGNORE`` elsewhere (the letter classes of :func:`patch_targets` without its "no letter" class)."""
+    label = patch_targets(truth)[1]
+    return np.where(label < NO_LABEL, label, IGNORE)
+
+
 def patch_targets(truth: CellTruth) -> tuple[np.ndarray, np.ndarray]:
     """Per-patch slot class (``level * 4 + slot``, ``NO_SLOT`` elsewhere) and letter class (``IGNORE`` off
     shelf objects, ``NO_LABEL`` on one without a readable letter), int64 ``(NUM_PATCHES,)`` each."""
@@ -187,6 +194,7 @@ __all__ = [
     "ground_clip",
     "ground_losses",
     "kind_labels",
+    "letter_labels",
     "patch_targets",
     "touch_up_tower",
 ]

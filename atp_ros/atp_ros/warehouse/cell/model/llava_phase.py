@@ -14,7 +14,7 @@ from torch import Tensor
 
 from atp_ros.testing.tiny.llava import CHAT_TEMPLATE, IMAGE_TOKEN
 from atp_ros.warehouse.cell.model.data import Frames, draw_questions, patch_mask
-from atp_ros.warehouse.cell.model.ground_phase import kind_labels
+from atp_ros.warehouse.cell.model.ground_phase import kind_labels, letter_labels
 from atp_ros.warehouse.cell.model.loop import Phase, run_phase
 from atp_ros.warehouse.cell.model.recipe import (
     NUM_PATCHES,
@@ -25,6 +25,7 @@ from atp_ros.warehouse.cell.model.recipe import (
 )
 from atp_ros.warehouse.cell.noise import MORE_TEMPLATES, perturb, reword
 from atp_ros.warehouse.cell.questions import Question, contrast_questions, is_contrast
+from atp_ros.warehouse.cell.truth import LABELS
 from atp_ros.warehouse.train_llava import llava_config, llava_loss, pad_rows
 
 if TYPE_CHECKING:
@@ -260,9 +261,11 @@ def train_llava(
         kind_weight: float = 0.0,
         sup_contrast: bool = False,
         more: float = 0.0,
+        letter_weight: float = 0.0,
     ):
         rt = replace(r, llava_turns=turns) if turns else r
         kind_ids = {k: trainer.tok(k, add_special_tokens=False)["input_ids"][0] for k in ("box", "tote")}
+        letter_ids = torch.tensor([trainer.tok(c.lower(), add_special_tokens=False)["input_ids"][0] for c in LABELS])
 
         def one_step(rng: np.random.Generator, step: int):
             idx = np.sort(rng.choice(len(frames), size=min(r.llava_batch, len(frames)), replace=False))
@@ -288,7 +291,14 @@ def train_llava(
                     [kind_labels(frames.truths[int(i)], kind_ids)[k] for i, k in zip(idx, batch[3], strict=True)]
                 )
                 aux = (torch.from_numpy(labels), r.sup_layer, kind_weight)
-            loss, acc = llava_loss(model, feats[torch.as_tensor(idx)].float(), *batch, prompts.image_id, r, aux)
+            letters = None
+            if letter_weight:
+                labels = np.concatenate(
+                    [letter_labels(frames.truths[int(i)])[k] for i, k in zip(idx, batch[3], strict=True)]
+                )
+                letters = (torch.from_numpy(labels), r.sup_layer, letter_weight, letter_ids)
+            feats_b = feats[torch.as_tensor(idx)].float()
+            loss, acc = llava_loss(model, feats_b, *batch, prompts.image_id, r, aux, letters)
             ema[:] = [acc if not ema else 0.98 * ema[0] + 0.02 * acc]
             info = f"loss {loss.item():.3f} acc~{ema[0]:.3f} distractors {share:.2f}"
             return loss, {"loss": loss.item(), "acc": acc, "distractors": round(share, 4)}, info
@@ -336,7 +346,8 @@ def train_llava(
         # ``dialog_turns`` questions about the image per sequence (more answers per image token computed),
         # ``dialog_pruned`` of the sequences on a pruned image, ``dialog_twins`` of the turns about a same-color
         # box or tote where the frame has both (the first of them attention-supervised with ``dialog_sup_contrast``),
-        # the image tokens' object-kind read-out at ``dialog_kind_weight``, and ``dialog_hard_kinds`` (else phase
+        # the image tokens' object-kind read-out at ``dialog_kind_weight`` and letter read-out at
+        # ``dialog_letter_weight``, and ``dialog_hard_kinds`` (else phase
         # 4's) drawn twice as often.
         opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=r.dialog_lr, weight_decay=0.01)
         dialog = Phase("dialog", r.dialog_steps, r.dialog_lr, stream=5)
@@ -352,6 +363,7 @@ def train_llava(
             r.dialog_kind_weight,
             r.dialog_sup_contrast,
             r.dialog_more_phrasings,
+            r.dialog_letter_weight,
         )
         after = validate_every(r.dialog_steps)
         run_phase(trainer, dialog, model, opt, one_step, progress, checkpoint_every_s, after_step=after)

@@ -115,6 +115,10 @@ class Recipe:
     # Share of phase 5's questions worded with ``noise.MORE_TEMPLATES`` (sentence shapes another kind's answers
     # fit). 0 draws nothing (the earlier attempts).
     dialog_more_phrasings: float = 0.0
+    # Weight of phase 5's letter read-out: each kept image token on a shelf box with a readable letter is taught
+    # to name that letter among the six letter answers ("a" .. "f" through the final norm and lm_head, the other
+    # tokens left out so it shares layer ``sup_layer`` with the object-kind read-out). 0 adds nothing.
+    dialog_letter_weight: float = 0.0
     feature_layer: int = -1  # the layer the region loss aligned with the questions' words
     # Tower layers the projector reads besides ``feature_layer`` (llava's list-valued ``vision_feature_layer``):
     # layer 0, the embeddings, carries each patch's absolute position, which the LLM needs to find "slot
@@ -179,6 +183,7 @@ DIALOG_FIELDS = (
     "dialog_tower_lr",
     "dialog_hard_kinds",
     "dialog_more_phrasings",
+    "dialog_letter_weight",
 )
 
 
