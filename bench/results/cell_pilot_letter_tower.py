@@ -1,8 +1,8 @@
 """Pilot (outside the package): can the cell's CLIP tower learn to read the box letters at 256 px? Phase 5's tower
 touch-up (phase 1b's losses plus the object-kind read-out, ``touch_up_tower``) with the letter loss weighted
-``--letter-weight`` times and counted on letter-carrying patches only (phase 1b's letter classes also hold "no
-letter", which every tote patch shows), for ``--steps`` steps on the run's cached training stills; then the touched
-tower is written into a copy of the checkpoint (``--out``) for ``cell_probe_letters.py``.
+``--letter-weight`` times, its progress the read-out's ``letter_acc`` (letter-carrying patches only: ``label_acc``
+also counts the "no letter" class every tote patch shows), for ``--steps`` steps on the run's cached training
+stills; then the touched tower is written into a copy of the checkpoint (``--out``) for ``cell_probe_letters.py``.
 
 Run: PYTHONPATH=atp_ros python bench/results/cell_pilot_letter_tower.py --model out/warehouse-cell \\
     --work out/train-cell-9 --out out/letter-tower [--steps 300] [--letter-weight 5]
@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from atp_ros.warehouse.cell.model.clip_phase import clip_step
 from atp_ros.warehouse.cell.model.data import render_frames
-from atp_ros.warehouse.cell.model.ground_phase import GroundHeads, ground_losses, letter_labels
+from atp_ros.warehouse.cell.model.ground_phase import GroundHeads, ground_losses
 from atp_ros.warehouse.cell.model.recipe import Recipe, bf16_forward, make_tokenizer, normalize, plain_forward
 from rich.progress import Progress
 from transformers import CLIPModel, LlavaForConditionalGeneration
@@ -58,13 +58,8 @@ def main() -> None:
             g_loss, r_loss = clip_step(clip, tok, frames, rng, r, dense_scale)
             idx = np.sort(rng.choice(len(frames), size=max(r.clip_batch // 2, 1), replace=False))
             truths = [frames.truths[int(i)] for i in idx]
-            parts, _ = ground_losses(clip, heads, normalize(frames.rgb[idx]), truths, r)
-            with torch.no_grad():
-                feats = clip.vision_model(pixel_values=normalize(frames.rgb[idx]), output_hidden_states=True)
-                feats = feats.hidden_states[r.feature_layer][:, 1:]
-                letters = torch.as_tensor(np.stack([letter_labels(t) for t in truths]))
-                on = letters >= 0
-                letter_acc = float((heads.label(feats).argmax(-1) == letters)[on].float().mean()) if on.any() else 0.0
+            parts, accs = ground_losses(clip, heads, normalize(frames.rgb[idx]), truths, r)
+            letter_acc = accs.get("letter_acc", 0.0)
             aux = sum(parts.values()) + (args.letter_weight - 1.0) * parts.get("label", torch.zeros(()))
             loss = g_loss + r_loss + r.ground_weight * aux
             opt.zero_grad(set_to_none=True)

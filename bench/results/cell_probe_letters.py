@@ -9,16 +9,13 @@ Run: PYTHONPATH=atp_ros python bench/results/cell_probe_letters.py --model out/w
 """
 
 import argparse
-import glob
-import json
 
-import numpy as np
 import torch
 from atp_ros.warehouse.cell.model.ground_phase import LABEL_MIN_VISIBLE, letter_labels
-from atp_ros.warehouse.cell.model.recipe import GRID, normalize
-from atp_ros.warehouse.cell.truth import LABELS, CellTruth
+from atp_ros.warehouse.cell.model.recipe import GRID
+from atp_ros.warehouse.cell.truth import LABELS
 from atp_ros.warehouse.scenes import evidence_mask
-from transformers import LlavaForConditionalGeneration
+from cell_probe_object_kind import frame_features  # the sibling probe, on sys.path when run as a script
 
 
 def probe(x: torch.Tensor, y: torch.Tensor, n: int) -> float:
@@ -42,39 +39,27 @@ def main() -> None:
     ap.add_argument("--split", choices=("train", "val"), default="train")
     args = ap.parse_args()
     torch.manual_seed(0)
-    model = LlavaForConditionalGeneration.from_pretrained(args.model, dtype=torch.float32).eval()
-    layers = model.config.vision_feature_layer
-    layers = layers if isinstance(layers, list) else [layers]
     rows: dict[str, dict[str, list]] = {
         what: {"tower": [], "projector": [], "y": [], "frame": []} for what in ("patch", "box")
     }
     frame = 0
-    for path in sorted(glob.glob(f"{args.frames}/{args.split}-*.npz"))[: args.chunks]:
-        z = np.load(path)
-        truths = [CellTruth.from_json(d) for d in json.loads(str(z["truth"]))]
-        for s in range(0, len(truths), 25):
-            with torch.no_grad():
-                hidden = model.model.vision_tower(normalize(z["rgb"][s : s + 25]), output_hidden_states=True)
-                tower = torch.cat([hidden.hidden_states[i][:, 1:] for i in layers], -1)
-                projected = model.model.multi_modal_projector(tower)
-            for b, truth in enumerate(truths[s : s + 25]):
-                labels = torch.from_numpy(letter_labels(truth))
-                m = labels >= 0
-                rows["patch"]["tower"].append(tower[b][m])
-                rows["patch"]["projector"].append(projected[b][m])
-                rows["patch"]["y"].append(labels[m])
-                rows["patch"]["frame"].append(torch.full((int(m.sum()),), frame))
-                for o in truth.objects:
-                    if o.place != "shelf" or not o.label or not o.box or o.visible_fraction < LABEL_MIN_VISIBLE:
-                        continue
-                    box = evidence_mask([o.box], (truth.height, truth.width), (GRID, GRID)).reshape(-1)
-                    box = torch.from_numpy(box)
-                    if box.any():
-                        rows["box"]["tower"].append(tower[b][box].mean(0, keepdim=True))
-                        rows["box"]["projector"].append(projected[b][box].mean(0, keepdim=True))
-                        rows["box"]["y"].append(torch.tensor([LABELS.index(o.label)]))
-                        rows["box"]["frame"].append(torch.tensor([frame]))
-                frame += 1
+    for truth, tower, projected in frame_features(args.model, args.frames, args.split, args.chunks):
+        labels = torch.from_numpy(letter_labels(truth))
+        m = labels >= 0
+        rows["patch"]["tower"].append(tower[m])
+        rows["patch"]["projector"].append(projected[m])
+        rows["patch"]["y"].append(labels[m])
+        rows["patch"]["frame"].append(torch.full((int(m.sum()),), frame))
+        for o in truth.objects:
+            if o.place != "shelf" or not o.label or not o.box or o.visible_fraction < LABEL_MIN_VISIBLE:
+                continue
+            box = torch.from_numpy(evidence_mask([o.box], (truth.height, truth.width), (GRID, GRID)).reshape(-1))
+            if box.any():
+                rows["box"]["tower"].append(tower[box].mean(0, keepdim=True))
+                rows["box"]["projector"].append(projected[box].mean(0, keepdim=True))
+                rows["box"]["y"].append(torch.tensor([LABELS.index(o.label)]))
+                rows["box"]["frame"].append(torch.tensor([frame]))
+        frame += 1
     cut = int(0.75 * frame)  # the first 75% of the frames train the read-out, the rest score it
     for what, r in rows.items():
         y, frames = torch.cat(r["y"]), torch.cat(r["frame"])

@@ -21,20 +21,13 @@ from atp_ros.warehouse.scenes import evidence_mask
 from transformers import LlavaForConditionalGeneration
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", required=True)
-    ap.add_argument("--frames", required=True)
-    ap.add_argument("--chunks", type=int, default=4)
-    ap.add_argument("--split", choices=("train", "val"), default="train")
-    args = ap.parse_args()
-    torch.manual_seed(0)
-    model = LlavaForConditionalGeneration.from_pretrained(args.model, torch_dtype=torch.float32).eval()
+def frame_features(model_dir: str, frames: str, split: str, chunks: int):
+    """Each cached still of ``split`` (the first ``chunks`` files) with its truth and, per patch, the projector's input
+    (the tower's ``vision_feature_layer`` hidden states) and output: ``(CellTruth, (N, D_in), (N, D_out))``."""
+    model = LlavaForConditionalGeneration.from_pretrained(model_dir, dtype=torch.float32).eval()
     layers = model.config.vision_feature_layer
     layers = layers if isinstance(layers, list) else [layers]
-    feats: dict[str, list] = {"tower": [], "projector": []}
-    labels = []
-    for path in sorted(glob.glob(f"{args.frames}/{args.split}-*.npz"))[: args.chunks]:
+    for path in sorted(glob.glob(f"{frames}/{split}-*.npz"))[:chunks]:
         z = np.load(path)
         truths = [CellTruth.from_json(d) for d in json.loads(str(z["truth"]))]
         for s in range(0, len(truths), 25):
@@ -43,15 +36,29 @@ def main() -> None:
                 tower = torch.cat([hidden.hidden_states[i][:, 1:] for i in layers], -1)
                 projected = model.model.multi_modal_projector(tower)
             for b, truth in enumerate(truths[s : s + 25]):
-                for o in truth.objects:
-                    if o.place != "shelf" or o.kind not in ("box", "tote") or o.box is None or o.visible_fraction < 0.3:
-                        continue
-                    mask = evidence_mask([o.box], (truth.height, truth.width), (GRID, GRID)).reshape(-1)
-                    if mask.any():
-                        m = torch.from_numpy(mask)
-                        feats["tower"].append(tower[b][m].mean(0))
-                        feats["projector"].append(projected[b][m].mean(0))
-                        labels.append(o.kind == "tote")
+                yield truth, tower[b], projected[b]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", required=True)
+    ap.add_argument("--frames", required=True)
+    ap.add_argument("--chunks", type=int, default=4)
+    ap.add_argument("--split", choices=("train", "val"), default="train")
+    args = ap.parse_args()
+    torch.manual_seed(0)
+    feats: dict[str, list] = {"tower": [], "projector": []}
+    labels = []
+    for truth, tower, projected in frame_features(args.model, args.frames, args.split, args.chunks):
+        for o in truth.objects:
+            if o.place != "shelf" or o.kind not in ("box", "tote") or o.box is None or o.visible_fraction < 0.3:
+                continue
+            mask = evidence_mask([o.box], (truth.height, truth.width), (GRID, GRID)).reshape(-1)
+            if mask.any():
+                m = torch.from_numpy(mask)
+                feats["tower"].append(tower[m].mean(0))
+                feats["projector"].append(projected[m].mean(0))
+                labels.append(o.kind == "tote")
     y = torch.tensor(labels).float()
     order = torch.randperm(len(y))
     y, n = y[order], int(0.7 * len(y))

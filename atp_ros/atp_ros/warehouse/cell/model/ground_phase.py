@@ -92,7 +92,7 @@ def ground_losses(
     clip, heads: GroundHeads, px: Tensor, truths: list[CellTruth], r: Recipe
 ) -> tuple[dict[str, Tensor], dict[str, float]]:
     """The read-out cross-entropies of one batch of frames (``px``: normalized ``(B, 3, S, S)``) and the
-    slot, letter (and kind) read-outs' accuracy on shelf-object patches (the losses are dominated by empty
+    slot, label, letter (and kind) read-outs' accuracy on shelf-object patches (the losses are dominated by empty
     patches)."""
     hs = clip.vision_model(pixel_values=px, output_hidden_states=True).hidden_states
     feats = hs[r.feature_layer][:, 1:]  # (B, N, D): what the LLaVA projector reads
@@ -122,7 +122,12 @@ def ground_losses(
         on, read = slot != NO_SLOT, label >= 0
         acc["slot_acc"] = float((heads.slot(feats).argmax(-1) == slot)[on].float().mean()) if on.any() else 0.0
         if read.any():
-            acc["label_acc"] = float((heads.label(feats).argmax(-1) == label)[read].float().mean())
+            named = heads.label(feats).argmax(-1) == label
+            acc["label_acc"] = float(named[read].float().mean())
+            # label_acc also counts the "no letter" class every tote shows; letter_acc is the letters alone.
+            letters = read & (label != NO_LABEL)
+            if letters.any():
+                acc["letter_acc"] = float(named[letters].float().mean())
     return out, acc
 
 
