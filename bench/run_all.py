@@ -6,8 +6,9 @@ Full run (about 13 minutes on 2 CPU cores, plus bench_serve's): analytic FLOPs/K
 architectures, measured latency at realistic widths (plus peak memory per keep ratio), node
 throughput over DDS, the ATP core, warehouse-tiny at 640x480, answer reuse on warehouse-cell episodes
 (about 3 min), Ray Serve throughput vs camera
-streams with batching on and off. ``--quick``: a smoke run of each (small shapes, few rounds; the
-tiny-width pipeline table lives only here), its files suffixed ``_quick``.
+streams with batching on and off, CPU bfloat16 autocast vs float32 for the cell's tower training (about
+1.5 min). ``--quick``: a smoke run of each (small shapes, few rounds; the tiny-width pipeline table lives
+only here), its files suffixed ``_quick``.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ FULL = (
     "bench_reuse.py",
     "bench_token_reuse.py",
     "bench_serve.py",
+    "bench_cpu_bf16.py",
 )
 QUICK = (
     "bench_flops.py",
@@ -37,6 +39,7 @@ QUICK = (
     "bench_reuse.py",
     "bench_token_reuse.py",
     "bench_serve.py",
+    "bench_cpu_bf16.py",
 )
 
 
@@ -51,7 +54,7 @@ def main() -> int:
     for name in QUICK if quick else FULL:
         args = ["--quick"] if quick and name != "bench_flops.py" else []
         if quick and name in ("bench_atp.py", "bench_pipeline.py", "bench_warehouse.py", "bench_reuse.py",
-                                 "bench_token_reuse.py"):  # fmt: skip
+                                 "bench_token_reuse.py", "bench_cpu_bf16.py"):  # fmt: skip
             args += ["--out", str(here / "results" / "quick")]  # smoke numbers never replace the full ones
         print(f"\n=== {name} {' '.join(args)}", flush=True)
         t0 = time.monotonic()

@@ -141,6 +141,22 @@ def main() -> int:
                 f"{r['drop_ms']:.0f} ({r['drop_vision_ms']:.0f}) | {r['drop_speedup']:.2f}x |"
             )
         lines += ["", "![token reuse](token_reuse.png)", ""]
+    bf16 = _load("cpu_bf16.json")
+    if bf16:
+        lines += [
+            "## CPU bfloat16 autocast for the cell model's tower training",
+            "",
+            f"_{bf16['date']}, {bf16['cpu']}_",
+            "",
+        ]
+        lines += ["| native bf16 (AVX512-BF16 / AMX) | float32 s | bfloat16 s | bf16 / fp32 | the training runs in |", "|" + " --- |" * 5]  # fmt: skip
+        lines += [
+            f"| {bf16['native_bf16']} | {bf16['seconds_median']['float32']} | {bf16['seconds_median']['bfloat16']} | "
+            f"{bf16['bf16_over_fp32']:.2f}x | {bf16['training_chooses']} |",
+            "",
+            bf16["what"] + ".",
+            "",
+        ]
     for name, title in (("atp_core.json", "ATP core"), ("warehouse.json", "warehouse-tiny at 640x480")):
         if (RESULTS / name).is_file():
             lines += [f"## {title}", "", f"See `{name}` and its PNG.", ""]

@@ -14,7 +14,14 @@ pytest.importorskip("atp_ros.warehouse.cell.scene")  # sets MUJOCO_GL (egl) befo
 from atp_ros.backends import AtpConfig, load_backend
 from atp_ros.warehouse.cell.episodes import random_still
 from atp_ros.warehouse.cell.model.__main__ import main
-from atp_ros.warehouse.cell.model.recipe import NUM_PATCHES
+from atp_ros.warehouse.cell.model.recipe import (
+    NUM_PATCHES,
+    Recipe,
+    bf16_forward,
+    native_bf16,
+    plain_forward,
+    tower_precision,
+)
 
 MAX_MB = 40
 
@@ -30,6 +37,7 @@ def test_quick_train_loads_answers_and_resumes(tmp_path) -> None:
     split = report["settings"]["full"]["contrast"]
     assert set(split) == {"contrast", "same_kinds_otherwise"}
     assert 0 < split["contrast"]["n"] + split["same_kinds_otherwise"]["n"] <= report["settings"]["full"]["n"]
+    assert report["tower_precision"] == ("bfloat16" if native_bf16() else "float32")
     assert (out / "learning_curve.png").stat().st_size > 0
     assert (out / "atp_text_tower" / "config.json").is_file()
     assert sum(f.stat().st_size for f in out.rglob("*.safetensors")) <= MAX_MB * 1e6
@@ -127,6 +135,34 @@ def test_recipe_overrides_are_typed_and_a_bad_one_is_one_message(capsys) -> None
         with pytest.raises(SystemExit) as exit_info:
             main(["--quick", *bad])
         assert exit_info.value.code == 2 and says in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("native", "asked", "expect"), [(False, True, "float32"), (True, True, "bfloat16"), (True, False, "float32")]
+)
+def test_towers_autocast_to_bfloat16_only_where_asked_and_the_cpu_computes_it_natively(
+    monkeypatch, native: bool, asked: bool, expect: str
+) -> None:
+    # The CPU's capability is what varies between machines; the probes torch exposes stand in for it here.
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: native)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    r = Recipe(bf16=asked)
+    assert tower_precision(r) == expect
+    torch.manual_seed(0)
+    layer, x = torch.nn.Linear(64, 64), torch.randn(8, 64)
+    exact = layer(x)
+    bf16_forward(layer, r)
+    try:
+        got = layer(x)
+    finally:
+        plain_forward(layer)
+    assert got.dtype == torch.float32, "outputs come back in float32 for the losses"
+    if expect == "float32":
+        assert torch.equal(got, exact)
+    else:
+        assert not torch.equal(got, exact)
+        torch.testing.assert_close(got, exact, atol=0.05, rtol=0.05)
+    assert torch.equal(layer(x), exact), "plain_forward restores the class's forward"
 
 
 def test_grounding_targets_name_each_visible_shelf_objects_slot_and_letter() -> None:

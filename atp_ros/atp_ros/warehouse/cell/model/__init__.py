@@ -20,8 +20,10 @@ warehouse-tiny's recipe (``warehouse.train``) at the cell's geometry, in the sam
    frames) per kind through ``load_backend(out).answer``: full, ATP keep 0.25 and 0.11, random
    keep 0.11; the frame latency; sizes and phase times. ``learning_curve.png`` next to it.
 
-The towers' and the LM's forward passes run under bfloat16 autocast (losses, weights and the
-optimizer in float32); step ``s`` of a phase draws from ``default_rng([seed, phase, s])``, so a
+The towers' forward passes run under bfloat16 autocast on a CPU that computes bfloat16 natively
+(AVX512-BF16 or AMX; elsewhere in float32, where emulated bfloat16 is many times slower), the LM's in
+float32; losses, weights and the optimizer are float32 throughout. ``metrics.json`` records which
+(``tower_precision``). Step ``s`` of a phase draws from ``default_rng([seed, phase, s])``, so a
 resumed run trains exactly what an uninterrupted one would.
 """
 

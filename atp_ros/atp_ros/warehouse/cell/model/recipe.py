@@ -126,8 +126,9 @@ class Recipe:
     position_layers: tuple[int, ...] = (0,)
     # Kinds drawn twice for the LLM: the slot- and object-bound lookups are the hard part.
     hard_kinds: tuple[str, ...] = ("color_at", "label_at", "where", "left_right", "which_level")
-    # The towers' and the LM's matmuls in bfloat16 (weights, optimizer and losses stay float32):
-    # ~3x the float32 matmul rate on a CPU with AVX512-BF16; elsewhere it still works, only slower.
+    # The towers' and the LM's matmuls in bfloat16 (weights, optimizer and losses stay float32) on a CPU that
+    # computes bfloat16 natively (AVX512-BF16 or AMX; ``native_bf16``). Elsewhere (AVX2 only) oneDNN emulates
+    # bfloat16 far slower than float32 (bench/results/cpu_bf16.json), so the run stays in float32 there.
     bf16: bool = True
     # The LLaVA phase in float32: measured no slower at the curriculum's short sequences, and the earlier
     # float32 run learned faster than the bfloat16 ones.
@@ -221,13 +222,27 @@ def pixels(rgb: np.ndarray) -> np.ndarray:
     return np.asarray(img, dtype=np.uint8)
 
 
-def bf16_forward(module, r: Recipe) -> None:
-    """Run ``module``'s forward under CPU bfloat16 autocast (when ``r.bf16``), its floating outputs
-    returned as float32: the towers' matmuls go fast while the losses' cosines, logsumexps and
-    soft-maxes stay in float32. ``plain_forward`` undoes it."""
+def native_bf16() -> bool:
+    """Whether this CPU computes bfloat16 matmuls natively (AVX512-BF16 or AMX tiles)."""
     import torch
 
-    if not r.bf16:
+    # torch exposes the probes only as private helpers; a torch without them counts as "not native".
+    probes = (getattr(torch.cpu, "_is_avx512_bf16_supported", None), getattr(torch.cpu, "_is_amx_tile_supported", None))
+    return any(probe() for probe in probes if probe is not None)
+
+
+def tower_precision(r: Recipe) -> str:
+    """The precision the towers' matmuls train in under ``r`` on this CPU: ``bfloat16`` or ``float32``."""
+    return "bfloat16" if r.bf16 and native_bf16() else "float32"
+
+
+def bf16_forward(module, r: Recipe) -> None:
+    """Run ``module``'s forward under CPU bfloat16 autocast (when ``r.bf16`` and the CPU does bfloat16
+    natively), its floating outputs returned as float32: the towers' matmuls go fast while the losses'
+    cosines, logsumexps and soft-maxes stay in float32. ``plain_forward`` undoes it."""
+    import torch
+
+    if tower_precision(r) != "bfloat16":
         return
     inner = module.forward
 

@@ -23,6 +23,7 @@ from atp_ros.warehouse.cell.model.recipe import (
     ground_part,
     llava_part,
     make_tokenizer,
+    tower_precision,
     tune_part,
 )
 from atp_ros.warehouse.train import Trainer, plot_learning_curve, save_checkpoint
@@ -130,6 +131,7 @@ class CellTrainer(Trainer):
             times[name] = times.get(name, 0.0) + time.monotonic() - t
             return value
 
+        self.print(f"the towers train in {tower_precision(r)} on this CPU (bfloat16 only where it is native)")
         with Progress(*cols, refresh_per_second=1) as progress:
             frames = timed("render", render_frames, self.work, "train", r.train_images, r, progress)
             val = timed("render", render_frames, self.work, "val", r.val_images, r, progress)
@@ -168,6 +170,7 @@ class CellTrainer(Trainer):
             plot_learning_curve(self.log_path, out / "learning_curve.png")
             report = timed("test", evaluate, out, r, progress)
         report |= {"recipe": asdict(r), "sizes": sizes(out), "seconds": {k: round(v, 1) for k, v in times.items()}}
+        report["tower_precision"] = tower_precision(r)
         (out / "metrics.json").write_text(json.dumps(report, indent=1) + "\n")
         self.save_state(done=True, times=times)
         self.print(f"saved {out}")
