@@ -89,7 +89,8 @@ def test_init_from_a_checkpoint_runs_only_phase_5_and_a_phase_5_change_reruns_on
     shutil.rmtree(out)
     more = ["--set", "dialog_turns=3", "--set", "dialog_twins=0.5", "--set", "dialog_kind_weight=0.5"]
     more += ["--set", "dialog_letter_weight=0.5"]
-    more += ["--set", "dialog_tower_steps=2", "--set", "dialog_hard_kinds=holding,empty_slot"]
+    more += ["--set", "dialog_tower_steps=2", "--set", "dialog_tower_letter_weight=5"]
+    more += ["--set", "dialog_hard_kinds=holding,empty_slot"]
     assert main(["--out", str(out), "--work", str(work), "--quick", *more]) == 0
     assert json.loads((out / "recipe.json").read_text())["dialog_hard_kinds"] == ["holding", "empty_slot"]
     assert "restarting phase 5" in capsys.readouterr().out

@@ -149,9 +149,9 @@ def ground_clip(trainer, clip, frames: Frames, progress: Progress, checkpoint_ev
 
 
 def touch_up_tower(trainer, clip, frames: Frames, progress: Progress, checkpoint_every_s: float):
-    """Phase 5's tower touch-up (``dialog_tower_steps``): phase 1b's losses plus the kind read-out, from phase 1b's
-    read-outs where the state has them, resumed and checkpointed as ``retower``; trains ``clip`` in place and returns
-    it frozen."""
+    """Phase 5's tower touch-up (``dialog_tower_steps``): phase 1b's losses (its letter read-out weighted
+    ``dialog_tower_letter_weight``) plus the kind read-out, from phase 1b's read-outs where the state has them,
+    resumed and checkpointed as ``retower``; trains ``clip`` in place and returns it frozen."""
     r = trainer.r
     if r.dialog_tower_steps <= 0:
         return clip
@@ -181,6 +181,8 @@ def _ground(trainer, clip, frames: Frames, phase: Phase, kind: bool, progress: P
         truths = [frames.truths[int(i)] for i in idx]
         parts, acc = ground_losses(clip, module.heads, normalize(frames.rgb[idx]), truths, r)
         aux = sum(parts.values())
+        if phase.name == "retower" and "label" in parts:
+            aux = aux + (r.dialog_tower_letter_weight - 1.0) * parts["label"]
         logged = {"global_loss": g_loss.item(), "region_loss": r_loss.item()} | {k: v.item() for k, v in parts.items()}
         logged |= acc
         text = f"region {r_loss.item():.3f} " + " ".join(f"{k} {v:.2f}" for k, v in logged.items() if "acc" in k)

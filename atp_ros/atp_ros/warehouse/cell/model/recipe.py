@@ -110,6 +110,9 @@ class Recipe:
     # touched tower's features. 0 keeps phase 1b's tower.
     dialog_tower_steps: int = 0
     dialog_tower_lr: float = 3e-4
+    # The touch-up's letter read-out (phase 1b's ``label`` loss) counted this many times: at 1 the tower hardly
+    # learns the box letters (docs/warehouse.md, the letter pilot).
+    dialog_tower_letter_weight: float = 1.0
     # Kinds phase 5 draws twice as often; empty keeps phase 4's ``tune_hard_kinds`` (the earlier attempts).
     dialog_hard_kinds: tuple[str, ...] = ()
     # Share of phase 5's questions worded with ``noise.MORE_TEMPLATES`` (sentence shapes another kind's answers
@@ -182,6 +185,7 @@ DIALOG_FIELDS = (
     "dialog_sup_contrast",
     "dialog_tower_steps",
     "dialog_tower_lr",
+    "dialog_tower_letter_weight",
     "dialog_hard_kinds",
     "dialog_more_phrasings",
     "dialog_letter_weight",
