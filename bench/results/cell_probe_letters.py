@@ -8,14 +8,12 @@ Run: PYTHONPATH=atp_ros python bench/results/cell_probe_letters.py --model out/w
     --frames out/train-cell-9/frames [--chunks 4] [--split train]
 """
 
-import argparse
-
 import torch
 from atp_ros.warehouse.cell.model.ground_phase import LABEL_MIN_VISIBLE, letter_labels
 from atp_ros.warehouse.cell.model.recipe import GRID
 from atp_ros.warehouse.cell.truth import LABELS
 from atp_ros.warehouse.scenes import evidence_mask
-from cell_probe_object_kind import frame_features  # the sibling probe, on sys.path when run as a script
+from cell_probe_object_kind import frame_features, probe_args  # the sibling probe, on sys.path when run as a script
 
 
 def probe(x: torch.Tensor, y: torch.Tensor, n: int) -> float:
@@ -32,12 +30,7 @@ def probe(x: torch.Tensor, y: torch.Tensor, n: int) -> float:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", required=True)
-    ap.add_argument("--frames", required=True)
-    ap.add_argument("--chunks", type=int, default=4)
-    ap.add_argument("--split", choices=("train", "val"), default="train")
-    args = ap.parse_args()
+    args = probe_args(__doc__)
     torch.manual_seed(0)
     rows: dict[str, dict[str, list]] = {
         what: {"tower": [], "projector": [], "y": [], "frame": []} for what in ("patch", "box")

@@ -39,13 +39,18 @@ def frame_features(model_dir: str, frames: str, split: str, chunks: int):
                 yield truth, tower[b], projected[b]
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def probe_args(doc: str) -> argparse.Namespace:
+    """The probes' shared command line: --model, --frames, --chunks, --split."""
+    ap = argparse.ArgumentParser(description=doc.splitlines()[0])
     ap.add_argument("--model", required=True)
     ap.add_argument("--frames", required=True)
     ap.add_argument("--chunks", type=int, default=4)
     ap.add_argument("--split", choices=("train", "val"), default="train")
-    args = ap.parse_args()
+    return ap.parse_args()
+
+
+def main() -> None:
+    args = probe_args(__doc__)
     torch.manual_seed(0)
     feats: dict[str, list] = {"tower": [], "projector": []}
     labels = []
